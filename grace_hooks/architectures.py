@@ -1,0 +1,97 @@
+"""Architecture facts as data: where the blocks are and where each hook point lives.
+
+Adding an architecture is one entry in :data:`ARCHITECTURES` plus a row in the test matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    layers: str  # dotted path of the ModuleList of decoder blocks
+    points: dict[str, str]  # hook point name -> module path inside one block
+    transposed: frozenset[str] = field(default_factory=frozenset)  # points stored (d_in, d_out), GPT-2 Conv1D
+
+
+_LLAMA_LIKE = ArchSpec(layers="model.layers", points={"mlp_out": "mlp.down_proj"})
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "gemma3": ArchSpec(layers="model.language_model.layers", points={"mlp_out": "mlp.down_proj"}),
+    "gpt2": ArchSpec(layers="transformer.h", points={"mlp_out": "mlp.c_proj"}, transposed=frozenset({"mlp_out"})),
+    "gpt_neox": ArchSpec(layers="gpt_neox.layers", points={"mlp_out": "mlp.dense_4h_to_h"}),
+}
+
+
+def arch_spec(model: nn.Module) -> ArchSpec:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ArchitectureError(
+            f"architecture {model_type!r} is not supported yet; supported: {sorted(ARCHITECTURES)}. "
+            "Add an ArchSpec entry to grace_hooks.architectures.ARCHITECTURES."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(model.get_submodule(arch_spec(model).layers))
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where an edit acts: hook point ``point`` of block ``layer``. Named ``L<layer>.<point>``."""
+
+    layer: int
+    point: str = "mlp_out"
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}.{self.point}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Site":
+        try:
+            layer, point = name.split(".", 1)
+            if not layer.startswith("L"):
+                raise ValueError
+            return cls(int(layer[1:]), point)
+        except ValueError:
+            raise ArchitectureError(f"bad site name {name!r}: expected 'L<layer>.<point>', e.g. 'L22.mlp_out'") from None
+
+    def module(self, model: nn.Module) -> nn.Module:
+        spec = arch_spec(model)
+        if self.point not in spec.points:
+            raise ArchitectureError(
+                f"hook point {self.point!r} is not defined for {model.config.model_type!r}; known: {sorted(spec.points)}"
+            )
+        n = num_layers(model)
+        if not 0 <= self.layer < n:
+            raise ArchitectureError(f"layer {self.layer} is out of range: the model has {n} layers (0..{n - 1})")
+        return model.get_submodule(f"{spec.layers}.{self.layer}.{spec.points[self.point]}")
+
+    def weight(self, model: nn.Module) -> torch.Tensor:
+        """The site's weight as (d_out, d_in), whatever the storage layout."""
+        w = self.module(model).weight
+        return w.t() if self.point in arch_spec(model).transposed else w
+
+    def dims(self, model: nn.Module) -> tuple[int, int]:
+        d_out, d_in = self.weight(model).shape
+        return d_in, d_out
+
+
+def relative_layer(model: nn.Module, fraction: float) -> int:
+    """The block at ``fraction`` of the depth (0 = first, 1 = last)."""
+    n = num_layers(model)
+    return min(n - 1, max(0, round(fraction * n)))

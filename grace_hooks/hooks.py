@@ -1,0 +1,53 @@
+"""One owner for every hook the library registers, so none can leak."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class HookOwner:
+    """Registers forward / pre-forward hooks and removes them all, always.
+
+    ``scoped()`` gives a child owner whose hooks are removed when the block exits, also on an
+    exception, which is how temporary hooks (key capture, value training) are used.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def forward(self, module: nn.Module, fn: Callable, *, prepend: bool = False, always_call: bool = False) -> RemovableHandle:
+        handle = module.register_forward_hook(fn, prepend=prepend, always_call=always_call)
+        self._handles.append(handle)
+        return handle
+
+    def pre_forward(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> RemovableHandle:
+        handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+        self._handles.append(handle)
+        return handle
+
+    def remove(self, handle: RemovableHandle) -> None:
+        handle.remove()
+        self._handles = [h for h in self._handles if h is not handle]
+
+    def remove_all(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    @contextlib.contextmanager
+    def scoped(self) -> Iterator["HookOwner"]:
+        child = HookOwner()
+        try:
+            yield child
+        finally:
+            child.remove_all()
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of forward and pre-forward hooks registered anywhere in ``model`` (for tests)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

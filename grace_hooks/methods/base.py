@@ -1,0 +1,95 @@
+"""What an edit method is: a config class, a ``compute`` step that never changes the model, and
+a mapping from a stored pack to what it contributes at each site."""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..architectures import Site
+from ..errors import ConfigError
+from ..hooks import HookOwner
+from ..packs import EditPack
+from ..requests import EditRequest
+from ..runtime import EditRuntime, SiteContribution
+
+
+@dataclass
+class EditContext:
+    """What a method may use while computing an edit: the model with every loaded pack active
+    (read-only), its tokenizer, the runtime's routers, and a hook owner for temporary hooks."""
+
+    model: nn.Module
+    tokenizer: Any
+    runtime: EditRuntime
+    hooks: HookOwner
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Base parameters stop asking for gradients for the duration (restored afterwards)."""
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def capture(self, site: Site, **model_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, output) of ``site`` for one forward, with every loaded pack active."""
+        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with self.hooks.scoped() as scope, torch.no_grad():
+            scope.forward(site.module(self.model), lambda m, a, o: captured.append((a[0].detach(), o.detach())))
+            self.model(**model_inputs)
+        return captured[0]
+
+
+@dataclass
+class ComputedEdit:
+    """A method's result, not yet applied: tensors keyed ``<site>/<name>`` plus small state."""
+
+    sites: list[str]
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class EditMethod(ABC):
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def compute(self, ctx: EditContext, requests: list[EditRequest], config: Any) -> ComputedEdit:
+        """Compute an edit. Must leave the model exactly as it found it."""
+
+    @abstractmethod
+    def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
+        """What a stored pack places at each of its sites."""
+
+
+_REGISTRY: dict[str, type[EditMethod]] = {}
+
+
+def register(cls: type[EditMethod]) -> type[EditMethod]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> EditMethod:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown edit method {name!r}; registered methods: {method_names()}")
+    return _REGISTRY[name]()
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,86 @@
+"""GRACE's codebook rules for a new pack, taking the keys of already loaded packs into account.
+
+Faithful to the paper (Hartvigsen et al. 2023, Alg. 1 and the official code) inside a pack:
+with d the distance to the nearest key,
+- d > eps_init + eps_nearest: add a key with radius eps_init;
+- else, labels differ: add a key, and both radii become d/2 (split);
+- else, labels match: the nearest radius grows to d (coverage expansion) and its value is trained on
+  this prompt too.
+Across packs the earlier pack is immutable: a split stores a radius *shrink* of the earlier key in
+the new pack (undone when the new pack is removed), and a label match adds a new key whose value
+starts from the earlier key's value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...router import NO_KEY
+from ...runtime import SiteRuntime
+
+SPLIT_MARGIN = 1e-5  # the paper's code keeps the nearest key just inside d/2
+
+
+@dataclass
+class Entry:
+    key: torch.Tensor
+    radius: float
+    label: str
+    requests: list[int]
+    init_value: torch.Tensor | None = None  # warm start from an earlier pack's value
+
+
+@dataclass
+class Codebook:
+    eps_init: float
+    entries: list[Entry] = field(default_factory=list)
+    shrinks: dict[tuple[str, int], float] = field(default_factory=dict)  # (earlier pack id, key index) -> radius
+    splits: int = 0
+    expansions: int = 0
+
+    def _nearest_own(self, q: torch.Tensor) -> tuple[float, int]:
+        if not self.entries:
+            return float("inf"), -1
+        d = torch.stack([e.key for e in self.entries]).sub(q).norm(dim=1)
+        j = int(d.argmin())
+        return float(d[j]), j
+
+    def add(self, q: torch.Tensor, label: str, request: int, loaded: SiteRuntime | None) -> None:
+        d_own, j_own = self._nearest_own(q)
+        d_old, id_old = (float("inf"), NO_KEY)
+        if loaded is not None:
+            dist, ids = loaded.router.nearest(q[None].float().cpu().numpy())
+            d_old, id_old = float(dist[0]), int(ids[0])
+        if d_own <= d_old:
+            if j_own < 0:
+                self.entries.append(Entry(q, self.eps_init, label, [request]))
+                return
+            near = self.entries[j_own]
+            self._rule(q, label, request, d_own, near.radius, near.label, own=near)
+        else:
+            radius = float(loaded.router.radius(np.array([id_old]))[0])
+            self._rule(q, label, request, d_old, radius, loaded.labels[id_old], old=(loaded, id_old))
+
+    def _rule(self, q, label, request, d, radius, near_label, own: Entry | None = None, old=None) -> None:
+        if d > self.eps_init + radius:
+            self.entries.append(Entry(q, self.eps_init, label, [request]))
+        elif near_label != label:
+            self.splits += 1
+            self.entries.append(Entry(q, d / 2, label, [request]))
+            shrunk = d / 2 - SPLIT_MARGIN
+            if own is not None:
+                own.radius = min(own.radius, shrunk)
+            else:
+                loaded, key_id = old
+                where = loaded.key_pack(key_id)
+                if where is not None:
+                    self.shrinks[where] = min(self.shrinks.get(where, radius), shrunk)
+        elif own is not None:
+            self.expansions += int(d > own.radius)
+            own.radius = max(own.radius, d)
+            own.requests.append(request)
+        else:
+            loaded, key_id = old
+            self.entries.append(Entry(q, self.eps_init, label, [request], init_value=loaded.values[key_id].clone()))

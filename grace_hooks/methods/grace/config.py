@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import option
+from ...tokens import KEY_POSITIONS
+
+# GRACE edits a late layer: GPT2-XL block 35 of 48 in the paper's code.
+DEFAULT_RELATIVE_DEPTH = 35 / 48
+
+
+@dataclass
+class GraceConfig:
+    layer: int | None = option(None, f"block whose MLP output is edited; None = {DEFAULT_RELATIVE_DEPTH:.2f} of the depth (the paper's GPT2-XL block 35/48)")
+    point: str = option("mlp_out", "hook point inside the block (see architectures.ARCHITECTURES)")
+    key: str = option("prompt_last", "token whose site input is the key: the paper's last prompt token, or the last subject token", KEY_POSITIONS)
+    eps_init: float = option(1.0, "radius (Euclidean) of a new key: GRACE's epsilon_init")
+    replacement: str = option("in_scope", "'in_scope': every position whose own input is within a key's radius; 'last': only the last real position of each forward (the paper's query token)", ("in_scope", "last"))
+    value_init: str = option("cold", "'cold': uniform random (the paper's default); 'warm': the site's current output at the key", ("cold", "warm"))
+    lr: float = option(1.0, "Adam learning rate for the values (paper: 1.0)")
+    n_iter: int = option(100, "most Adam steps (paper: 100); stops once every target token is the argmax")
+    seed: int = option(0, "seed of the cold value initialisation")

@@ -1,0 +1,126 @@
+"""GRACE: keys at one site map to trained replacement values of the site's output."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ...architectures import Site, relative_layer
+from ...packs import EditPack
+from ...requests import EditRequest
+from ...router import NO_KEY, exact_assign
+from ...runtime import SiteContribution
+from ...tokens import EditBatch, build_edit_batch, score_targets
+from ..base import ComputedEdit, EditContext, EditMethod, register
+from .codebook import Codebook
+from .config import DEFAULT_RELATIVE_DEPTH, GraceConfig
+
+log = logging.getLogger(__name__)
+
+
+def _scoped_positions(batch: EditBatch, x: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor, last_only: bool):
+    """(row, position, entry) of every position that the new keys claim, with inference's rule.
+    Site inputs do not depend on the site's own outputs, so this is fixed during training."""
+    valid = batch.attention_mask.bool()
+    if last_only:  # at inference each generated token is the last position once: prompt end onwards
+        pos = torch.arange(valid.shape[1], device=valid.device)[None]
+        valid &= pos >= (batch.prompt_len[:, None] - 1)
+    rows, cols = valid.nonzero(as_tuple=True)
+    entry = exact_assign(x[rows, cols].float().cpu(), keys.float().cpu(), radii, torch.zeros(len(keys), dtype=torch.long))
+    hit = entry != NO_KEY
+    return rows[hit], cols[hit], entry[hit].to(rows.device)
+
+
+@register
+class Grace(EditMethod):
+    name = "grace"
+    config_class = GraceConfig
+    capabilities = frozenset({"routed", "replace_output"})
+
+    def site(self, model, cfg: GraceConfig) -> Site:
+        return Site(cfg.layer if cfg.layer is not None else relative_layer(model, DEFAULT_RELATIVE_DEPTH), cfg.point)
+
+    def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: GraceConfig) -> ComputedEdit:
+        site = self.site(ctx.model, cfg)
+        batch = build_edit_batch(ctx.tokenizer, requests, cfg.key, device=ctx.device)
+        x, y = ctx.capture(site, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        rows = torch.arange(len(requests), device=x.device)
+        queries = x[rows, batch.key_pos].float()
+
+        book = Codebook(cfg.eps_init)
+        loaded = ctx.runtime.sites.get(site.name)
+        for i, req in enumerate(requests):
+            book.add(queries[i].cpu(), req.target_new.strip(), i, loaded)
+
+        keys = torch.stack([e.key for e in book.entries])
+        radii = torch.tensor([e.radius for e in book.entries], dtype=torch.float32)
+        values, iters, scores = self._train_values(ctx, site, batch, x, y, book, keys, radii, cfg)
+
+        n = site.name
+        state = {
+            "labels": {n: [e.label for e in book.entries]},
+            "shrink": [{"site": n, "pack_id": p, "key": k, "radius": r} for (p, k), r in book.shrinks.items()],
+        }
+        metrics = {
+            "teacher_forced_success": float(scores.correct.float().mean()),
+            "iterations": iters,
+            "codebook": {"entries": len(book.entries), "splits": book.splits, "expansions": book.expansions,
+                         "shrunk_earlier_keys": len(book.shrinks)},
+        }
+        tensors = {f"{n}/keys": keys.contiguous(), f"{n}/radii": radii, f"{n}/values": values.contiguous()}
+        return ComputedEdit(sites=[n], tensors=tensors, state=state, metrics=metrics)
+
+    def _train_values(self, ctx, site, batch, x, y, book: Codebook, keys, radii, cfg: GraceConfig):
+        gen = torch.Generator().manual_seed(cfg.seed)
+        init = []
+        for e in book.entries:
+            if e.init_value is not None:
+                init.append(e.init_value.float())
+            elif cfg.value_init == "warm":
+                r = e.requests[0]
+                init.append(y[r, batch.key_pos[r]].float().cpu())
+            else:
+                init.append(torch.rand(y.shape[-1], generator=gen))
+        values = torch.nn.Parameter(torch.stack(init).to(ctx.device))
+        rows, cols, entry = _scoped_positions(batch, x, keys, radii, cfg.replacement == "last")
+        owners = torch.zeros(len(book.entries), len(batch.prompt_len), dtype=torch.bool)
+        for j, e in enumerate(book.entries):
+            owners[j, e.requests] = True
+
+        def replace(module, args, output):
+            out = output.clone()
+            out[rows, cols] = values[entry].to(out.dtype)
+            return out
+
+        opt = torch.optim.Adam([values], lr=cfg.lr)
+        iters = 0
+        with ctx.frozen(), ctx.hooks.scoped() as scope:
+            scope.forward(site.module(ctx.model), replace)
+            for iters in range(cfg.n_iter + 1):
+                logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                scores = score_targets(logits, batch)
+                done = ~(owners & ~scores.correct.cpu()[None]).any(dim=1)  # entry done: all its prompts right
+                if bool(done.all()) or iters == cfg.n_iter:
+                    break
+                (grad,) = torch.autograd.grad(scores.nll.sum(), [values])
+                keep = values.detach()[done.to(ctx.device)].clone()
+                values.grad = grad
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():  # early stop per entry (GRACE stops once the target is the argmax)
+                    values[done.to(ctx.device)] = keep
+        log.info("grace: %d requests, %d codebook entries, %d steps, %.0f%% teacher-forced success",
+                 len(batch.prompt_len), len(book.entries), iters, 100 * float(scores.correct.float().mean()))
+        return values.detach().cpu().float(), iters, scores
+
+    def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
+        out = {}
+        last_only = pack.config.get("replacement", "in_scope") == "last"
+        for site in pack.sites:
+            t = pack.site_tensors(site)
+            shrink = [(s["pack_id"], int(s["key"]), float(s["radius"])) for s in pack.state.get("shrink", []) if s["site"] == site]
+            out[site] = SiteContribution(
+                keys=t["keys"], radii=t["radii"], values=t["values"],
+                labels=pack.state.get("labels", {}).get(site, []), last_only=last_only, shrink=shrink,
+            )
+        return out

@@ -1,0 +1,160 @@
+"""EditableModel: a Hugging Face causal LM plus a stack of edit packs applied by forward hooks."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from . import __version__
+from .config import make_config
+from .errors import PackError
+from .hooks import HookOwner
+from .loading import load_base
+from .methods import EditContext, get_method
+from .packs import BaseInfo, EditPack, base_fingerprint, check_base, load_pack, pack_dirs, save_pack, validate_pack_name
+from .requests import EditRequest, as_requests
+from .runtime import EditRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    name: str
+    method: str
+    n_edits: int
+    nbytes: int
+    sites: tuple[str, ...]
+    created_at: str
+
+
+class EditableModel:
+    """A base model whose weights are never written, plus loaded edit packs (oldest first)."""
+
+    def __init__(self, model, tokenizer, name: str | None = None) -> None:
+        self.base_model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self._runtime = EditRuntime(model)
+        self._packs: dict[str, EditPack] = {}
+        self._rank = 0  # grows with every pack applied: newer packs win where keys overlap
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, base: Any, adapters: str | Path | None = None, tokenizer: Any = None,
+                        force: bool = False, **hf_kwargs) -> "EditableModel":
+        """``base``: hub id, local HF folder, .gguf file, ``"smollm2-135m"`` or a loaded PreTrainedModel.
+        ``adapters``: a folder of packs, loaded oldest first."""
+        model, tok, name = load_base(base, tokenizer=tokenizer, **hf_kwargs)
+        self = cls(model, tok, name)
+        if adapters is not None:
+            self.load_adapters(adapters, force=force)
+        return self
+
+    # ------------------------------------------------------------------ packs
+    @property
+    def packs(self) -> list[PackInfo]:
+        return [PackInfo(p.name, p.method, p.n_edits, p.nbytes, tuple(p.sites), p.created_at) for p in self._packs.values()]
+
+    def pack(self, name: str) -> EditPack:
+        if name not in self._packs:
+            raise PackError(f"no pack named {name!r} is loaded; loaded: {list(self._packs)}")
+        return self._packs[name]
+
+    def _apply(self, pack: EditPack) -> None:
+        if pack.name in self._packs:
+            raise PackError(f"a pack named {pack.name!r} is already loaded; remove it first or choose another name")
+        self._rank += 1
+        self._runtime.add_pack(pack.pack_id, self._rank, get_method(pack.method).contributions(pack))
+        self._packs[pack.name] = pack
+
+    def edit(self, requests: Iterable[EditRequest | dict], method: str = "grace", pack: str | None = None,
+             **config_overrides) -> PackInfo:
+        """Compute an edit with ``method`` and apply it as a new pack (active at once)."""
+        reqs = as_requests(requests)
+        impl = get_method(method)
+        cfg = make_config(impl.config_class, config_overrides)
+        name = validate_pack_name(pack or f"{method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}")
+        if name in self._packs:
+            raise PackError(f"a pack named {name!r} is already loaded; choose another name")
+        with HookOwner().scoped() as scope:
+            ctx = EditContext(self.base_model, self.tokenizer, self._runtime, scope)
+            computed = impl.compute(ctx, reqs, cfg)
+        new = EditPack(
+            name=name, method=method, config=vars(cfg), sites=computed.sites,
+            base=BaseInfo(self.name, self.base_model.config.model_type, base_fingerprint(self.base_model, computed.sites)),
+            requests=[r.to_dict() for r in reqs], tensors=computed.tensors, state=computed.state,
+            metrics=computed.metrics, library_version=__version__,
+        )
+        self._apply(new)
+        return self.packs[-1]
+
+    def save_pack(self, name: str, directory: str | Path, overwrite: bool = False) -> Path:
+        return save_pack(self.pack(name), directory, name=name, overwrite=overwrite)
+
+    def load_pack(self, path: str | Path, force: bool = False) -> PackInfo:
+        pack = load_pack(path)
+        get_method(pack.method)  # unknown method -> clear error before anything is applied
+        check_base(pack, self.base_model, self.name, force=force)
+        self._apply(pack)
+        return self.packs[-1]
+
+    def load_adapters(self, directory: str | Path, force: bool = False) -> list[PackInfo]:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise PackError(f"adapters directory {str(directory)!r} does not exist")
+        return [self.load_pack(p, force=force) for p in pack_dirs(directory)]
+
+    def remove_pack(self, name: str) -> None:
+        """Rollback: the pack's effect is gone; outputs equal those before it was applied."""
+        pack = self.pack(name)
+        self._runtime.remove_pack(pack.pack_id)
+        del self._packs[name]
+
+    @staticmethod
+    def delete_pack(name: str, directory: str | Path) -> None:
+        """Remove a pack folder from disk."""
+        path = Path(directory) / validate_pack_name(name)
+        if not (path / "edit_pack.json").is_file():
+            raise PackError(f"no pack named {name!r} in {directory}")
+        shutil.rmtree(path)
+
+    # ------------------------------------------------------------------ pass-through
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator["EditableModel"]:
+        """The pure base model inside the block."""
+        with self._runtime.disabled():
+            yield self
+
+    def __call__(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self):
+        return next(self.base_model.parameters()).device
+
+    def close(self) -> None:
+        """Remove every hook; the base model is left exactly as it was loaded."""
+        self._runtime.close()
+        self._packs.clear()
+
+    def __enter__(self) -> "EditableModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EditableModel({self.name!r}, packs={[p.name for p in self.packs]})"
+

@@ -1,0 +1,170 @@
+"""Composing loaded packs at their sites through forward hooks.
+
+A pack contributes a :class:`SiteContribution` to each of its sites. The runtime composes
+contributions by what they carry (keys + replacement values today), never by method name.
+Out-of-scope positions are never touched, so on unrelated text the outputs are bit-identical
+to the base model's.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .architectures import Site
+from .hooks import HookOwner
+from .router import NO_KEY, KeyRouter
+
+
+@dataclass
+class SiteContribution:
+    """What one pack places at one site."""
+
+    keys: torch.Tensor  # (n, d_in) router keys
+    radii: torch.Tensor  # (n,) Euclidean radius of each key
+    values: torch.Tensor  # (n, d_out) site output at a position in scope of key i
+    labels: list[str] = field(default_factory=list)  # what each key stands for (GRACE's conflict rule)
+    last_only: bool = False  # keys match only the last real position of a forward call
+    shrink: list[tuple[str, int, float]] = field(default_factory=list)  # (earlier pack id, key index, radius)
+
+
+class SiteRuntime:
+    """The router and value table of one site, and its forward hook."""
+
+    def __init__(self, site: Site, module: nn.Module, d_in: int, d_out: int) -> None:
+        self.site, self.module = site, module
+        self.router = KeyRouter(d_in)
+        self.values = torch.zeros(0, d_out)
+        self.labels: list[str] = []  # by router id
+        self.ids: dict[str, np.ndarray] = {}  # pack id -> router ids
+        self.handle = None  # its forward hook, owned by the EditRuntime's HookOwner
+
+    def add(self, pack_id: str, rank: int, c: SiteContribution) -> None:
+        ids = self.router.add(c.keys.detach().float().cpu().numpy(), c.radii.detach().float().cpu().numpy(), rank, c.last_only)
+        self.values = torch.cat([self.values, c.values.detach().float().cpu()])  # row == router id
+        self.labels += list(c.labels) or [""] * len(ids)
+        self.ids[pack_id] = ids
+        for target_pack, key_index, radius in c.shrink:
+            if target_pack in self.ids:
+                self.router.shrink(int(self.ids[target_pack][key_index]), radius, owner=pack_id)
+
+    def remove(self, pack_id: str) -> None:
+        self.router.remove(self.ids.pop(pack_id))
+        self.router.drop_overrides(pack_id)
+
+    def key_pack(self, key_id: int) -> tuple[str, int] | None:
+        """Which pack (and index within it) a router id belongs to."""
+        for pack_id, ids in self.ids.items():
+            if len(ids) and ids[0] <= key_id <= ids[-1]:
+                return pack_id, int(key_id - ids[0])
+        return None
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, is_last: torch.Tensor) -> torch.Tensor | None:
+        if len(self.router) == 0:
+            return None
+        flat_x = x.reshape(-1, x.shape[-1])
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        if len(rows) == 0:
+            return None
+        queries = flat_x[rows].detach().float().cpu().numpy()
+        ids = self.router.assign(queries, is_last.reshape(-1)[rows].cpu().numpy())
+        hit = ids != NO_KEY
+        if not hit.any():
+            return None
+        out = y.reshape(-1, y.shape[-1]).clone()
+        out[rows[torch.from_numpy(hit).to(rows.device)]] = self.values[torch.from_numpy(ids[hit])].to(out)
+        return out.reshape(y.shape)
+
+
+class EditRuntime:
+    """Every site runtime of one model, plus the per-forward context (which positions are real)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.hooks = HookOwner()
+        self.sites: dict[str, SiteRuntime] = {}
+        self.enabled = True
+        self._mask: torch.Tensor | None = None
+        self._context_handles: list = []
+
+    # --- per-forward context ---
+    def _capture_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _clear_mask(self, module, args, output):
+        self._mask = None
+
+    def _positions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(valid, is_last) masks of shape x.shape[:-1]: padding is not valid; is_last marks the
+        last real position of each row in this call (with a KV cache: of the new positions)."""
+        lead = x.shape[:-1]
+        batch, width = (1, lead[0]) if len(lead) == 1 else lead
+        mask = self._mask
+        if mask is not None and mask.shape[0] == batch and mask.shape[1] >= width:
+            valid = mask[:, -width:].to(x.device).bool()
+        else:
+            valid = torch.ones(batch, width, dtype=torch.bool, device=x.device)
+        pos = torch.arange(width, device=x.device).expand(batch, width)
+        last = torch.where(valid, pos, -1).max(dim=1, keepdim=True).values
+        return valid.reshape(lead), (pos == last).reshape(lead)
+
+    # --- packs ---
+    def site(self, site: Site) -> SiteRuntime:
+        if site.name not in self.sites:
+            module = site.module(self.model)
+            d_in, d_out = site.dims(self.model)
+            rt = SiteRuntime(site, module, d_in, d_out)
+            if not self.sites:  # first site: start capturing the attention mask of each forward
+                self._context_handles = [
+                    self.hooks.pre_forward(self.model, self._capture_mask, with_kwargs=True),
+                    self.hooks.forward(self.model, self._clear_mask, always_call=True),
+                ]
+            self.sites[site.name] = rt
+            rt.handle = self.hooks.forward(module, self._site_hook(rt))
+        return self.sites[site.name]
+
+    def _site_hook(self, rt: SiteRuntime):
+        def hook(module, args, output):
+            if not self.enabled:
+                return None
+            x = args[0]
+            valid, is_last = self._positions(x)
+            return rt.apply(x, output, valid, is_last)
+
+        return hook
+
+    def add_pack(self, pack_id: str, rank: int, contributions: dict[str, SiteContribution]) -> None:
+        for name, c in contributions.items():
+            self.site(Site.parse(name)).add(pack_id, rank, c)
+
+    def remove_pack(self, pack_id: str) -> None:
+        for name, rt in list(self.sites.items()):
+            if pack_id in rt.ids:
+                rt.remove(pack_id)
+            if not rt.ids:  # no pack left here: the site's hook goes too
+                self.hooks.remove(rt.handle)
+                del self.sites[name]
+        if not self.sites:
+            for handle in self._context_handles:
+                self.hooks.remove(handle)
+            self._context_handles = []
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def close(self) -> None:
+        self.hooks.remove_all()
+        self.sites.clear()
+        self._context_handles = []

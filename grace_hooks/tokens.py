@@ -1,0 +1,95 @@
+"""Tokenising edit requests (prompt + target), key positions, and teacher-forced target scoring.
+
+Shared by every method and by the evaluation code: one place for "where is the key token" and
+"is the target the argmax".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .requests import EditRequest
+
+KEY_POSITIONS = ("prompt_last", "subject_last")
+
+
+def target_text(prompt: str, target: str) -> str:
+    """The target as it continues the prompt: with a leading space unless the prompt ends in one."""
+    target = target.strip()
+    return target if prompt.endswith((" ", "\n")) else " " + target
+
+
+def subject_last_index(tokenizer, text: str, span: tuple[int, int]) -> int:
+    """Index of the last token overlapping the subject span in ``tokenizer(text)``."""
+    enc = tokenizer(text, return_offsets_mapping=True)
+    end = span[1]
+    idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > a]
+    if idx:
+        return max(i for i in idx if enc["offset_mapping"][i][0] < end)
+    # Tokenizers without offsets: the prefix ending at the subject has the same tokens (ROME's way).
+    return len(tokenizer(text[:end])["input_ids"]) - 1
+
+
+@dataclass
+class EditBatch:
+    """Right-padded prompt+target sequences of a list of requests."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    prompt_len: torch.Tensor  # (B,) number of prompt tokens
+    target_len: torch.Tensor  # (B,)
+    key_pos: torch.Tensor  # (B,) position of the key token
+
+    def target_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, position) of every target token, position t predicted by logits at t - 1."""
+        rows, cols = [], []
+        for b, (p, n) in enumerate(zip(self.prompt_len.tolist(), self.target_len.tolist())):
+            rows += [b] * n
+            cols += list(range(p, p + n))
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+def build_edit_batch(tokenizer, requests: Sequence[EditRequest], key: str = "prompt_last", device=None) -> EditBatch:
+    if key not in KEY_POSITIONS:
+        raise ValueError(f"key must be one of {KEY_POSITIONS}, got {key!r}")
+    seqs, p_lens, t_lens, keys = [], [], [], []
+    for req in requests:
+        prompt_ids = tokenizer(req.text)["input_ids"]
+        tgt_ids = tokenizer(target_text(req.text, req.target_new), add_special_tokens=False)["input_ids"]
+        if not tgt_ids:
+            raise ValueError(f"target {req.target_new!r} tokenises to nothing")
+        seqs.append(prompt_ids + tgt_ids)
+        p_lens.append(len(prompt_ids))
+        t_lens.append(len(tgt_ids))
+        keys.append(len(prompt_ids) - 1 if key == "prompt_last" else subject_last_index(tokenizer, req.text, req.subject_span()))
+    width = max(map(len, seqs))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = 1
+    as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return EditBatch(ids.to(device), mask.to(device), as_t(p_lens), as_t(t_lens), as_t(keys))
+
+
+@dataclass
+class TargetScores:
+    nll: torch.Tensor  # (B,) mean NLL per target token, differentiable
+    correct: torch.Tensor  # (B,) bool: every target token is the argmax (teacher forced)
+
+
+def score_targets(logits: torch.Tensor, batch: EditBatch) -> TargetScores:
+    rows, cols = batch.target_positions()
+    rows, cols = rows.to(logits.device), cols.to(logits.device)
+    targets = batch.input_ids[rows, cols]
+    step_logits = logits[rows, cols - 1].float()
+    token_nll = torch.nn.functional.cross_entropy(step_logits, targets, reduction="none")
+    token_ok = step_logits.argmax(-1) == targets
+    n = len(batch.prompt_len)
+    counts = batch.target_len.to(logits.device).float()
+    nll = torch.zeros(n, device=logits.device).index_add(0, rows, token_nll) / counts
+    wrong = torch.zeros(n, device=logits.device).index_add(0, rows, (~token_ok).float())
+    return TargetScores(nll=nll, correct=wrong == 0)
