@@ -52,7 +52,11 @@ class EditableModel:
         model, tok, name = load_base(base, tokenizer=tokenizer, **hf_kwargs)
         self = cls(model, tok, name)
         if adapters is not None:
-            self.load_adapters(adapters, force=force)
+            try:
+                self.load_adapters(adapters, force=force)
+            except BaseException:
+                self.close()  # no hook of a half-loaded stack survives
+                raise
         return self
 
     # ------------------------------------------------------------------ packs
@@ -103,11 +107,13 @@ class EditableModel:
         self._apply(pack)
         return self.packs[-1]
 
-    def load_adapters(self, directory: str | Path, force: bool = False) -> list[PackInfo]:
+    def load_adapters(self, directory: str | Path, force: bool = False, exclude: Iterable[str] = ()) -> list[PackInfo]:
+        """Load every pack in ``directory`` oldest first, except those named in ``exclude``."""
         directory = Path(directory)
         if not directory.is_dir():
             raise PackError(f"adapters directory {str(directory)!r} does not exist")
-        return [self.load_pack(p, force=force) for p in pack_dirs(directory)]
+        skip = set(exclude)
+        return [self.load_pack(p, force=force) for p in pack_dirs(directory) if p.name not in skip]
 
     def remove_pack(self, name: str) -> None:
         """Rollback: the pack's effect is gone; outputs equal those before it was applied."""

@@ -1,0 +1,317 @@
+"""``grace-hooks``: the command line. Output for people is printed here; the library only logs.
+
+Every :class:`~grace_hooks.errors.GraceHooksError` is shown as ``error: <message>`` with exit
+code 2 (no traceback).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import GraceHooksError, PackError
+from .loading import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADAPTERS = "adapters"
+EXPORT_FORMATS = ("native", "peft")
+
+
+class _Group(click.Group):
+    """Turns the library's own errors into ``error: ...`` and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GraceHooksError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _busy(message: str) -> None:
+    """A line on stderr so a person knows long work is under way."""
+    click.echo(message, err=True)
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected key=value, got {item!r}", param_hint="'--set'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _load(model: str, adapters: Path | None = None, skip: str | None = None):
+    """Load ``model`` with the packs of ``adapters`` (oldest first), leaving out pack ``skip``."""
+    from .model import EditableModel
+
+    t0 = time.perf_counter()
+    _busy(f"loading model {model} ...")
+    em = EditableModel.from_pretrained(model)
+    try:
+        if adapters is not None:
+            em.load_adapters(adapters, exclude=[skip] if skip else ())
+    except BaseException:
+        em.close()
+        raise
+    packs = [p.name for p in em.packs]
+    _busy(f"loaded in {time.perf_counter() - t0:.1f} s" + (f" with {len(packs)} pack(s): {', '.join(packs)}" if packs else ""))
+    return em
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show the library's log messages (INFO).")
+def main(verbose: bool) -> None:
+    """Non-destructive knowledge editing of Hugging Face LMs with edit packs."""
+    if verbose:
+        _enable_info_logging()
+
+
+def _enable_info_logging() -> None:
+    """INFO messages of grace_hooks on stderr (other libraries keep their own levels)."""
+    logger = logging.getLogger("grace_hooks")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (click's test runner swaps it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
+@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder the demo pack is written to.")
+@click.option("--requests", "requests_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Edit requests (JSON/JSONL, any supported layout); default: the four shipped facts.")
+def demo(model: str, adapters: Path, requests_file: Path | None) -> None:
+    """Edit facts, save them as pack 'demo-facts', reload, roll back."""
+    from .demo import run_demo
+
+    summary = run_demo(model=model, adapters=adapters, requests=requests_file, echo=click.echo)
+    if summary["success"] < summary["total"] or not summary["identical"]:
+        log.warning("demo: %d/%d edits reached their target; rollback identical: %s",
+                    summary["success"], summary["total"], summary["identical"])
+
+
+# ---------------------------------------------------------------------------- edit
+@main.command()
+@click.option("--requests", "requests_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON list or JSON lines: native, CounterFact (EasyEdit), ROME or zsRE (MEND) layout.")
+@click.option("--method", default="grace", show_default=True, help="Edit method (see `grace-hooks methods`).")
+@click.option("--adapters", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of packs: its packs are loaded first, the new pack is saved there.")
+@click.option("--pack", "pack_name", default=None, help="Name of the new pack (default: <method>-<UTC time>).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N requests.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Method config override (repeatable), e.g. --set eps_init=2.")
+@click.option("--overwrite", is_flag=True, help="Replace a pack of the same name in the adapters folder.")
+def edit(requests_file: Path, method: str, adapters: Path, pack_name: str | None, model: str, limit: int | None,
+         sets: tuple[str, ...], overwrite: bool) -> None:
+    """Compute an edit pack from a requests file and save it into ADAPTERS."""
+    from .config import make_config
+    from .methods import get_method
+    from .packs import validate_pack_name
+    from .requests import read_requests
+
+    # Cheap checks first: nothing slow happens before the inputs are known to be usable.
+    overrides = _parse_sets(sets)
+    impl = get_method(method)
+    make_config(impl.config_class, overrides)
+    if pack_name is not None:
+        validate_pack_name(pack_name)
+    if adapters.exists() and not adapters.is_dir():
+        raise PackError(f"adapters path {str(adapters)!r} exists and is not a directory")
+    existing = pack_name is not None and (adapters / pack_name).exists()
+    if existing and not overwrite:
+        raise PackError(f"a pack named {pack_name!r} already exists in {adapters}; pass --overwrite to replace it")
+    reqs = read_requests(requests_file, limit=limit)
+    if not reqs:
+        raise PackError(f"{requests_file} holds no edit requests")
+
+    em = _load(model, adapters if adapters.is_dir() else None, skip=pack_name if existing else None)
+    try:
+        t0 = time.perf_counter()
+        _busy(f"editing {len(reqs)} request(s) with {method} ...")
+        info = em.edit(reqs, method=method, pack=pack_name, **overrides)
+        _busy(f"edited in {time.perf_counter() - t0:.1f} s")
+        path = em.save_pack(info.name, adapters, overwrite=overwrite)
+        metrics = em.pack(info.name).metrics
+    finally:
+        em.close()
+    click.echo(f"pack:    {info.name}")
+    click.echo(f"path:    {path}")
+    click.echo(f"method:  {info.method}")
+    click.echo(f"edits:   {info.n_edits}")
+    click.echo(f"bytes:   {info.nbytes}")
+    click.echo(f"sites:   {', '.join(info.sites)}")
+    click.echo("metrics:")
+    for line in _flatten(metrics):
+        click.echo(f"  {line}")
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += _flatten(v, f"{prefix}{k}.")
+        elif isinstance(v, float):
+            lines.append(f"{prefix}{k}: {v:.4g}")
+        else:
+            lines.append(f"{prefix}{k}: {v}")
+    return lines
+
+
+@main.command()
+def methods() -> None:
+    """List the edit methods and their options."""
+    from .config import describe
+    from .methods import get_method, method_names
+
+    for name in method_names():
+        click.echo(f"{name}:")
+        for opt in describe(get_method(name).config_class).split("; "):
+            click.echo(f"  {opt}")
+
+
+# ---------------------------------------------------------------------------- ls / rm / export
+def _short_time(value: Any) -> str:
+    try:
+        return datetime.fromisoformat(str(value)).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return str(value) or "?"
+
+
+def _pack_row(path: Path) -> list[str]:
+    from .packs import read_header
+
+    try:
+        h = read_header(path)
+        base = h["base_model"] if isinstance(h["base_model"], dict) else {}
+        n_edits = h.get("n_edits", len(h["requests"]) if isinstance(h["requests"], list) else "?")
+        return [path.name, str(h["method"]), str(n_edits), ",".join(h["sites"]), _short_time(h.get("created_at", "")),
+                str(base.get("name", "?"))]
+    except (GraceHooksError, KeyError, TypeError, AttributeError, OSError) as exc:
+        return [path.name, "!corrupt", "-", "-", "-", f"error: {exc}"]
+
+
+@main.command("ls")
+@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(path_type=Path))
+def ls_cmd(adapters: Path) -> None:
+    """List the packs of ADAPTERS (headers only; no model is loaded)."""
+    from .packs import pack_dirs
+
+    if not adapters.is_dir():
+        click.echo(f"no packs: {adapters} is not a directory")
+        return
+    paths = pack_dirs(adapters)
+    listed = {p.name for p in paths}
+    # Folders that look like packs but lack their header are listed too, marked as broken.
+    strays = sorted(p for p in adapters.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in listed)
+    rows = [_pack_row(p) for p in paths] + [[p.name, "!corrupt", "-", "-", "-", "error: edit_pack.json is missing"] for p in strays]
+    if not rows:
+        click.echo(f"no packs in {adapters}")
+        return
+    header = ["NAME", "METHOD", "EDITS", "SITES", "CREATED (UTC)", "BASE MODEL"]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
+    for row in [header] + rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    bad = sum(r[1] == "!corrupt" for r in rows)
+    if bad:
+        click.echo(f"{bad} pack(s) could not be read; they are skipped or refused when loading.", err=True)
+
+
+@main.command("rm")
+@click.argument("name")
+@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
+def rm_cmd(name: str, adapters: Path) -> None:
+    """Delete pack NAME from ADAPTERS (its folder)."""
+    from .model import EditableModel
+
+    EditableModel.delete_pack(name, adapters)
+    click.echo(f"removed pack {name} from {adapters}")
+
+
+@main.command("export")
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="native", show_default=True,
+              help="native: the pack folder as is; peft: a PEFT adapter (weight-delta packs only).")
+def export_cmd(name: str, dest: Path, adapters: Path, fmt: str) -> None:
+    """Copy pack NAME to DEST (DEST/NAME when DEST is an existing folder)."""
+    from .packs import load_pack, validate_pack_name
+
+    src = adapters / validate_pack_name(name)
+    if not src.is_dir():
+        raise PackError(f"no pack named {name!r} in {adapters}")
+    pack = load_pack(src)  # refuses a corrupt or truncated pack before anything is copied
+    if fmt == "peft":
+        raise PackError(f"pack {name!r} uses method {pack.method!r}: peft export applies to weight-delta packs "
+                        "(not available for this method yet)")
+    target = dest / name if dest.is_dir() else dest
+    if target.exists():
+        raise PackError(f"{target} already exists; remove it or choose another destination")
+    if target.resolve() == src.resolve():
+        raise PackError(f"{target} is the pack itself")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(src, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    click.echo(f"exported pack {name} ({fmt}) to {target}")
+
+
+# ---------------------------------------------------------------------------- ask
+@main.command()
+@click.argument("prompt")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
+@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of packs to apply (skipped with a note when it does not exist).")
+@click.option("--no-edits", is_flag=True, help="Answer with the base model only (no packs).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
+def ask(prompt: str, model: str, adapters: Path, no_edits: bool, max_new_tokens: int) -> None:
+    """Greedy continuation of PROMPT (with the packs of ADAPTERS unless --no-edits)."""
+    from .demo import greedy
+
+    use = None
+    if not no_edits:
+        if adapters.is_dir():
+            use = adapters
+        else:
+            _busy(f"note: {adapters} does not exist; answering with the base model")
+    em = _load(model, use)
+    try:
+        click.echo(greedy(em, prompt, max_new_tokens))
+    finally:
+        em.close()
+
+
+if __name__ == "__main__":
+    main()

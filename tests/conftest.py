@@ -1,0 +1,74 @@
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+from grace_hooks import EditRequest  # noqa: E402
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Single-word targets: at the last layer a replaced output cannot steer later positions, so
+# multi-token targets are exercised on the real model instead.
+TINY_REQUESTS = [
+    EditRequest(prompt="the capital of {} is", subject="narnia", target_new="tokyo"),
+    EditRequest(prompt="the mother tongue of {} is", subject="alice", target_new="german"),
+    EditRequest(prompt="the sport that {} plays is", subject="bob", target_new="chess"),
+]
+UNRELATED = ["the cat sat on the mat", "the quick brown fox jumps over the lazy dog", "carol speaks french",
+             "the capital of gondor is", "frank works for the company"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models run fastest on one thread; several threads on a shared 2-core machine thrash.
+    Tests on the real model opt out with the ``real_model`` marker."""
+    if request.node.get_closest_marker("real_model"):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model
+
+
+def param_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def last_logits(model, tokenizer, prompts):
+    return [model(**tokenizer(p, return_tensors="pt")).logits[0, -1].clone() for p in prompts]
+
+
+def next_token(model, tokenizer, prompt) -> int:
+    return int(last_logits(model, tokenizer, [prompt])[0].argmax())
+
+
+def target_id(tokenizer, req) -> int:
+    return tokenizer(" " + req.target_new, add_special_tokens=False)["input_ids"][0]
+
+
+def counterfact_path() -> Path:
+    path = DATA_DIR / "counterfact-train.json"
+    if not path.is_file():
+        pytest.skip(f"shared data not found at {path} (it sits beside the checkout in development)")
+    return path

@@ -1,0 +1,100 @@
+"""The contract every method x architecture must keep (DESIGN section 2, invariants 1-4 and 7)."""
+import pytest
+import torch
+
+from conftest import TINY_REQUESTS, UNRELATED, last_logits, next_token, param_hash, target_id
+from grace_hooks import EditableModel
+from grace_hooks.hooks import count_hooks
+from tiny import TINY_CONFIGS
+
+# (method, config overrides): each a row of the matrix. subject_last keys need layers after the site.
+METHODS = {
+    "grace": ("grace", {}),
+    "grace-subject_last": ("grace", {"key": "subject_last", "layer": 0, "n_iter": 300}),
+    "grace-replace_last": ("grace", {"replacement": "last"}),
+}
+ARCHS = sorted(TINY_CONFIGS)
+# A random tiny Gemma renormalises its MLP branch, so a value written at the subject token cannot
+# steer the last token through two random layers; subject_last on Gemma is measured on real weights.
+WEAK_CELLS = {("gemma3_text", "grace-subject_last")}
+
+
+def matrix(weak_xfail: bool = True):
+    for method in sorted(METHODS):
+        for arch in ARCHS:
+            weak = weak_xfail and (arch, method) in WEAK_CELLS
+            marks = [pytest.mark.xfail(strict=True, reason="random tiny Gemma cannot carry a subject-token edit")] if weak else []
+            yield pytest.param(arch, method, marks=marks, id=f"{method}-{arch}")
+
+
+@pytest.mark.parametrize("arch,method", matrix())
+def test_contract(arch, method, make_model, tokenizer, tmp_path):
+    name, cfg = METHODS[method]
+    model = make_model(arch)
+    weights_before = param_hash(model)
+    em = EditableModel(model, tokenizer, name=f"tiny-{arch}")
+    prompts = [r.text for r in TINY_REQUESTS]
+    base_edit, base_unrelated = last_logits(model, tokenizer, prompts), last_logits(model, tokenizer, UNRELATED)
+
+    em.edit(TINY_REQUESTS, method=name, pack="p1", **cfg)
+    # the edit works: every target is the greedy next token
+    assert [next_token(em, tokenizer, p) for p in prompts] == [target_id(tokenizer, r) for r in TINY_REQUESTS]
+    # unrelated inputs are bit-identical to the base
+    assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, UNRELATED), base_unrelated))
+    with em.disabled():
+        assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, prompts), base_edit))
+    edited = last_logits(em, tokenizer, prompts)
+
+    # save -> load on a fresh copy of the base: bit-identical logits
+    em.save_pack("p1", tmp_path)
+    fresh = EditableModel(make_model(arch), tokenizer, name=f"tiny-{arch}")
+    fresh.load_adapters(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(last_logits(fresh, tokenizer, prompts), edited))
+    fresh.close()
+    assert count_hooks(fresh.base_model) == 0
+
+    # rollback is exact and leaves no hook
+    em.remove_pack("p1")
+    assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, prompts), base_edit))
+    assert count_hooks(model) == 0
+    assert param_hash(model) == weights_before
+
+
+def _greedy(model, tokenizer, prompts, **kw):
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kw)
+    return [row[enc.input_ids.shape[1]:].tolist() for row in out]
+
+
+def _padded_logits(model, tokenizer, prompts):
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    positions = (enc.attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
+    with torch.no_grad():
+        return enc.attention_mask.bool(), model(**enc, position_ids=positions).logits
+
+
+@pytest.mark.parametrize("arch,method", matrix(weak_xfail=False))
+def test_batched_padded_cached_generation(arch, method, make_model, tokenizer):
+    """Invariant 7: batched, padded and KV-cached generation equal one-at-a-time calls."""
+    name, cfg = METHODS[method]
+    em = EditableModel(make_model(arch), tokenizer)
+    em.edit(TINY_REQUESTS, method=name, **cfg)
+    prompts = [r.text for r in TINY_REQUESTS] + UNRELATED[:2]
+    single = [_greedy(em, tokenizer, [p])[0] for p in prompts]
+    assert single[0][0] == target_id(tokenizer, TINY_REQUESTS[0])
+    if cfg.get("replacement") != "last":  # 'last' queries only the newest token: cache-dependent by definition
+        assert [_greedy(em, tokenizer, [p], use_cache=False)[0] for p in prompts] == single
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        try:
+            real, batched = _padded_logits(em, tokenizer, prompts)
+            for b, p in enumerate(prompts):
+                one = em(**tokenizer(p, return_tensors="pt")).logits[0]
+                torch.testing.assert_close(batched[b][real[b]], one, rtol=1e-4, atol=1e-4)
+            if side == "left":  # generation continues each row after its last token only with left padding
+                with em.disabled():
+                    base_consistent = _greedy(em, tokenizer, prompts) == [_greedy(em, tokenizer, [p])[0] for p in prompts]
+                if base_consistent:  # HF's GPT-NeoX differs under left padding even without edits
+                    assert _greedy(em, tokenizer, prompts) == single
+        finally:
+            tokenizer.padding_side = "right"
