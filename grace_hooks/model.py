@@ -82,7 +82,7 @@ class EditableModel:
         reqs = as_requests(requests)
         impl = get_method(method)
         cfg = make_config(impl.config_class, config_overrides)
-        name = validate_pack_name(pack or f"{method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}")
+        name = validate_pack_name(pack if pack is not None else f"{method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}")
         if name in self._packs:
             raise PackError(f"a pack named {name!r} is already loaded; choose another name")
         with HookOwner().scoped() as scope:

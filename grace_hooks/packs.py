@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .architectures import Site
-from .errors import FingerprintMismatch, PackError, PackNameError
+from .errors import ArchitectureError, FingerprintMismatch, PackError, PackNameError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,10 @@ def read_header(path: str | Path) -> dict[str, Any]:
     if not isinstance(header["sites"], list) or not all(isinstance(s, str) for s in header["sites"]):
         raise PackError(f"{jpath}: 'sites' must be a list of site names")
     for s in header["sites"]:
-        Site.parse(s)
+        try:
+            Site.parse(s)
+        except ArchitectureError as exc:
+            raise PackError(f"{jpath}: {exc}") from exc
     return header
 
 

@@ -104,10 +104,6 @@ def _from_zsre(rec: dict) -> EditRequest:
     )
 
 
-def _from_native(rec: dict) -> EditRequest:
-    return EditRequest.from_dict(rec)
-
-
 def record_to_request(rec: dict) -> EditRequest:
     """Convert one record of any supported layout to an :class:`EditRequest`."""
     if not isinstance(rec, dict):
@@ -116,9 +112,7 @@ def record_to_request(rec: dict) -> EditRequest:
         return _from_rome(rec)
     if "src" in rec and "alt" in rec:
         return _from_zsre(rec)
-    if {"prompt", "subject", "target_new"} <= set(rec):
-        if set(rec) <= {f.name for f in fields(EditRequest)}:
-            return _from_native(rec)
+    if {"prompt", "subject", "target_new"} <= set(rec):  # EasyEdit CounterFact, and our own layout
         return _from_counterfact_easyedit(rec)
     raise EditRequestError(
         f"unrecognised edit record with keys {sorted(rec)}: expected CounterFact (EasyEdit: prompt, subject, "

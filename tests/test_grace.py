@@ -1,0 +1,87 @@
+"""GRACE specifics: codebook rules, cross-pack conflicts, batch training, hook hygiene on errors."""
+import pytest
+import torch
+
+from conftest import TINY_REQUESTS, UNRELATED, last_logits, next_token, target_id
+from grace_hooks import EditableModel, EditRequest
+from grace_hooks.hooks import count_hooks
+
+NARNIA = "the capital of {} is"
+
+
+def _em(make_model, tokenizer, arch="llama"):
+    return EditableModel(make_model(arch), tokenizer, name="tiny")
+
+
+def test_same_prompt_same_label_shares_one_entry(make_model, tokenizer):
+    em = _em(make_model, tokenizer)
+    same = EditRequest(prompt=NARNIA, subject="narnia", target_new="tokyo")
+    em.edit([same, same], method="grace", pack="p")
+    assert em.pack("p").metrics["codebook"]["entries"] == 1
+
+
+def test_conflicting_labels_split_within_a_pack(make_model, tokenizer):
+    em = _em(make_model, tokenizer)
+    a = EditRequest(prompt=NARNIA, subject="narnia", target_new="tokyo")
+    b = EditRequest(prompt=NARNIA, subject="narnia", target_new="london")
+    em.edit([a, b], method="grace", pack="p", eps_init=50.0)
+    book = em.pack("p").metrics["codebook"]
+    assert book["entries"] == 2 and book["splits"] == 1
+
+
+def test_cross_pack_split_shrinks_earlier_key_until_removed(make_model, tokenizer):
+    em = _em(make_model, tokenizer)
+    em.edit([EditRequest(prompt=NARNIA, subject="narnia", target_new="tokyo")], method="grace", pack="old", eps_init=50.0)
+    probe = ["the capital of gondor is"]  # inside the big old radius
+    old_only = last_logits(em, tokenizer, probe)[0]
+    em.edit([EditRequest(prompt=NARNIA, subject="gondor", target_new="london")], method="grace", pack="new", eps_init=50.0)
+    assert em.pack("new").metrics["codebook"]["shrunk_earlier_keys"] == 1
+    assert next_token(em, tokenizer, "the capital of gondor is") == target_id(tokenizer, EditRequest(NARNIA, "x", "london"))
+    assert next_token(em, tokenizer, "the capital of narnia is") == target_id(tokenizer, EditRequest(NARNIA, "x", "tokyo"))
+    em.remove_pack("new")  # the earlier key's radius comes back with the rollback
+    assert torch.equal(last_logits(em, tokenizer, probe)[0], old_only)
+
+
+def test_values_warm_and_cold(make_model, tokenizer):
+    for init in ("cold", "warm"):
+        em = _em(make_model, tokenizer)
+        em.edit(TINY_REQUESTS, method="grace", pack="p", value_init=init)
+        assert em.pack("p").metrics["teacher_forced_success"] == 1.0
+
+
+def test_compute_leaves_model_untouched_and_no_hooks_on_error(make_model, tokenizer):
+    em = _em(make_model, tokenizer)
+    model = em.base_model
+    flags = [p.requires_grad for p in model.parameters()]
+
+    def boom(module, args, output):
+        raise RuntimeError("boom inside forward")
+
+    handle = model.lm_head.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        em.edit(TINY_REQUESTS, method="grace", pack="p")
+    handle.remove()
+    assert count_hooks(model) == 0 and em.packs == []
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+
+
+def test_exception_in_user_forward_leaves_only_pack_hooks(make_model, tokenizer):
+    em = _em(make_model, tokenizer)
+    em.edit(TINY_REQUESTS, method="grace", pack="p")
+    hooks = count_hooks(em.base_model)
+    with pytest.raises(Exception):
+        em(input_ids=torch.tensor([[10_000]]))  # out-of-vocabulary id fails inside forward
+    assert count_hooks(em.base_model) == hooks and em._runtime._mask is None
+    base = last_logits(em.base_model, tokenizer, UNRELATED[:1])  # still routed correctly afterwards
+    with em.disabled():
+        assert torch.equal(last_logits(em, tokenizer, UNRELATED[:1])[0], base[0])
+    em.close()
+    assert count_hooks(em.base_model) == 0
+
+
+def test_pack_bytes_and_metadata(make_model, tokenizer):
+    em = _em(make_model, tokenizer)
+    info = em.edit(TINY_REQUESTS, method="grace", pack="p")
+    d_in, d_out = 128, 64
+    assert info.n_edits == 3 and info.nbytes == 3 * (d_in + d_out + 1) * 4
+    assert em.pack("p").base.model_type == "llama" and em.pack("p").requests[0]["target_new"] == "tokyo"
