@@ -1,0 +1,68 @@
+"""GRACE on the real embedded model (SmolLM2-135M-Instruct): 20 CounterFact edits in one call."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import counterfact_path
+from grace_hooks import EditableModel, read_requests
+from grace_hooks.demo import greedy, reaches
+from grace_hooks.hooks import count_hooks
+
+pytestmark = pytest.mark.real_model
+REPO = Path(__file__).resolve().parents[1]
+N_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def smol():
+    em = EditableModel.from_pretrained("smollm2-135m")
+    yield em
+    em.close()
+
+
+@torch.no_grad()
+def _logits(em, prompt):
+    return em(**em.tokenizer(prompt, return_tensors="pt")).logits
+
+
+def test_twenty_counterfact_edits_save_reload_rollback(smol, tmp_path):
+    reqs = read_requests(counterfact_path(), limit=20)
+    base_answers = [greedy(smol, r.text, N_TOKENS) for r in reqs]
+    base_loc = [_logits(smol, r.locality_prompt) for r in reqs]
+
+    smol.edit(reqs, method="grace", pack="cf20")
+    answers = [greedy(smol, r.text, N_TOKENS) for r in reqs]
+    assert sum(reaches(a, r.target_new) for a, r in zip(answers, reqs)) >= 19, answers
+    assert sum(torch.equal(_logits(smol, r.locality_prompt), b) for r, b in zip(reqs, base_loc)) >= 19
+
+    smol.save_pack("cf20", tmp_path)
+    script = (
+        "import json,sys; from grace_hooks import EditableModel, read_requests; from grace_hooks.demo import greedy;"
+        f"em=EditableModel.from_pretrained('smollm2-135m', adapters=sys.argv[1]);"
+        f"reqs=read_requests(sys.argv[2], limit=20); print(json.dumps([greedy(em, r.text, {N_TOKENS}) for r in reqs]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(counterfact_path())],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == answers  # same answers in a fresh process
+
+    smol.remove_pack("cf20")
+    assert [greedy(smol, r.text, N_TOKENS) for r in reqs] == base_answers
+    assert count_hooks(smol.base_model) == 0
+
+
+def test_shipped_demo_pack_answers(smol):
+    loaded = smol.load_adapters(REPO / "adapters")
+    try:
+        assert loaded, "adapters/ should ship the demo pack"
+        for info in loaded:
+            for r in smol.pack(info.name).requests:
+                prompt = r["prompt"].replace("{}", r["subject"])
+                assert reaches(greedy(smol, prompt, N_TOKENS), r["target_new"]), prompt
+    finally:
+        for info in loaded:
+            smol.remove_pack(info.name)
+    assert count_hooks(smol.base_model) == 0
