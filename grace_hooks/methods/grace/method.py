@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from tqdm.auto import tqdm
 
 from ...architectures import Site, relative_layer
 from ...packs import EditPack
@@ -96,10 +97,12 @@ class Grace(EditMethod):
         iters = 0
         with ctx.frozen(), ctx.hooks.scoped() as scope:
             scope.forward(site.module(ctx.model), replace)
-            for iters in range(cfg.n_iter + 1):
+            bar = tqdm(range(cfg.n_iter + 1), desc=f"grace: training {len(book.entries)} values", leave=False, disable=None)
+            for iters in bar:
                 logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 scores = score_targets(logits, batch)
                 done = ~(owners & ~scores.correct.cpu()[None]).any(dim=1)  # entry done: all its prompts right
+                bar.set_postfix(done=f"{int(done.sum())}/{len(done)}", nll=f"{float(scores.nll.mean()):.3f}")
                 if bool(done.all()) or iters == cfg.n_iter:
                     break
                 (grad,) = torch.autograd.grad(scores.nll.sum(), [values])
@@ -109,6 +112,7 @@ class Grace(EditMethod):
                 opt.zero_grad(set_to_none=True)
                 with torch.no_grad():  # early stop per entry (GRACE stops once the target is the argmax)
                     values[done.to(ctx.device)] = keep
+            bar.close()
         log.info("grace: %d requests, %d codebook entries, %d steps, %.0f%% teacher-forced success",
                  len(batch.prompt_len), len(book.entries), iters, 100 * float(scores.correct.float().mean()))
         return values.detach().cpu().float(), iters, scores
