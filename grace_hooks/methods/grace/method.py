@@ -102,7 +102,7 @@ class Grace(EditMethod):
                 logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 scores = score_targets(logits, batch)
                 done = ~(owners & ~scores.correct.cpu()[None]).any(dim=1)  # entry done: all its prompts right
-                bar.set_postfix(done=f"{int(done.sum())}/{len(done)}", nll=f"{float(scores.nll.mean()):.3f}")
+                bar.set_postfix(done=f"{int(done.sum())}/{len(done)}", nll=f"{float(scores.nll.detach().mean()):.3f}")
                 if bool(done.all()) or iters == cfg.n_iter:
                     break
                 (grad,) = torch.autograd.grad(scores.nll.sum(), [values])
