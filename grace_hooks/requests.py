@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -54,13 +54,6 @@ class EditRequest:
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EditRequest":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise EditRequestError(f"unknown EditRequest fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
 
 
 def _first(value: Any) -> Any:
