@@ -29,17 +29,16 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import shlex
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from grace_hooks.eval.runinfo import dir_bytes, git_info, loadavg, machine_info, median, replace_md_section  # noqa: E402
 SECTION = "## Core (issue 2): GRACE on SmolLM2-135M"
 MODEL = "smollm2-135m"
 
@@ -84,55 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="markdown file whose core section is written")
     p.add_argument("--no-results-md", action="store_true", help="do not touch --results-md (development runs)")
     return p.parse_args(argv)
-
-
-def median(xs):
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine_info(threads: int) -> dict:
-    import torch
-    import transformers
-
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        mem = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
-    return {
-        "cpu": cpu, "cpu_count": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "threads_used": threads, "memory_gib": mem, "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "device": "cpu",
-    }
-
-
-def git_info() -> dict:
-    def run(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(run("status", "--porcelain"))}
-
-
-def dir_bytes(path: Path) -> dict:
-    by_kind = {}
-    for f in path.rglob("*"):
-        if f.is_file():
-            by_kind[f.name] = by_kind.get(f.name, 0) + f.stat().st_size
-    return {"total": sum(by_kind.values()), "by_file_name": by_kind}
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -424,7 +374,6 @@ def markdown(res: dict) -> str:
 def write_results_md(path: Path, res: dict, table: str) -> None:
     mach = res["machine"]
     body = "\n".join([
-        SECTION, "",
         f"Run {res['finished_at']} (UTC), commit `{(res['git']['commit'] or 'unknown')[:12]}`"
         f"{' + uncommitted changes' if res['git']['dirty'] else ''}, produced by:", "",
         "```", res["command"], "```", "",
@@ -437,16 +386,7 @@ def write_results_md(path: Path, res: dict, table: str) -> None:
         f"`{res['results_json']}`.", "",
         table.rstrip("\n"), "",
     ])
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n"
-    if SECTION in old:
-        head, rest = old.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1:] if nxt >= 0 else ""
-        new = head + body + ("\n" + tail if tail else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + body
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new, encoding="utf-8")
+    replace_md_section(path, SECTION, body)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -471,7 +411,7 @@ def main(argv=None) -> dict:
         "benchmark": "core (issue 2): GRACE on SmolLM2-135M",
         "command": shlex.join(["python", os.path.relpath(Path(sys.argv[0]).resolve(), Path.cwd())] + sys.argv[1:]),
         "cwd": str(Path.cwd()), "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(args.threads), "git": git_info(), "loadavg_start": loadavg(),
+        "machine": machine_info(args.threads), "git": git_info(REPO), "loadavg_start": loadavg(),
         "config": {"model": MODEL, "method": "grace", "method_config": "default", "data": str(args.data),
                    "n_edits": n, "batch": args.batch, "levels": levels, "a_size": args.a_size, "rounds": args.rounds,
                    "max_new_tokens": args.max_new_tokens, "load_repeats": args.load_repeats, "threads": args.threads},

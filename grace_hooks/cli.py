@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from .errors import GraceHooksError, PackError
+from .eval.lifelong import LifelongConfig
 from .loading import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -315,3 +316,41 @@ def ask(prompt: str, model: str, adapters: Path, no_edits: bool, max_new_tokens:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------- eval
+def _dataclass_options(cls):
+    """One ``--field-name`` option per field of a config dataclass, with its default and help."""
+    import dataclasses
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            fn = click.option(f"--{f.name.replace('_', '-')}", f.name, type=type(f.default), default=f.default,
+                              show_default=True, help=f.metadata.get("help"))(fn)
+        return fn
+
+    return decorate
+
+
+@main.command("eval")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Edit records: CounterFact (EasyEdit or ROME layout) or zsRE (MEND layout).")
+@click.option("--method", "specs", multiple=True, default=("grace",), show_default=True,
+              help="Method spec NAME[:KEY=VALUE,...] (repeatable): any edit method, or the baselines 'none' and 'ft'.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results folder; default results/<data>-n<N>-b<B>. Rerunning with the same settings resumes.")
+@click.option("--threads", default=1, show_default=True, help="torch/FAISS threads (1 avoids thrashing on shared cores).")
+@_dataclass_options(LifelongConfig)
+def eval_cmd(data: Path, specs: tuple[str, ...], model: str, out: Path | None, threads: int, **settings) -> None:
+    """Lifelong-editing benchmark: edit a stream of records in batches, measure at checkpoints."""
+    from .eval.bench import run_benchmark
+    from .eval.report import final_rows, table
+
+    cfg = LifelongConfig(**settings)
+    out = out or Path("results") / f"{data.stem}-n{cfg.n_records}-b{cfg.batch}"
+    command = "grace-hooks eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else " ".join(sys.argv)
+    _busy(f"lifelong benchmark: {', '.join(specs)} on {cfg.n_records} records of {data}, batch {cfg.batch} -> {out}")
+    results = run_benchmark(model, data, specs, out, cfg, threads=threads, command=command)
+    click.echo(table(final_rows(results)))
+    click.echo(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and plots")

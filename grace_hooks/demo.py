@@ -14,8 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import torch
-
+from .eval.generation import greedy, reaches
 from .loading import DEFAULT_MODEL
 from .model import EditableModel
 from .requests import EditRequest, as_requests, read_requests
@@ -30,23 +29,6 @@ def demo_requests() -> list[EditRequest]:
     """The four facts shipped in ``grace_hooks/data/demo_requests.json``."""
     text = resources.files("grace_hooks").joinpath("data/demo_requests.json").read_text(encoding="utf-8")
     return as_requests(json.loads(text))
-
-
-def greedy(model: EditableModel, prompt: str, max_new_tokens: int = 20) -> str:
-    """Greedy continuation of ``prompt`` (the new text only, special tokens dropped)."""
-    tok = model.tokenizer
-    enc = tok(prompt, return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def reaches(answer: str, target: str) -> bool:
-    """Whether a continuation starts with ``target`` (surrounding spaces ignored)."""
-    return answer.strip().startswith(target.strip())
 
 
 def _show(echo: Callable[[str], Any], title: str, reqs: list[EditRequest], answers: list[str], mark: bool = False) -> None:

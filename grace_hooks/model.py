@@ -136,6 +136,16 @@ class EditableModel:
         with self._runtime.disabled():
             yield self
 
+    @contextlib.contextmanager
+    def routes(self) -> Iterator[list[tuple[str, int, int, str, int]]]:
+        """Record the router hits of the forwards inside the block: (site, batch row, position,
+        pack name, key index in that pack), one per in-scope position. Filled when the block exits."""
+        names = {p.pack_id: p.name for p in self._packs.values()}
+        out: list[tuple[str, int, int, str, int]] = []
+        with self._runtime.tracing() as hits:
+            yield out
+        out.extend((site, row, pos, names.get(pid, pid), key) for site, row, pos, pid, key in hits)
+
     def __call__(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
 

@@ -63,7 +63,8 @@ class SiteRuntime:
                 return pack_id, int(key_id - ids[0])
         return None
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, is_last: torch.Tensor) -> torch.Tensor | None:
+    def apply(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, is_last: torch.Tensor,
+              trace: list | None = None) -> torch.Tensor | None:
         if len(self.router) == 0:
             return None
         flat_x = x.reshape(-1, x.shape[-1])
@@ -75,6 +76,9 @@ class SiteRuntime:
         hit = ids != NO_KEY
         if not hit.any():
             return None
+        if trace is not None:  # (site, flat positions of the hits, width, router id of each hit)
+            width = x.shape[-2] if x.dim() == 3 else x.shape[0]
+            trace.append((self.site.name, rows[torch.from_numpy(hit).to(rows.device)].cpu().numpy(), width, ids[hit].copy()))
         out = y.reshape(-1, y.shape[-1]).clone()
         out[rows[torch.from_numpy(hit).to(rows.device)]] = self.values[torch.from_numpy(ids[hit])].to(out)
         return out.reshape(y.shape)
@@ -90,6 +94,7 @@ class EditRuntime:
         self.enabled = True
         self._mask: torch.Tensor | None = None
         self._context_handles: list = []
+        self._trace: list | None = None
 
     # --- per-forward context ---
     def _capture_mask(self, module, args, kwargs):
@@ -100,6 +105,16 @@ class EditRuntime:
 
     def _clear_mask(self, module, args, output):
         self._mask = None
+
+    @contextlib.contextmanager
+    def attention_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Which positions are real, for blocks run directly rather than through the model's forward
+        (whose own call would record its ``attention_mask``), e.g. by :class:`~grace_hooks.replay.LayerReplay`."""
+        previous, self._mask = self._mask, mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        try:
+            yield
+        finally:
+            self._mask = previous
 
     def _positions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(valid, is_last) masks of shape x.shape[:-1]: padding is not valid; is_last marks the
@@ -136,7 +151,7 @@ class EditRuntime:
                 return None
             x = args[0]
             valid, is_last = self._positions(x)
-            return rt.apply(x, output, valid, is_last)
+            return rt.apply(x, output, valid, is_last, self._trace)
 
         return hook
 
@@ -163,6 +178,24 @@ class EditRuntime:
             yield
         finally:
             self.enabled = previous
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[list[tuple[str, int, int, str, int]]]:
+        """Record which keys fire inside the block: a list of (site, batch row, position, pack id,
+        key index), one per in-scope position (evaluation: router recall and false-fire rate)."""
+        raw: list = []
+        resolved: list[tuple[str, int, int, str, int]] = []
+        previous, self._trace = self._trace, raw
+        try:
+            yield resolved
+        finally:
+            self._trace = previous
+            for site, flat, width, ids in raw:
+                rt = self.sites.get(site)
+                for f, key_id in zip(flat.tolist(), ids.tolist()):
+                    owner = rt.key_pack(key_id) if rt is not None else None
+                    if owner is not None:
+                        resolved.append((site, f // width, f % width, owner[0], owner[1]))
 
     def close(self) -> None:
         self.hooks.remove_all()

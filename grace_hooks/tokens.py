@@ -51,19 +51,19 @@ class EditBatch:
         return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
 
 
-def build_edit_batch(tokenizer, requests: Sequence[EditRequest], key: str = "prompt_last", device=None) -> EditBatch:
-    if key not in KEY_POSITIONS:
-        raise ValueError(f"key must be one of {KEY_POSITIONS}, got {key!r}")
-    seqs, p_lens, t_lens, keys = [], [], [], []
-    for req in requests:
-        prompt_ids = tokenizer(req.text)["input_ids"]
-        tgt_ids = tokenizer(target_text(req.text, req.target_new), add_special_tokens=False)["input_ids"]
+def build_pair_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], key_pos: Sequence[int] | None = None,
+                     device=None) -> EditBatch:
+    """Right-padded ``prompt + target`` sequences; the key defaults to the last prompt token."""
+    seqs, p_lens, t_lens = [], [], []
+    for prompt, target in zip(prompts, targets, strict=True):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        tgt_ids = tokenizer(target_text(prompt, target), add_special_tokens=False)["input_ids"]
         if not tgt_ids:
-            raise ValueError(f"target {req.target_new!r} tokenises to nothing")
+            raise ValueError(f"target {target!r} tokenises to nothing")
         seqs.append(prompt_ids + tgt_ids)
         p_lens.append(len(prompt_ids))
         t_lens.append(len(tgt_ids))
-        keys.append(len(prompt_ids) - 1 if key == "prompt_last" else subject_last_index(tokenizer, req.text, req.subject_span()))
+    keys = list(key_pos) if key_pos is not None else [n - 1 for n in p_lens]
     width = max(map(len, seqs))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -75,10 +75,21 @@ def build_edit_batch(tokenizer, requests: Sequence[EditRequest], key: str = "pro
     return EditBatch(ids.to(device), mask.to(device), as_t(p_lens), as_t(t_lens), as_t(keys))
 
 
+def build_edit_batch(tokenizer, requests: Sequence[EditRequest], key: str = "prompt_last", device=None) -> EditBatch:
+    if key not in KEY_POSITIONS:
+        raise ValueError(f"key must be one of {KEY_POSITIONS}, got {key!r}")
+    prompts = [r.text for r in requests]
+    keys = None if key == "prompt_last" else [subject_last_index(tokenizer, r.text, r.subject_span()) for r in requests]
+    return build_pair_batch(tokenizer, prompts, [r.target_new for r in requests], keys, device)
+
+
 @dataclass
 class TargetScores:
     nll: torch.Tensor  # (B,) mean NLL per target token, differentiable
     correct: torch.Tensor  # (B,) bool: every target token is the argmax (teacher forced)
+    logprob: torch.Tensor  # (B,) log P(target | prompt): the sum over target tokens
+    accuracy: torch.Tensor  # (B,) share of target tokens that are the argmax (EasyEdit's token accuracy)
+    predicted: list[list[int]]  # argmax token at each target position, per row
 
 
 def score_targets(logits: torch.Tensor, batch: EditBatch) -> TargetScores:
@@ -87,9 +98,12 @@ def score_targets(logits: torch.Tensor, batch: EditBatch) -> TargetScores:
     targets = batch.input_ids[rows, cols]
     step_logits = logits[rows, cols - 1].float()
     token_nll = torch.nn.functional.cross_entropy(step_logits, targets, reduction="none")
-    token_ok = step_logits.argmax(-1) == targets
+    predicted = step_logits.argmax(-1)
+    token_ok = predicted == targets
     n = len(batch.prompt_len)
     counts = batch.target_len.to(logits.device).float()
-    nll = torch.zeros(n, device=logits.device).index_add(0, rows, token_nll) / counts
-    wrong = torch.zeros(n, device=logits.device).index_add(0, rows, (~token_ok).float())
-    return TargetScores(nll=nll, correct=wrong == 0)
+    total = torch.zeros(n, device=logits.device).index_add(0, rows, token_nll)
+    right = torch.zeros(n, device=logits.device).index_add(0, rows, token_ok.float())
+    per_row = predicted.detach().cpu().split(batch.target_len.tolist())
+    return TargetScores(nll=total / counts, correct=right == counts, logprob=-total.detach(),
+                        accuracy=(right / counts).detach(), predicted=[p.tolist() for p in per_row])

@@ -9,7 +9,7 @@ import torch
 
 from conftest import counterfact_path
 from grace_hooks import EditableModel, read_requests
-from grace_hooks.demo import greedy, reaches
+from grace_hooks.eval import greedy, reaches
 from grace_hooks.hooks import count_hooks
 
 pytestmark = pytest.mark.real_model

@@ -1,0 +1,72 @@
+"""One benchmark run: load the model and the data once, run every method spec, write the results.
+
+``<out>/results.json`` (every metric at every checkpoint, the configs, the model, the data file
+and its hash, the library version, timings), ``<out>/results.md`` and the PNG plots; each spec
+works in ``<out>/<label>/`` (its packs, its resumable state).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import __version__
+from ..model import EditableModel
+from ..requests import read_requests
+from .editors import MethodSpec
+from .lifelong import BaseReference, LifelongConfig, LifelongRun
+from .report import markdown, plots
+from .runinfo import file_sha256, git_info, loadavg, machine_info
+
+log = logging.getLogger(__name__)
+
+
+def set_threads(threads: int) -> None:
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def run_benchmark(model: str | EditableModel, data: str | Path, specs: Sequence[str], out: str | Path,
+                  cfg: LifelongConfig | None = None, threads: int | None = 1, command: str = "",
+                  progress: bool = True, repo: Path | None = None) -> dict[str, Any]:
+    cfg = cfg or LifelongConfig()
+    out, data = Path(out), Path(data)
+    if threads:
+        set_threads(threads)
+    parsed = [MethodSpec.parse(s) for s in specs]
+    requests = read_requests(data, limit=cfg.offset + cfg.n_records)[cfg.offset:]
+    own = not isinstance(model, EditableModel)
+    em = EditableModel.from_pretrained(model) if own else model
+    meta = {
+        "model": em.name, "data": str(data), "data_sha256": file_sha256(data), "n_records": cfg.n_records,
+        "batch": cfg.batch, "library_version": __version__, "command": command,
+        "machine": machine_info(threads or 0), "git": git_info(repo or Path.cwd()),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "loadavg_start": loadavg(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"meta": meta, "config": asdict(cfg), "runs": {}}
+    base = BaseReference()  # shared: every spec runs on the same base
+    try:
+        for spec in parsed:
+            run = LifelongRun(em, requests, spec, cfg, out / spec.label, base,
+                              meta={"model": meta["model"], "data_sha256": meta["data_sha256"]})
+            results["runs"][spec.label] = run.run(progress=progress)
+            write_outputs(results, out)
+    finally:
+        if own:
+            em.close()
+    meta.update(finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), loadavg_end=loadavg())
+    write_outputs(results, out)
+    return results
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / "results.md").write_text(markdown(results), encoding="utf-8")
+    plots(results, out)

@@ -1,0 +1,55 @@
+"""Greedy decoding for evaluation: batched (left-padded) success checks and timed generation."""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+
+def reaches(answer: str, target: str) -> bool:
+    """Whether a continuation starts with ``target`` (surrounding spaces ignored)."""
+    return answer.strip().startswith(target.strip())
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def greedy(model, prompt: str, max_new_tokens: int = 20) -> str:
+    """Greedy continuation of ``prompt`` (the new text only, special tokens dropped)."""
+    return greedy_batch(model, [prompt], max_new_tokens, batch_size=1)[0]
+
+
+def greedy_batch(model, prompts: Sequence[str], max_new_tokens: int | Sequence[int], batch_size: int = 16) -> list[str]:
+    """Greedy continuations of many prompts, ``batch_size`` at a time with left padding.
+    ``max_new_tokens`` may differ per prompt: greedy tokens do not depend on later ones, so each
+    row is cut to its own length after decoding a batch to the longest."""
+    tok = model.tokenizer
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    side, tok.padding_side = tok.padding_side, "left"
+    out: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk, lims = list(prompts[start:start + batch_size]), limits[start:start + batch_size]
+            enc = tok(chunk, return_tensors="pt", padding=True).to(model.device)
+            with torch.inference_mode():
+                seq = model.generate(**enc, max_new_tokens=max(lims), do_sample=False, num_beams=1,
+                                     pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id)
+            new = seq[:, enc["input_ids"].shape[1]:]
+            out += [tok.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, lims)]
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def timed_generation(model, prompt: str, new_tokens: int) -> tuple[float, list[int]]:
+    """Seconds for ``new_tokens`` greedy tokens (EOS cannot stop it early, so calls compare)."""
+    tok = model.tokenizer
+    enc = tok(prompt, return_tensors="pt").to(model.device)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        seq = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=_pad_id(tok))
+        secs = time.perf_counter() - t0
+    return secs, seq[0, enc["input_ids"].shape[1]:].tolist()

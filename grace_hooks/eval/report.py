@@ -1,0 +1,114 @@
+"""Tables and plots of lifelong-benchmark results (``results.json`` -> markdown and PNG)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+# column label, checkpoint key, format ("%" share, "x" ratio, "s" seconds, "n" number)
+COLUMNS: list[tuple[str, str, str]] = [
+    ("ES", "ES", "%"), ("PS", "PS", "%"), ("NS", "NS", "%"), ("NS base", "NS_base", "%"),
+    ("gen. success", "generation_success", "%"), ("ERR", "ERR", "%"),
+    ("reliability", "reliability", "%"), ("generality", "generality", "%"), ("locality", "locality", "%"),
+    ("ppl ratio", "perplexity_ratio", "x"), ("bit-identical", "bit_identical", "%"),
+    ("recall", "router_recall", "%"), ("false fire", "false_fire", "%"),
+    ("s/edit (median)", "seconds_per_edit_median", "s"), ("s/edit (p90)", "seconds_per_edit_p90", "s"),
+    ("tok/s ratio", "time_ratio_to_base", "inv"), ("bytes/edit disk", "bytes_per_edit_disk", "n"),
+]
+PLOTTED = [("ES", "ES"), ("PS", "PS"), ("NS", "NS"), ("generation success", "generation_success"),
+           ("ERR", "ERR"), ("bit-identical (locality prompts)", "bit_identical"), ("perplexity ratio", "perplexity_ratio")]
+
+
+def fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "%":
+        return f"{100 * value:.1f}"
+    if kind == "x":
+        return f"{value:.3f}"
+    if kind == "inv":  # edited/base time -> edited/base tokens per second
+        return f"{1 / value:.2f}"
+    if kind == "s":
+        return f"{value:.2f}"
+    return f"{value:,.0f}"
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = COLUMNS, label_key: str = "row") -> str:
+    """One markdown row per dict (the final checkpoint's metrics plus a ``row`` label)."""
+    head = "| " + " | ".join([label_key] + [c[0] for c in columns]) + " |"
+    sep = "|" + "---|" + "---:|" * len(columns)
+    lines = [head, sep]
+    for r in rows:
+        lines.append("| " + " | ".join([str(r[label_key])] + [fmt(r.get(key), kind) for _, key, kind in columns]) + " |")
+    return "\n".join(lines)
+
+
+def final_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for label, res in results["runs"].items():
+        if res.get("checkpoints"):
+            rows.append({"row": f"{label} (batch {res['harness_config']['batch']})", **res["checkpoints"][-1]})
+    return rows
+
+
+def checkpoint_table(res: dict[str, Any]) -> str:
+    cols = [c for c in COLUMNS if c[1] in ("ES", "PS", "NS", "generation_success", "ERR", "bit_identical",
+                                           "perplexity_ratio", "seconds_per_edit_median", "time_ratio_to_base")]
+    return table([{"edits": ck["edits"], **ck} for ck in res["checkpoints"]], cols, label_key="edits")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    parts = [f"# Lifelong editing: {meta['model']} on {Path(meta['data']).name}", "",
+             f"Command: `{meta['command']}`", "",
+             f"{meta['n_records']} records, batch {meta['batch']}; library {meta['library_version']}, "
+             f"commit {meta.get('git', {}).get('commit') or 'unknown'}; {meta['machine']['threads_used']} thread(s) on "
+             f"{meta['machine']['cores_available']} cores. Percentages except the ratios; ES and ERR over every edit, "
+             f"the other metrics over the sample stated per checkpoint (every edit at the last one).", "",
+             "## At the last checkpoint", "", table(final_rows(results)), ""]
+    for label, res in results["runs"].items():
+        parts += [f"## {label}: every checkpoint", "", checkpoint_table(res), ""]
+    return "\n".join(parts)
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """metrics.png (each metric vs edits), seconds_per_edit.png, tokens_per_s.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {k: v for k, v in results["runs"].items() if v.get("checkpoints")}
+    paths = []
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (title, key) in zip(axes.flat, PLOTTED):
+        for label, res in runs.items():
+            cks = [c for c in res["checkpoints"] if c.get(key) is not None]
+            ax.plot([c["edits"] for c in cks], [c[key] for c in cks], marker="o", ms=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+    axes.flat[-1].axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    axes.flat[-1].legend(handles, labels, loc="center")
+    fig.tight_layout()
+    paths.append(out / "metrics.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    for name, key, ylabel in (("seconds_per_edit", "seconds_per_edit_median", "seconds per edit (median so far)"),
+                              ("tokens_per_s", "tokens_per_s", "generation tokens/s (edits loaded)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, res in runs.items():
+            cks = res["checkpoints"]
+            ax.plot([c["edits"] for c in cks], [c[key] for c in cks], marker="o", ms=3, label=label)
+            if key == "tokens_per_s":
+                ax.plot([c["edits"] for c in cks], [c["tokens_per_s_base"] for c in cks], ls="--", lw=1,
+                        label=f"{label}: base, same run")
+        ax.set_xlabel("edits")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / f"{name}.png")
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+    return paths

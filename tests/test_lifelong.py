@@ -1,0 +1,109 @@
+"""The lifelong harness: checkpoints, resume after an interrupt, baselines, outputs."""
+import json
+
+import pytest
+import torch
+
+from conftest import param_hash
+from grace_hooks import EditableModel, EditRequest
+from grace_hooks.errors import ConfigError
+from grace_hooks.eval import FineTune, LifelongConfig, LifelongRun, MethodSpec, PackEditor, checkpoint_counts
+from grace_hooks.eval.bench import run_benchmark
+
+SUBJECTS = ["narnia", "gondor", "mordor", "rohan", "alice", "bob"]
+TARGETS = ["tokyo", "london", "berlin", "madrid", "rome", "paris"]
+STREAM = [EditRequest(prompt="the capital of {} is", subject=s, target_new=t, ground_truth="paris" if t != "paris" else "rome",
+                      rephrase_prompt=f"what is the capital of {s} ?", locality_prompt="the capital of city is",
+                      locality_ground_truth="paris") for s, t in zip(SUBJECTS, TARGETS)]
+CFG = LifelongConfig(n_records=6, batch=2, checkpoint_every=2, eval_sample=3, eval_batch=4, gen_tokens=2, gen_rounds=1)
+STABLE = ("ES", "ERR", "PS", "NS", "NS_base", "generation_success", "bit_identical", "perplexity_ratio", "router_recall",
+          "false_fire", "sample_size", "edits")
+
+
+def test_checkpoint_counts():
+    assert checkpoint_counts(1000, 1) == list(range(100, 1001, 100))
+    assert checkpoint_counts(1000, 100, 200) == [200, 400, 600, 800, 1000]
+    assert checkpoint_counts(10, 3, 2) == [3, 6, 9, 10]  # multiples of the batch, ending at n
+    with pytest.raises(ConfigError):
+        checkpoint_counts(0, 1)
+
+
+def test_method_spec_parsing():
+    spec = MethodSpec.parse("grace:key=subject_last,layer=0")
+    assert spec.method == "grace" and dict(spec.overrides) == {"key": "subject_last", "layer": "0"}
+    assert spec.label == "grace-key=subject_last-layer=0"
+    with pytest.raises(ConfigError):
+        MethodSpec.parse("grace:layer")
+
+
+def _run(make_model, tokenizer, workdir, spec="grace"):
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    return LifelongRun(em, STREAM, MethodSpec.parse(spec), CFG, workdir, meta={"model": "tiny"}).run(progress=False)
+
+
+def test_resume_after_interrupt_gives_the_same_result(make_model, tokenizer, tmp_path, monkeypatch):
+    whole = _run(make_model, tokenizer, tmp_path / "whole")
+    real_edit = PackEditor.edit
+
+    def crash_on_third(self, requests, index):
+        if index == 2:
+            raise KeyboardInterrupt("interrupted")
+        return real_edit(self, requests, index)
+
+    monkeypatch.setattr(PackEditor, "edit", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(make_model, tokenizer, tmp_path / "resumed")
+    state = json.loads((tmp_path / "resumed" / "state.json").read_text())
+    assert state["edits"] == 4 and len(state["checkpoints"]) == 2
+    monkeypatch.setattr(PackEditor, "edit", real_edit)
+    resumed = _run(make_model, tokenizer, tmp_path / "resumed")
+    assert len(resumed["checkpoints"]) == 3
+    for a, b in zip(whole["checkpoints"], resumed["checkpoints"]):
+        assert {k: a.get(k) for k in STABLE} == {k: b.get(k) for k in STABLE}
+    assert sorted(p.name for p in (tmp_path / "resumed" / "adapters").iterdir()) == ["e00000", "e00001", "e00002"]
+
+
+def test_resume_refuses_other_settings(make_model, tokenizer, tmp_path):
+    _run(make_model, tokenizer, tmp_path)
+    with pytest.raises(ConfigError, match="other settings"):
+        _run(make_model, tokenizer, tmp_path, spec="grace:key=subject_last")
+
+
+def test_grace_run_keeps_unrelated_inputs_identical(make_model, tokenizer, tmp_path):
+    last = _run(make_model, tokenizer, tmp_path)["checkpoints"][-1]
+    assert last["ES"] == 1.0 and last["ERR"] == 1.0 and last["generation_success"] == 1.0
+    assert last["bit_identical_text"] == 1.0 and last["perplexity_ratio"] == 1.0 and last["false_fire_text"] == 0.0
+
+
+def test_none_baseline_measures_the_base(make_model, tokenizer, tmp_path):
+    last = _run(make_model, tokenizer, tmp_path, "none")["checkpoints"][-1]
+    assert last["ES"] == last["ES_base"] and last["NS"] == last["NS_base"] and last["bit_identical"] == 1.0
+    assert "router_recall" not in last
+
+
+def test_ft_writes_weights_and_restores_them(make_model, tokenizer):
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    before = param_hash(em.base_model)
+    ft = FineTune(em, MethodSpec.parse("ft:lr=0.05,layer=3"))
+    ids = tokenizer("the capital of city is", return_tensors="pt")
+    base_logits = em(**ids).logits
+    ft.edit(STREAM[:2], 0)
+    assert param_hash(em.base_model) != before  # destructive, on purpose
+    with torch.no_grad(), ft.disabled():
+        assert torch.equal(em(**ids).logits, base_logits)
+    ft.close()
+    assert param_hash(em.base_model) == before
+
+
+def test_benchmark_writes_json_markdown_and_plots(make_model, tokenizer, tmp_path):
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps([r.to_dict() for r in STREAM]))
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    out = tmp_path / "run"
+    res = run_benchmark(em, data, ["grace", "ft:lr=0.05"], out, CFG, threads=None, command="pytest", progress=False)
+    assert set(res["runs"]) == {"grace", "ft-lr=0.05"}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["meta"]["data_sha256"] and len(saved["runs"]["grace"]["checkpoints"]) == 3
+    md = (out / "results.md").read_text()
+    assert "| grace (batch 2) |" in md and "ft-lr=0.05" in md
+    assert all((out / f).stat().st_size > 0 for f in ("metrics.png", "seconds_per_edit.png", "tokens_per_s.png"))
