@@ -16,10 +16,11 @@ from .errors import ArchitectureError
 class ArchSpec:
     layers: str  # dotted path of the ModuleList of decoder blocks
     points: dict[str, str]  # hook point name -> module path inside one block
+    final_norm: str  # dotted path of the norm between the last block and the output embedding
     transposed: frozenset[str] = field(default_factory=frozenset)  # points stored (d_in, d_out), GPT-2 Conv1D
 
 
-_LLAMA_LIKE = ArchSpec(layers="model.layers", points={"mlp_out": "mlp.down_proj"})
+_LLAMA_LIKE = ArchSpec(layers="model.layers", points={"mlp_out": "mlp.down_proj"}, final_norm="model.norm")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
@@ -29,9 +30,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
-    "gemma3": ArchSpec(layers="model.language_model.layers", points={"mlp_out": "mlp.down_proj"}),
-    "gpt2": ArchSpec(layers="transformer.h", points={"mlp_out": "mlp.c_proj"}, transposed=frozenset({"mlp_out"})),
-    "gpt_neox": ArchSpec(layers="gpt_neox.layers", points={"mlp_out": "mlp.dense_4h_to_h"}),
+    "gemma3": ArchSpec(layers="model.language_model.layers", points={"mlp_out": "mlp.down_proj"},
+                       final_norm="model.language_model.norm"),
+    "gpt2": ArchSpec(layers="transformer.h", points={"mlp_out": "mlp.c_proj"}, final_norm="transformer.ln_f",
+                     transposed=frozenset({"mlp_out"})),
+    "gpt_neox": ArchSpec(layers="gpt_neox.layers", points={"mlp_out": "mlp.dense_4h_to_h"}, final_norm="gpt_neox.final_layer_norm"),
 }
 
 

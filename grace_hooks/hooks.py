@@ -23,8 +23,8 @@ class HookOwner:
         self._handles.append(handle)
         return handle
 
-    def pre_forward(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> RemovableHandle:
-        handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+    def pre_forward(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False, prepend: bool = False) -> RemovableHandle:
+        handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs, prepend=prepend)
         self._handles.append(handle)
         return handle
 

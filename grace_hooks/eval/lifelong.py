@@ -146,7 +146,7 @@ class LifelongRun:
                 done = state["edits"] = stop
                 bar.update(stop - bar.n)
                 es = [x for x in state["immediate_es"] if x is not None]
-                bar.set_postfix(ES=f"{np.mean(es):.3f}" if es else "-")
+                bar.set_postfix(ES=f"{np.mean(es):.3f}" if es else "-", refresh=False)
                 if done in self.counts:
                     state["checkpoints"].append(self._checkpoint(editor, state, done))
                     editor.snapshot(self.workdir)

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from ...architectures import Site, relative_layer
 from ...packs import EditPack
+from ...replay import LayerReplay
 from ...requests import EditRequest
 from ...router import NO_KEY, exact_assign
 from ...runtime import SiteContribution
@@ -17,6 +18,22 @@ from .codebook import Codebook
 from .config import DEFAULT_RELATIVE_DEPTH, GraceConfig
 
 log = logging.getLogger(__name__)
+
+
+def _select_rows(batch: EditBatch, idx: torch.Tensor) -> EditBatch:
+    pick = lambda t: t[idx.to(t.device)]  # noqa: E731
+    return EditBatch(pick(batch.input_ids), pick(batch.attention_mask), pick(batch.prompt_len), pick(batch.target_len),
+                     pick(batch.key_pos))
+
+
+def _scored_positions(batch: EditBatch) -> tuple[tuple[torch.Tensor, torch.Tensor], EditBatch]:
+    """The (rows, cols) of the logits that scoring reads, and the batch to score those logits with:
+    row b keeps positions prompt_len - 1 .. prompt_len + target_len - 1 (the head runs on these only)."""
+    width = int(batch.target_len.max()) + 1
+    rows = torch.arange(len(batch.prompt_len), device=batch.input_ids.device)[:, None].expand(-1, width)
+    cols = (batch.prompt_len[:, None] - 1 + torch.arange(width, device=batch.input_ids.device)).clamp(max=batch.input_ids.shape[1] - 1)
+    ones = torch.ones_like(batch.prompt_len)
+    return (rows, cols), EditBatch(batch.input_ids[rows, cols], batch.attention_mask[rows, cols], ones, batch.target_len, ones - 1)
 
 
 def _scoped_positions(batch: EditBatch, x: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor, last_only: bool):
@@ -44,7 +61,11 @@ class Grace(EditMethod):
     def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: GraceConfig) -> ComputedEdit:
         site = self.site(ctx.model, cfg)
         batch = build_edit_batch(ctx.tokenizer, requests, cfg.key, device=ctx.device)
-        x, y = ctx.capture(site, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        captured = []  # the site's input and output, from the forward that sets up the replay
+        with ctx.hooks.scoped() as scope:
+            scope.forward(site.module(ctx.model), lambda m, a, o: captured.append((a[0].detach(), o.detach())))
+            replay = LayerReplay(ctx.model, site.layer, batch.input_ids, batch.attention_mask)
+        x, y = captured[0]
         rows = torch.arange(len(requests), device=x.device)
         queries = x[rows, batch.key_pos].float()
 
@@ -55,15 +76,16 @@ class Grace(EditMethod):
 
         keys = torch.stack([e.key for e in book.entries])
         radii = torch.tensor([e.radius for e in book.entries], dtype=torch.float32)
-        values, iters, scores = self._train_values(ctx, site, batch, x, y, book, keys, radii, cfg)
+        values, iters, correct = self._train_values(ctx, site, batch, replay, x, y, book, keys, radii, cfg)
 
         n = site.name
         state = {
             "labels": {n: [e.label for e in book.entries]},
+            "key_requests": {n: [list(map(int, e.requests)) for e in book.entries]},  # which requests each key serves
             "shrink": [{"site": n, "pack_id": p, "key": k, "radius": r} for (p, k), r in book.shrinks.items()],
         }
         metrics = {
-            "teacher_forced_success": float(scores.correct.float().mean()),
+            "teacher_forced_success": float(correct.float().mean()),
             "iterations": iters,
             "codebook": {"entries": len(book.entries), "splits": book.splits, "expansions": book.expansions,
                          "shrunk_earlier_keys": len(book.shrinks)},
@@ -71,7 +93,7 @@ class Grace(EditMethod):
         tensors = {f"{n}/keys": keys.contiguous(), f"{n}/radii": radii, f"{n}/values": values.contiguous()}
         return ComputedEdit(sites=[n], tensors=tensors, state=state, metrics=metrics)
 
-    def _train_values(self, ctx, site, batch, x, y, book: Codebook, keys, radii, cfg: GraceConfig):
+    def _train_values(self, ctx, site, batch, full: LayerReplay, x, y, book: Codebook, keys, radii, cfg: GraceConfig):
         gen = torch.Generator().manual_seed(cfg.seed)
         init = []
         for e in book.entries:
@@ -84,25 +106,38 @@ class Grace(EditMethod):
                 init.append(torch.rand(y.shape[-1], generator=gen))
         values = torch.nn.Parameter(torch.stack(init).to(ctx.device))
         rows, cols, entry = _scoped_positions(batch, x, keys, radii, cfg.replacement == "last")
-        owners = torch.zeros(len(book.entries), len(batch.prompt_len), dtype=torch.bool)
+        n_rows = len(batch.prompt_len)
+        owners = torch.zeros(len(book.entries), n_rows, dtype=torch.bool)
         for j, e in enumerate(book.entries):
             owners[j, e.requests] = True
+        reaches = owners.clone()  # entry j's value can change row r's logits: it owns r or replaces in it
+        reaches[entry.cpu(), rows.cpu()] = True
+        scoped = (rows, cols, entry)  # of the rows being replayed, numbered within them
 
         def replace(module, args, output):
+            r, c, e = scoped
             out = output.clone()
-            out[rows, cols] = values[entry].to(out.dtype)
+            out[r, c] = values[e].to(out.dtype)
             return out
 
+        # Scores of every row; a row is replayed only while an entry that reaches it still trains
+        # (the others' values are frozen, so their last scores stay exact).
+        correct, nll = torch.zeros(n_rows, dtype=torch.bool), torch.zeros(n_rows)
+        live = torch.ones(n_rows, dtype=torch.bool)
         opt = torch.optim.Adam([values], lr=cfg.lr)
         iters = 0
         with ctx.frozen(), ctx.hooks.scoped() as scope:
+            replay, part = full, batch
+            index, scored = _scored_positions(part)
             scope.forward(site.module(ctx.model), replace)
             bar = tqdm(range(cfg.n_iter + 1), desc=f"grace: training {len(book.entries)} values", leave=False, disable=None)
             for iters in bar:
-                logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                scores = score_targets(logits, batch)
-                done = ~(owners & ~scores.correct.cpu()[None]).any(dim=1)  # entry done: all its prompts right
-                bar.set_postfix(done=f"{int(done.sum())}/{len(done)}", nll=f"{float(scores.nll.detach().mean()):.3f}")
+                with ctx.runtime.attention_mask(part.attention_mask):  # blocks below the site run once
+                    logits = replay.logits(index)
+                scores = score_targets(logits, scored)
+                correct[live], nll[live] = scores.correct.cpu(), scores.nll.detach().float().cpu()
+                done = ~(owners & ~correct[None]).any(dim=1)  # entry done: all its prompts right
+                bar.set_postfix(done=f"{int(done.sum())}/{len(done)}", nll=f"{float(nll.mean()):.3f}")
                 if bool(done.all()) or iters == cfg.n_iter:
                     break
                 (grad,) = torch.autograd.grad(scores.nll.sum(), [values])
@@ -112,10 +147,20 @@ class Grace(EditMethod):
                 opt.zero_grad(set_to_none=True)
                 with torch.no_grad():  # early stop per entry (GRACE stops once the target is the argmax)
                     values[done.to(ctx.device)] = keep
+                still = reaches[~done].any(dim=0)
+                if not torch.equal(still, live):  # replay only the rows whose logits can still change
+                    live = still
+                    idx = live.nonzero().squeeze(1)
+                    replay, part = full.select(idx), _select_rows(batch, idx)
+                    index, scored = _scored_positions(part)
+                    number = torch.full((n_rows,), -1, dtype=torch.long)
+                    number[idx] = torch.arange(len(idx))
+                    kept = live.to(rows.device)[rows]
+                    scoped = (number.to(rows.device)[rows[kept]], cols[kept], entry[kept])
             bar.close()
         log.info("grace: %d requests, %d codebook entries, %d steps, %.0f%% teacher-forced success",
-                 len(batch.prompt_len), len(book.entries), iters, 100 * float(scores.correct.float().mean()))
-        return values.detach().cpu().float(), iters, scores
+                 n_rows, len(book.entries), iters, 100 * float(correct.float().mean()))
+        return values.detach().cpu().float(), iters, correct
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
         out = {}
