@@ -312,3 +312,26 @@ def test_run_demo_flow_on_tiny_model(tiny_model, requests_file, tmp_path):
     assert summary["after"][0].strip().startswith("Rome") and summary["after"][1].strip().startswith("Berlin")
     assert summary["identical"] and summary["rolled_back"] == summary["before"]
     assert any("identical to the base answers" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------- eval
+def test_eval_runs_methods_and_writes_results(tiny_model, requests_file, tmp_path):
+    out = tmp_path / "run"
+    res = run("eval", "--data", requests_file, "--model", tiny_model, "--method", "grace", "--method", "none",
+              "--n-records", "2", "--checkpoint-every", "1", "--gen-tokens", "2", "--gen-rounds", "1", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "| grace (batch 1) |" in res.stdout and "| none (batch 1) |" in res.stdout
+    saved = json.loads((out / "results.json").read_text())
+    assert [c["edits"] for c in saved["runs"]["grace"]["checkpoints"]] == [1, 2]
+    assert saved["runs"]["grace"]["checkpoints"][-1]["ES"] == 1.0
+    assert saved["meta"]["command"] and saved["meta"]["data_sha256"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nosuch"], "unknown edit method"),
+    (["--n-records", "5"], "n_records=5"),
+    (["--method", "grace:layer"], "bad method spec"),
+])
+def test_eval_bad_input(tiny_model, requests_file, tmp_path, args, message):
+    res = run("eval", "--data", requests_file, "--model", tiny_model, "--out", tmp_path / "o", "--n-records", "2", *args)
+    assert res.exit_code == 2 and message in res.stderr, res.output
