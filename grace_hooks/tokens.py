@@ -83,6 +83,16 @@ def build_edit_batch(tokenizer, requests: Sequence[EditRequest], key: str = "pro
     return build_pair_batch(tokenizer, prompts, [r.target_new for r in requests], keys, device)
 
 
+def scored_positions(batch: EditBatch) -> tuple[tuple[torch.Tensor, torch.Tensor], EditBatch]:
+    """The (rows, cols) of the logits that scoring reads, and the batch to score those logits with:
+    row b keeps positions prompt_len - 1 .. prompt_len + target_len - 1 (the head runs on these only)."""
+    width = int(batch.target_len.max()) + 1
+    rows = torch.arange(len(batch.prompt_len), device=batch.input_ids.device)[:, None].expand(-1, width)
+    cols = (batch.prompt_len[:, None] - 1 + torch.arange(width, device=batch.input_ids.device)).clamp(max=batch.input_ids.shape[1] - 1)
+    ones = torch.ones_like(batch.prompt_len)
+    return (rows, cols), EditBatch(batch.input_ids[rows, cols], batch.attention_mask[rows, cols], ones, batch.target_len, ones - 1)
+
+
 @dataclass
 class TargetScores:
     nll: torch.Tensor  # (B,) mean NLL per target token, differentiable

@@ -23,7 +23,8 @@ from ..methods import get_method
 from ..methods.grace.config import DEFAULT_RELATIVE_DEPTH
 from ..model import EditableModel
 from ..requests import EditRequest
-from ..tokens import build_edit_batch, score_targets
+from ..replay import LayerReplay
+from ..tokens import build_edit_batch, score_targets, scored_positions
 from .metrics import Hit
 
 log = logging.getLogger(__name__)
@@ -188,14 +189,17 @@ class FineTune(Editor):
     def edit(self, requests, index) -> None:
         base = self.model.base_model
         batch = build_edit_batch(self.model.tokenizer, requests, device=self.model.device)
+        index_, scored = scored_positions(batch)
         flags = [(p, p.requires_grad) for p in base.parameters()]
         for p, _ in flags:
             p.requires_grad_(False)
+        # blocks below the trained matrix do not change: run them once (as GRACE's training does)
+        replay = LayerReplay(base, self.site.layer, batch.input_ids, batch.attention_mask)
         self.weight.requires_grad_(True)
         opt = torch.optim.Adam([self.weight], lr=self.cfg.lr)
         try:
             for _ in range(self.cfg.n_iter):
-                scores = score_targets(base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
+                scores = score_targets(replay.logits(index_), scored)
                 if bool(scores.correct.all()):
                     break
                 opt.zero_grad(set_to_none=True)

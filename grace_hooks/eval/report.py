@@ -53,6 +53,7 @@ def final_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 def checkpoint_table(res: dict[str, Any]) -> str:
     cols = [c for c in COLUMNS if c[1] in ("ES", "PS", "NS", "generation_success", "ERR", "bit_identical",
                                            "perplexity_ratio", "seconds_per_edit_median", "time_ratio_to_base")]
+    cols.append(("sample", "sample_size", "n"))
     return table([{"edits": ck["edits"], **ck} for ck in res["checkpoints"]], cols, label_key="edits")
 
 

@@ -12,7 +12,7 @@ from ...replay import LayerReplay
 from ...requests import EditRequest
 from ...router import NO_KEY, exact_assign
 from ...runtime import SiteContribution
-from ...tokens import EditBatch, build_edit_batch, score_targets
+from ...tokens import EditBatch, build_edit_batch, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod, register
 from .codebook import Codebook
 from .config import DEFAULT_RELATIVE_DEPTH, GraceConfig
@@ -24,16 +24,6 @@ def _select_rows(batch: EditBatch, idx: torch.Tensor) -> EditBatch:
     pick = lambda t: t[idx.to(t.device)]  # noqa: E731
     return EditBatch(pick(batch.input_ids), pick(batch.attention_mask), pick(batch.prompt_len), pick(batch.target_len),
                      pick(batch.key_pos))
-
-
-def _scored_positions(batch: EditBatch) -> tuple[tuple[torch.Tensor, torch.Tensor], EditBatch]:
-    """The (rows, cols) of the logits that scoring reads, and the batch to score those logits with:
-    row b keeps positions prompt_len - 1 .. prompt_len + target_len - 1 (the head runs on these only)."""
-    width = int(batch.target_len.max()) + 1
-    rows = torch.arange(len(batch.prompt_len), device=batch.input_ids.device)[:, None].expand(-1, width)
-    cols = (batch.prompt_len[:, None] - 1 + torch.arange(width, device=batch.input_ids.device)).clamp(max=batch.input_ids.shape[1] - 1)
-    ones = torch.ones_like(batch.prompt_len)
-    return (rows, cols), EditBatch(batch.input_ids[rows, cols], batch.attention_mask[rows, cols], ones, batch.target_len, ones - 1)
 
 
 def _scoped_positions(batch: EditBatch, x: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor, last_only: bool):
@@ -128,7 +118,7 @@ class Grace(EditMethod):
         iters = 0
         with ctx.frozen(), ctx.hooks.scoped() as scope:
             replay, part = full, batch
-            index, scored = _scored_positions(part)
+            index, scored = scored_positions(part)
             scope.forward(site.module(ctx.model), replace)
             bar = tqdm(range(cfg.n_iter + 1), desc=f"grace: training {len(book.entries)} values", leave=False, disable=None)
             for iters in bar:
@@ -152,7 +142,7 @@ class Grace(EditMethod):
                     live = still
                     idx = live.nonzero().squeeze(1)
                     replay, part = full.select(idx), _select_rows(batch, idx)
-                    index, scored = _scored_positions(part)
+                    index, scored = scored_positions(part)
                     number = torch.full((n_rows,), -1, dtype=torch.long)
                     number[idx] = torch.arange(len(idx))
                     kept = live.to(rows.device)[rows]
