@@ -10,6 +10,7 @@ from conftest import TINY_REQUESTS
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.eval import (MethodSpec, PackEditor, counterfact_metrics, generation_success, greedy, perplexity,
                               score_pairs, score_records)
+from grace_hooks.eval.metrics import retention
 
 
 class Bigram(torch.nn.Module):
@@ -133,3 +134,9 @@ def test_router_recall_and_false_fire(make_model, tokenizer):
     assert counterfact_metrics(scores, None, swapped)["router_recall"] == 0.0
     with em.disabled():
         assert counterfact_metrics(score_records(em, recs, routes=True), None, serves)["router_recall"] == 0.0
+
+
+def test_retention_counts_only_edits_that_worked():
+    # edits 0, 1, 3 worked right after; of those, 0 and 3 still work; edit 2 never worked, edit 4 unknown
+    assert retention([True, False, True, True, False], [1.0, 1.0, 0.0, 1.0, None]) == pytest.approx(2 / 3)
+    assert retention([True], [0.0]) is None

@@ -32,7 +32,7 @@ from ..model import EditableModel
 from ..requests import EditRequest
 from .editors import Editor, MethodSpec, make_editor
 from .generation import timed_generation
-from .metrics import PairScores, counterfact_metrics, generation_success, score_records, score_texts
+from .metrics import PairScores, counterfact_metrics, generation_success, retention, score_records, score_texts
 from .runinfo import dir_bytes, median, p90, peak_rss_mib
 
 log = logging.getLogger(__name__)
@@ -202,9 +202,8 @@ class LifelongRun:
         ck: dict[str, Any] = {"edits": m}
         ck.update({k: v for k, v in counterfact_metrics(edited, base).items() if k.startswith("ES")})
         now = np.greater(edited["prompt/new"].logprob, edited["prompt/true"].logprob)
-        worked = [i for i, x in enumerate(state["immediate_es"][:m]) if x]
         ck["ES_right_after_edit"] = float(np.mean([x for x in state["immediate_es"][:m] if x is not None]))
-        ck["ERR"] = float(np.mean(now[worked])) if worked else None
+        ck["ERR"] = retention(now, state["immediate_es"][:m])
         # everything else on the sample
         sample = every if (m == self.cfg.n_records or self.stride == 1) else [i for i in every if i % self.stride == 0]
         ck["sample_size"] = len(sample)

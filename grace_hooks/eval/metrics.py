@@ -121,6 +121,12 @@ def efficacy(scores: dict[str, PairScores]) -> dict[str, float | None]:
     return {"ES": _mean(_wins(new, true)), "ES_magnitude": _mean(_margins(new, true))}
 
 
+def retention(now: Sequence[bool], right_after: Sequence[float | None]) -> float | None:
+    """ERR: of the edits that succeeded right after they were made, the share that still succeed now."""
+    worked = [i for i, x in enumerate(right_after) if x]
+    return float(np.mean([bool(now[i]) for i in worked])) if worked else None
+
+
 def counterfact_metrics(edited: dict[str, PairScores], base: dict[str, PairScores] | None = None,
                         serves: Sequence[Callable[[Hit], bool]] | None = None) -> dict[str, float | None]:
     """Every teacher-forced metric from the scores of the edited model (and of the base, measured on
