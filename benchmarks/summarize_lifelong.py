@@ -43,12 +43,13 @@ def main(argv=None) -> None:
         commands.append(meta["command"])
         key = (Path(meta["data"]).name, meta["batch"])
         group = groups.setdefault(key, {"runs": {}})
-        for label, r in res["runs"].items():
+        for label, r in {**_unfinished(run, res), **res["runs"]}.items():
             if not r.get("checkpoints"):
                 continue
             group["runs"][label] = r
             last = r["checkpoints"][-1]
-            rows.append({"data": key[0], "batch": key[1], "label": label, "cmd": len(commands), "last": last,
+            partial = "" if last["edits"] == meta["n_records"] else f" (stopped at {last['edits']})"
+            rows.append({"data": key[0], "batch": key[1], "label": label + partial, "cmd": len(commands), "last": last,
                          "wall_minutes": _minutes(r), "load": r.get("adapters_load_seconds")})
 
     lines = [args.intro.strip(), ""] if args.intro.strip() else []
@@ -72,6 +73,17 @@ def main(argv=None) -> None:
               "copied under `benchmarks/results/lifelong/`):", ""]
     lines += [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
     replace_md_section(args.results_md, SECTION, "\n".join(lines))
+
+
+def _unfinished(run: Path, res: dict) -> dict:
+    """Specs of ``run`` that have checkpoints in their state but no result yet (an interrupted run)."""
+    out = {}
+    for state_path in sorted(run.glob("*/state.json")):
+        label = state_path.parent.name
+        if label not in res["runs"]:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            out[label] = {"checkpoints": state["checkpoints"], "harness_config": state["signature"]["config"]}
+    return out
 
 
 def _minutes(run: dict) -> float:
