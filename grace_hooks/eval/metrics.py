@@ -24,8 +24,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..hooks import HookOwner
 from ..requests import EditRequest
-from ..tokens import build_pair_batch, score_targets, target_text
+from ..tokens import build_pair_batch, score_targets, scored_positions, target_text
 from .generation import greedy_batch, reaches
 
 PARTS = ("prompt", "rephrase", "locality")  # which prompt of a record a score is about
@@ -47,6 +48,20 @@ def _digest(logits: torch.Tensor) -> str:
     return hashlib.sha1(logits.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+@contextlib.contextmanager
+def _head_only_at(model, index: tuple[torch.Tensor, torch.Tensor]):
+    """Inside the block the output embedding runs on positions ``index = (rows, cols)`` only (the
+    head is a small model's costliest layer); yields False where the model has no such head."""
+    net = getattr(model, "base_model", None)
+    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    if head is None:
+        yield False
+        return
+    with HookOwner().scoped() as scope:
+        scope.pre_forward(head, lambda module, args: (args[0][index[0], index[1]], *args[1:]))
+        yield True
+
+
 def score_pairs(model, prompts: Sequence[str | None], targets: Sequence[str | None], batch_size: int = 32,
                 routes: bool = False) -> PairScores:
     """Score every (prompt, target) pair, ``batch_size`` pairs per right-padded forward, in order
@@ -60,15 +75,18 @@ def score_pairs(model, prompts: Sequence[str | None], targets: Sequence[str | No
         rows = present[start:start + batch_size]
         batch = build_pair_batch(model.tokenizer, [prompts[i] for i in rows], [targets[i] for i in rows],
                                  device=model.device)
+        index, scored = scored_positions(batch)  # last prompt token .. last target token of each row
         trace = model.routes() if routes else contextlib.nullcontext()
-        with torch.inference_mode(), trace as hits:
+        with torch.inference_mode(), trace as hits, _head_only_at(model, index) as narrowed:
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        scores = score_targets(logits, batch)
+        if not narrowed:
+            logits = logits[index[0], index[1]]
+        scores = score_targets(logits, scored)
         for j, i in enumerate(rows):
             out.logprob[i] = float(scores.logprob[j])
             out.accuracy[i] = float(scores.accuracy[j])
             out.predicted[i] = scores.predicted[j]
-            out.digest[i] = _digest(logits[j, int(batch.prompt_len[j]) - 1])
+            out.digest[i] = _digest(logits[j, 0])
         for site, row, pos, pack, key in hits or ():
             if pos < int(batch.prompt_len[row]):
                 out.hits[rows[row]].add((site, pack, key))
