@@ -1,0 +1,154 @@
+"""Second-moment statistics of the keys entering a site: C0 = E[k k^T] (uncentred), from a corpus.
+
+Locate-then-edit methods (MEMIT and its descendants) preserve what a layer does on "everything
+else" through C0. Offline there is no Wikipedia, so the default corpus is text sampled from the
+model itself (it says so in the log and in what it returns); any list of strings or a text file
+can be passed instead. Statistics are streamed with a progress bar and cached on disk, keyed by
+content: the model's weights, the site, the corpus, the sample count and the dtype.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .architectures import Site
+from .hooks import HookOwner
+from .loading import cache_dir
+
+log = logging.getLogger(__name__)
+
+SELF_SAMPLED = "model-sampled"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Texts to measure on. ``source`` names where they came from (a file, ``model-sampled``, ...)."""
+
+    texts: tuple[str, ...]
+    source: str
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for t in self.texts:
+            h.update(hashlib.sha256(t.encode()).digest())
+        return h.hexdigest()[:32]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Corpus":
+        """Paragraphs (blank-line separated) of a UTF-8 text file."""
+        path = Path(path)
+        texts = tuple(p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip())
+        if not texts:
+            raise ValueError(f"corpus file {path} holds no text")
+        return cls(texts, str(path))
+
+
+def sample_corpus(model, tokenizer, n_texts: int = 64, n_tokens: int = 128, seed: int = 0,
+                  batch_size: int = 16) -> Corpus:
+    """Texts sampled from ``model`` itself (temperature 1), each started from the BOS token (or
+    the EOS token where there is none): a stand-in for the pre-training text we do not have."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen = torch.Generator().manual_seed(seed)
+    texts = []
+    device = next(model.parameters()).device
+    log.info("covariance corpus: sampling %d texts of %d tokens from the model itself (no corpus given)", n_texts, n_tokens)
+    for i in range(0, n_texts, batch_size):
+        n = min(batch_size, n_texts - i)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        ids = torch.full((n, 1), start, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                 temperature=1.0, max_new_tokens=n_tokens, min_new_tokens=n_tokens, pad_token_id=pad)
+        texts += tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+    return Corpus(tuple(t for t in texts if t.strip()), f"{SELF_SAMPLED}:seed={seed}:n={n_texts}:tokens={n_tokens}")
+
+
+def model_digest(model) -> str:
+    """A hash of every parameter: the statistics of a site depend on all the layers below it."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class SecondMoment:
+    """E[k k^T] over ``count`` key vectors at ``site``."""
+
+    site: str
+    matrix: torch.Tensor  # (d_in, d_in)
+    count: int
+    corpus_source: str
+    cache_path: Path | None = None
+    from_cache: bool = False
+
+
+def _cache_key(model_hash: str, site: Site, corpus: Corpus, max_tokens: int, dtype: torch.dtype) -> str:
+    fields = {"model": model_hash, "site": site.name, "corpus": corpus.digest, "max_tokens": max_tokens, "dtype": str(dtype)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def second_moment(model, tokenizer, site: Site, corpus: Corpus, max_tokens: int = 100_000,
+                  dtype: torch.dtype = torch.float64, batch_size: int = 8, max_length: int = 256,
+                  cache: Path | None | bool = True, model_hash: str | None = None) -> SecondMoment:
+    """C0 at ``site`` over at most ``max_tokens`` (non-padding) positions of ``corpus``.
+    ``cache``: True = the library cache folder, a path = that folder, False/None = no cache."""
+    folder = (cache_dir() / "covariance") if cache is True else (Path(cache) if cache else None)
+    key = path = None
+    if folder is not None:
+        model_hash = model_hash or model_digest(model)
+        key = _cache_key(model_hash, site, corpus, max_tokens, dtype)
+        path = folder / f"{key}.safetensors"
+        if path.is_file():
+            stored = load_file(str(path))
+            meta = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
+            log.info("covariance %s: cache hit %s (%d keys, corpus %s)", site.name, path.name, meta["count"], meta["corpus_source"])
+            return SecondMoment(site.name, stored["matrix"], int(meta["count"]), meta["corpus_source"], path, True)
+
+    d_in = site.dims(model)[0]
+    total = torch.zeros(d_in, d_in, dtype=dtype)
+    count = 0
+    device = next(model.parameters()).device
+    grabbed: list[torch.Tensor] = []
+    if tokenizer.pad_token_id is None:
+        batch_size = 1  # no padding token: one text per forward
+    bar = tqdm(total=max_tokens, desc=f"C0 at {site.name}", unit="tok", leave=False, disable=None)
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # left padding would shift positions
+    with HookOwner().scoped() as scope, torch.inference_mode():
+        scope.forward(site.module(model), lambda m, a, o: grabbed.append(a[0].detach()))
+        for i in range(0, len(corpus.texts), batch_size):
+            if count >= max_tokens:
+                break
+            enc = tokenizer(list(corpus.texts[i:i + batch_size]), return_tensors="pt", padding=batch_size > 1,
+                            truncation=True, max_length=max_length).to(device)
+            grabbed.clear()
+            model(**enc)
+            keys = grabbed[0][enc["attention_mask"].bool()].to(dtype).cpu()[: max_tokens - count]
+            total += keys.T @ keys
+            count += len(keys)
+            bar.update(len(keys))
+    tokenizer.padding_side = side
+    bar.close()
+    if count == 0:
+        raise ValueError("the corpus gave no tokens to measure")
+    moment = SecondMoment(site.name, total / count, count, corpus.source, path)
+    if path is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"matrix": moment.matrix.contiguous()}, str(tmp))
+        (folder / f"{key}.json").write_text(json.dumps({"site": site.name, "count": count, "corpus_source": corpus.source,
+                                                        "corpus_digest": corpus.digest, "dtype": str(dtype)}), encoding="utf-8")
+        tmp.replace(path)
+    log.info("covariance %s: %d keys from %s", site.name, count, corpus.source)
+    return moment

@@ -1,0 +1,74 @@
+"""Shared maths for weight-delta methods: closed-form updates, projections, key second moments."""
+import pytest
+import torch
+
+from grace_hooks.architectures import Site
+from grace_hooks.covariance import Corpus, sample_corpus, second_moment
+from grace_hooks.linalg import closed_form_update, orthonormal_basis, preservation_matrix, project_out
+
+TEXTS = ("the cat sat on the mat", "the quick brown fox jumps over the lazy dog", "alice speaks french",
+         "the capital of narnia is tokyo", "bob plays chess in the park")
+
+
+def test_factors_equal_the_closed_form():
+    torch.manual_seed(0)
+    d_out, d_in, n = 7, 5, 3
+    r, k = torch.randn(d_out, n), torch.randn(d_in, n)
+    a = torch.randn(d_in, d_in)
+    c0 = a @ a.T / d_in
+    prev = torch.randn(d_in, 2)
+    p = preservation_matrix(d_in, c0, lam=2.0, lam_identity=0.5, previous_keys=prev)
+    upd = closed_form_update(r, k, p)
+    r64, k64 = r.double(), k.double()
+    expected = r64 @ k64.T @ torch.linalg.inv(2.0 * c0.double() + 0.5 * torch.eye(d_in, dtype=torch.float64)
+                                               + prev.double() @ prev.double().T + k64 @ k64.T)
+    assert upd.dense().dtype == torch.float64 and upd.rank == n
+    assert torch.allclose(upd.dense(), expected, atol=1e-10)
+
+
+def test_tiny_preservation_maps_keys_to_residuals():
+    torch.manual_seed(1)
+    r, k = torch.randn(6, 2), torch.randn(4, 2)
+    upd = closed_form_update(r, k, preservation_matrix(4, torch.eye(4), lam=1e-9))
+    assert torch.allclose(upd.dense() @ k.double(), r.double(), atol=1e-6)
+    with pytest.raises(ValueError, match="columns"):
+        closed_form_update(torch.randn(6, 3), k, torch.eye(4))
+
+
+def test_projection_removes_the_earlier_subspace():
+    torch.manual_seed(2)
+    basis = orthonormal_basis(torch.randn(8, 3))
+    assert torch.allclose(basis.T @ basis, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    v = project_out(torch.randn(8, 4), basis)
+    assert torch.allclose(basis.T @ v, torch.zeros(3, 4, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(project_out(v, None), v)
+
+
+def test_second_moment_matches_a_direct_computation_and_is_cached(make_model, tokenizer, tmp_path):
+    model = make_model("llama")
+    site = Site(1)
+    corpus = Corpus(TEXTS, "test texts")
+    got = second_moment(model, tokenizer, site, corpus, batch_size=2, cache=tmp_path)
+    keys = []
+    handle = site.module(model).register_forward_hook(lambda m, a, o: keys.append(a[0][0].detach()))
+    with torch.no_grad():
+        for t in TEXTS:
+            model(**tokenizer(t, return_tensors="pt"))
+    handle.remove()
+    k = torch.cat(keys).double()
+    assert got.count == len(k) and not got.from_cache
+    assert torch.allclose(got.matrix, k.T @ k / len(k), atol=1e-4)  # float32 forwards, batched vs one by one
+    again = second_moment(model, tokenizer, site, corpus, batch_size=2, cache=tmp_path)
+    assert again.from_cache and torch.equal(again.matrix, got.matrix) and again.count == got.count
+    other = second_moment(model, tokenizer, site, Corpus(TEXTS[:2], "fewer"), cache=tmp_path)
+    assert not other.from_cache and other.count < got.count
+    capped = second_moment(model, tokenizer, site, corpus, max_tokens=5, cache=False)
+    assert capped.count == 5
+
+
+def test_self_sampled_corpus_is_reproducible(make_model, tokenizer):
+    model = make_model("llama")
+    a = sample_corpus(model, tokenizer, n_texts=3, n_tokens=6, seed=3)
+    b = sample_corpus(model, tokenizer, n_texts=3, n_tokens=6, seed=3)
+    assert a == b and a.source.startswith("model-sampled") and len(a.texts) >= 1
+    assert sample_corpus(model, tokenizer, n_texts=3, n_tokens=6, seed=4).digest != a.digest
