@@ -1,0 +1,55 @@
+"""Subject keys over context prefixes and target-vector optimisation (shared by weight-delta methods)."""
+import torch
+
+from conftest import TINY_REQUESTS, param_hash
+from grace_hooks.architectures import Site
+from grace_hooks.hooks import count_hooks
+from grace_hooks.subject_keys import context_prefixes, lookup_positions, subject_keys
+from grace_hooks.target_vectors import TargetVectorConfig, target_vector
+
+
+def test_prefixes_are_made_once_per_memo(make_model, tokenizer):
+    model = make_model("llama")
+    memo = {}
+    first = context_prefixes(model, tokenizer, n_tokens=3, memo=memo)
+    assert first[0] == "" and len(first) == 6 and all(p.endswith(". ") for p in first[1:])
+    assert context_prefixes(model, tokenizer, n_tokens=3, memo=memo) is first
+
+
+def test_subject_keys_average_the_site_input_at_the_subject(make_model, tokenizer):
+    model = make_model("llama")
+    site = Site(1)
+    prefixes = ["", "the sun . "]
+    got = subject_keys(model, tokenizer, site, TINY_REQUESTS, prefixes)
+    for i, req in enumerate(TINY_REQUESTS):
+        want = []
+        for p in prefixes:
+            pos = lookup_positions(tokenizer, [req], p)[0]
+            assert tokenizer.convert_ids_to_tokens(tokenizer(p + req.text)["input_ids"][pos]) == req.subject
+            grabbed = []
+            h = site.module(model).register_forward_hook(lambda m, a, o: grabbed.append(a[0][0, pos]))
+            with torch.no_grad():
+                model(**tokenizer(p + req.text, return_tensors="pt"))
+            h.remove()
+            want.append(grabbed[0])
+        assert torch.allclose(got[i], torch.stack(want).mean(0), atol=1e-5)
+
+
+def test_target_vector_makes_the_target_likely_without_changing_the_model(make_model, tokenizer):
+    model = make_model("llama")
+    before = param_hash(model)
+    req = TINY_REQUESTS[2]  # a random tiny model carries this subject-token edit (layer 0) in a few steps
+    cfg = TargetVectorConfig(steps=40, stop="most_probable", lr=1.0, clamp=4.0)
+    start = target_vector(model, tokenizer, 0, req, ["", "the sun . "], TargetVectorConfig(steps=1))
+    tv = target_vector(model, tokenizer, 0, req, ["", "the sun . "], cfg)
+    assert param_hash(model) == before and count_hooks(model) == 0
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(start.z, start.h)  # no step taken: z is the unedited residual
+    assert tv.steps < 40 and tv.target_prob > 2 * start.target_prob  # stopped: the target became the argmax
+    assert (tv.z - tv.h).norm() <= 4.0 * tv.h.norm() + 1e-4
+
+
+def test_target_vector_respects_the_clamp(make_model, tokenizer):
+    model = make_model("llama")
+    tv = target_vector(model, tokenizer, 2, TINY_REQUESTS[1], [""], TargetVectorConfig(steps=10, clamp=0.05, lr=5.0))
+    assert (tv.z - tv.h).norm() <= 0.05 * tv.h.norm() + 1e-5
