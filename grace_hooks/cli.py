@@ -325,8 +325,9 @@ def _dataclass_options(cls):
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(cls)):
-            fn = click.option(f"--{f.name.replace('_', '-')}", f.name, type=type(f.default), default=f.default,
-                              show_default=True, help=f.metadata.get("help"))(fn)
+            kind = {"is_flag": True} if isinstance(f.default, bool) else {"type": type(f.default)}
+            fn = click.option(f"--{f.name.replace('_', '-')}", f.name, default=f.default, show_default=True,
+                              help=f.metadata.get("help"), **kind)(fn)
         return fn
 
     return decorate

@@ -107,3 +107,15 @@ def test_benchmark_writes_json_markdown_and_plots(make_model, tokenizer, tmp_pat
     md = (out / "results.md").read_text()
     assert "| grace (batch 2) |" in md and "ft-lr=0.05" in md
     assert all((out / f).stat().st_size > 0 for f in ("metrics.png", "seconds_per_edit.png", "tokens_per_s.png"))
+
+
+def test_final_sample_and_resume_of_a_run_made_before_a_setting_existed(make_model, tokenizer, tmp_path):
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    cfg = LifelongConfig(**{**CFG.__dict__, "final_sample": True})
+    res = LifelongRun(em, STREAM, MethodSpec("grace"), cfg, tmp_path, meta={"model": "tiny"}).run(progress=False)
+    assert res["checkpoints"][-1]["sample_size"] == 3  # records 0, 2 and 4 of 6 (stride 2), not all 6
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["signature"]["config"]["final_sample"]  # as written before the setting existed
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    again = LifelongRun(em, STREAM, MethodSpec("grace"), CFG, tmp_path, meta={"model": "tiny"}).run(progress=False)
+    assert len(again["checkpoints"]) == 3  # resumed (finished), not refused

@@ -46,6 +46,7 @@ class LifelongConfig:
     batch: int = option(1, "records per edit call (one pack per call)")
     checkpoint_every: int = option(0, "edits between checkpoints; 0 = ten evenly spaced checkpoints")
     eval_sample: int = option(200, "records re-measured at intermediate checkpoints (0 = all; ES/ERR always use all)")
+    final_sample: bool = option(False, "measure the last checkpoint on the sample too (faster) instead of every edited record")
     eval_batch: int = option(16, "records per evaluation forward")
     gen_tokens: int = option(16, "tokens per timed generation")
     gen_rounds: int = option(2, "alternating edited/base rounds of the generation timing")
@@ -118,7 +119,10 @@ class LifelongRun:
             return {"version": STATE_VERSION, "signature": self.signature, "edits": 0, "batch_seconds": [],
                     "immediate_es": [], "checkpoints": []}
         state = json.loads(self.state_path.read_text(encoding="utf-8"))
-        if state.get("signature") != self.signature:
+        stored = state.get("signature") or {}
+        if "config" in stored:  # settings added since that run started: it ran with their defaults
+            stored["config"] = {**asdict(LifelongConfig()), **stored["config"]}
+        if stored != self.signature:
             raise ConfigError(f"{self.workdir} holds a run with other settings ({state.get('signature')}); "
                               "choose another output folder or delete this one")
         return state
@@ -205,7 +209,8 @@ class LifelongRun:
         ck["ES_right_after_edit"] = float(np.mean([x for x in state["immediate_es"][:m] if x is not None]))
         ck["ERR"] = retention(now, state["immediate_es"][:m])
         # everything else on the sample
-        sample = every if (m == self.cfg.n_records or self.stride == 1) else [i for i in every if i % self.stride == 0]
+        last = m == self.cfg.n_records and not self.cfg.final_sample
+        sample = every if (last or self.stride == 1) else [i for i in every if i % self.stride == 0]
         ck["sample_size"] = len(sample)
         s_edited, s_base = self._scores(editor, sample, ("rephrase", "locality"), editor.routed)
         s_edited.update(_take(edited, sample))
