@@ -21,67 +21,105 @@ from .router import NO_KEY, KeyRouter
 
 
 @dataclass
-class SiteContribution:
-    """What one pack places at one site."""
+class LowRankDelta:
+    """A weight update dW = U V^T at a site: the site output gains dW x."""
 
-    keys: torch.Tensor  # (n, d_in) router keys
-    radii: torch.Tensor  # (n,) Euclidean radius of each key
-    values: torch.Tensor  # (n, d_out) site output at a position in scope of key i
+    U: torch.Tensor  # (d_out, r)
+    V: torch.Tensor  # (d_in, r)
+    routed: bool = False  # False: at every position; True: only where the router puts x in scope of the pack's keys
+
+
+@dataclass
+class SiteContribution:
+    """What one pack places at one site: router keys with replacement values (GRACE), and/or a
+    low-rank weight delta (applied everywhere, or where the pack's keys route it)."""
+
+    keys: torch.Tensor | None = None  # (n, d_in) router keys
+    radii: torch.Tensor | None = None  # (n,) Euclidean radius of each key
+    values: torch.Tensor | None = None  # (n, d_out) site output in scope of key i; None: the keys route ``delta``
+    delta: LowRankDelta | None = None
     labels: list[str] = field(default_factory=list)  # what each key stands for (GRACE's conflict rule)
     last_only: bool = False  # keys match only the last real position of a forward call
     shrink: list[tuple[str, int, float]] = field(default_factory=list)  # (earlier pack id, key index, radius)
 
 
 class SiteRuntime:
-    """The router and value table of one site, and its forward hook."""
+    """The router, value table and deltas of one site, and its forward hook."""
 
     def __init__(self, site: Site, module: nn.Module, d_in: int, d_out: int) -> None:
         self.site, self.module = site, module
         self.router = KeyRouter(d_in)
-        self.values = torch.zeros(0, d_out)
+        self.values = torch.zeros(0, d_out)  # row == router id
+        self.replaces = torch.zeros(0, dtype=torch.bool)  # by router id: replace the output (else route a delta)
         self.labels: list[str] = []  # by router id
+        self.owner: list[str] = []  # by router id: the pack
         self.ids: dict[str, np.ndarray] = {}  # pack id -> router ids
+        self.deltas: dict[str, LowRankDelta] = {}  # pack id -> its delta here
         self.handle = None  # its forward hook, owned by the EditRuntime's HookOwner
 
+    @property
+    def packs(self) -> set[str]:
+        return set(self.ids) | set(self.deltas)
+
     def add(self, pack_id: str, rank: int, c: SiteContribution) -> None:
-        ids = self.router.add(c.keys.detach().float().cpu().numpy(), c.radii.detach().float().cpu().numpy(), rank, c.last_only)
-        self.values = torch.cat([self.values, c.values.detach().float().cpu()])  # row == router id
-        self.labels += list(c.labels) or [""] * len(ids)
-        self.ids[pack_id] = ids
+        if c.keys is not None:
+            n = len(c.keys)
+            ids = self.router.add(c.keys.detach().float().cpu().numpy(), c.radii.detach().float().cpu().numpy(), rank, c.last_only)
+            rows = c.values.detach().float().cpu() if c.values is not None else torch.zeros(n, self.values.shape[1])
+            self.values = torch.cat([self.values, rows])
+            self.replaces = torch.cat([self.replaces, torch.full((n,), c.values is not None)])
+            self.labels += list(c.labels) or [""] * n
+            self.owner += [pack_id] * n
+            self.ids[pack_id] = ids
+        if c.delta is not None:
+            self.deltas[pack_id] = LowRankDelta(c.delta.U.detach().float().cpu(), c.delta.V.detach().float().cpu(), c.delta.routed)
         for target_pack, key_index, radius in c.shrink:
             if target_pack in self.ids:
                 self.router.shrink(int(self.ids[target_pack][key_index]), radius, owner=pack_id)
 
     def remove(self, pack_id: str) -> None:
-        self.router.remove(self.ids.pop(pack_id))
-        self.router.drop_overrides(pack_id)
+        if pack_id in self.ids:
+            self.router.remove(self.ids.pop(pack_id))
+            self.router.drop_overrides(pack_id)
+        self.deltas.pop(pack_id, None)
 
     def key_pack(self, key_id: int) -> tuple[str, int] | None:
         """Which pack (and index within it) a router id belongs to."""
-        for pack_id, ids in self.ids.items():
-            if len(ids) and ids[0] <= key_id <= ids[-1]:
-                return pack_id, int(key_id - ids[0])
-        return None
+        if not 0 <= key_id < len(self.owner) or self.owner[key_id] not in self.ids:
+            return None
+        pack_id = self.owner[key_id]
+        return pack_id, int(key_id - self.ids[pack_id][0])
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, is_last: torch.Tensor,
               trace: list | None = None) -> torch.Tensor | None:
+        out = None
+        for d in self.deltas.values():  # global deltas act on every position
+            if not d.routed:
+                out = (y if out is None else out) + (x @ d.V.to(x)) @ d.U.to(x).T
         if len(self.router) == 0:
-            return None
+            return out
         flat_x = x.reshape(-1, x.shape[-1])
         rows = valid.reshape(-1).nonzero().squeeze(1)
         if len(rows) == 0:
-            return None
+            return out
         queries = flat_x[rows].detach().float().cpu().numpy()
         ids = self.router.assign(queries, is_last.reshape(-1)[rows].cpu().numpy())
         hit = ids != NO_KEY
         if not hit.any():
-            return None
+            return out
         if trace is not None:  # (site, flat positions of the hits, width, router id of each hit)
             width = x.shape[-2] if x.dim() == 3 else x.shape[0]
             trace.append((self.site.name, rows[torch.from_numpy(hit).to(rows.device)].cpu().numpy(), width, ids[hit].copy()))
-        out = y.reshape(-1, y.shape[-1]).clone()
-        out[rows[torch.from_numpy(hit).to(rows.device)]] = self.values[torch.from_numpy(ids[hit])].to(out)
-        return out.reshape(y.shape)
+        base = y if out is None else out
+        flat = base.reshape(-1, base.shape[-1]).clone()
+        hit_rows, hit_ids = rows[torch.from_numpy(hit).to(rows.device)], torch.from_numpy(ids[hit])
+        replace = self.replaces[hit_ids]
+        for pack_id in {self.owner[i] for i in hit_ids[~replace].tolist()}:  # routed deltas, then replacements
+            sel = hit_rows[torch.tensor([self.owner[i] == pack_id for i in hit_ids.tolist()]) & ~replace]
+            d = self.deltas[pack_id]
+            flat[sel] = flat[sel] + (flat_x[sel] @ d.V.to(x)) @ d.U.to(x).T
+        flat[hit_rows[replace.to(hit_rows.device)]] = self.values[hit_ids[replace]].to(flat)
+        return flat.reshape(y.shape)
 
 
 class EditRuntime:
@@ -161,9 +199,9 @@ class EditRuntime:
 
     def remove_pack(self, pack_id: str) -> None:
         for name, rt in list(self.sites.items()):
-            if pack_id in rt.ids:
+            if pack_id in rt.packs:
                 rt.remove(pack_id)
-            if not rt.ids:  # no pack left here: the site's hook goes too
+            if not rt.packs:  # no pack left here: the site's hook goes too
                 self.hooks.remove(rt.handle)
                 del self.sites[name]
         if not self.sites:

@@ -1,0 +1,99 @@
+"""The runtime composes low-rank weight deltas: global (every position) and routed (in scope only)."""
+import copy
+
+import pytest
+import torch
+
+from conftest import UNRELATED, last_logits, param_hash
+from grace_hooks import EditableModel
+from grace_hooks.architectures import Site
+from grace_hooks.hooks import count_hooks
+from grace_hooks.runtime import LowRankDelta, SiteContribution
+
+ARCHS = ["llama", "gpt2", "gemma3_text", "gpt_neox"]
+
+
+def _delta(site: Site, model, rank=2, seed=0, scale=0.5):
+    d_in, d_out = site.dims(model)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d_out, rank, generator=g) * scale, torch.randn(d_in, rank, generator=g) * scale
+
+
+def _merged(model, site: Site, U, V):
+    """A copy of the model with dW = U V^T written into the site's weight (the reference)."""
+    twin = copy.deepcopy(model)
+    module = site.module(twin)
+    with torch.no_grad():
+        dw = U @ V.T
+        module.weight += dw.T if module.weight.shape != dw.shape else dw  # GPT-2 Conv1D stores (d_in, d_out)
+    return twin
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_global_delta_equals_merged_weights_and_rolls_back(make_model, tokenizer, arch):
+    em = EditableModel(make_model(arch), tokenizer, name="tiny")
+    site = Site(1)
+    U, V = _delta(site, em.base_model)
+    before_hash = param_hash(em.base_model)
+    base = last_logits(em, tokenizer, UNRELATED)
+    twin = _merged(em.base_model, site, U, V)  # before any hook exists (a deep copy would copy hooks too)
+    em._runtime.add_pack("p", 1, {site.name: SiteContribution(delta=LowRankDelta(U, V))})
+    for got, want in zip(last_logits(em, tokenizer, UNRELATED), last_logits(twin, tokenizer, UNRELATED)):
+        assert torch.allclose(got, want, atol=1e-4)
+    assert param_hash(em.base_model) == before_hash
+    em._runtime.remove_pack("p")
+    assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, UNRELATED), base))
+    assert count_hooks(em.base_model) == 0
+
+
+def test_routed_delta_acts_only_in_scope(make_model, tokenizer):
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    site = Site(1)
+    U, V = _delta(site, em.base_model)
+    prompt = "the capital of narnia is"
+    grabbed = []
+    h = site.module(em.base_model).register_forward_hook(lambda m, a, o: grabbed.append((a[0][0].detach(), o[0].detach())))
+    with torch.no_grad():
+        em(**tokenizer(prompt, return_tensors="pt"))
+    h.remove()
+    x, y = grabbed[0]
+    key = x[-1:]  # the last prompt token only
+    base_unrelated = last_logits(em, tokenizer, UNRELATED)
+    em._runtime.add_pack("p", 1, {site.name: SiteContribution(keys=key, radii=torch.tensor([1e-3]), delta=LowRankDelta(U, V, routed=True))})
+    out = []
+    h = site.module(em.base_model).register_forward_hook(lambda m, a, o: out.append(o[0].detach()), prepend=False)
+    with torch.no_grad():
+        em(**tokenizer(prompt, return_tensors="pt"))
+    h.remove()
+    got = out[0]
+    assert torch.equal(got[:-1], y[:-1])  # out of scope: untouched, bit for bit
+    assert torch.allclose(got[-1], y[-1] + (x[-1] @ V) @ U.T, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, UNRELATED), base_unrelated))
+    with em.routes() as hits:
+        with torch.no_grad():
+            em(**tokenizer(prompt, return_tensors="pt"))
+    assert hits and all(pack == "p" for _, _, _, pack, _ in hits)
+
+
+def test_replacement_wins_over_a_routed_delta_at_the_same_position(make_model, tokenizer):
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    site = Site(1)
+    U, V = _delta(site, em.base_model)
+    grabbed = []
+    h = site.module(em.base_model).register_forward_hook(lambda m, a, o: grabbed.append(a[0][0, -1:].detach()))
+    with torch.no_grad():
+        em(**tokenizer("alice speaks", return_tensors="pt"))
+    h.remove()
+    key, value = grabbed[0], torch.full((1, site.dims(em.base_model)[1]), 0.25)
+    rt = em._runtime
+    rt.add_pack("delta", 1, {site.name: SiteContribution(keys=key, radii=torch.tensor([1e-3]), delta=LowRankDelta(U, V, routed=True))})
+    rt.add_pack("grace", 2, {site.name: SiteContribution(keys=key, radii=torch.tensor([1e-3]), values=value)})
+    out = []
+    h = site.module(em.base_model).register_forward_hook(lambda m, a, o: out.append(o[0, -1].detach()))
+    with torch.no_grad():
+        em(**tokenizer("alice speaks", return_tensors="pt"))
+    h.remove()
+    assert torch.equal(out[0], value[0])
+    rt.remove_pack("grace")
+    rt.remove_pack("delta")
+    assert count_hooks(em.base_model) == 0
