@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from . import __version__
+from .architectures import Site
 from .config import make_config
 from .errors import PackError
 from .hooks import HookOwner
@@ -42,6 +43,7 @@ class EditableModel:
         self._runtime = EditRuntime(model)
         self._packs: dict[str, EditPack] = {}
         self._rank = 0  # grows with every pack applied: newer packs win where keys overlap
+        self._fingerprints: dict[tuple, str] = {}  # (site, weight version) -> fingerprint: loading 1,000 packs hashes once
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -62,7 +64,11 @@ class EditableModel:
     # ------------------------------------------------------------------ packs
     @property
     def packs(self) -> list[PackInfo]:
-        return [PackInfo(p.name, p.method, p.n_edits, p.nbytes, tuple(p.sites), p.created_at) for p in self._packs.values()]
+        return [self._info(p) for p in self._packs.values()]
+
+    @staticmethod
+    def _info(p: EditPack) -> PackInfo:
+        return PackInfo(p.name, p.method, p.n_edits, p.nbytes, tuple(p.sites), p.created_at)
 
     def pack(self, name: str) -> EditPack:
         if name not in self._packs:
@@ -90,12 +96,21 @@ class EditableModel:
             computed = impl.compute(ctx, reqs, cfg)
         new = EditPack(
             name=name, method=method, config=vars(cfg), sites=computed.sites,
-            base=BaseInfo(self.name, self.base_model.config.model_type, base_fingerprint(self.base_model, computed.sites)),
+            base=BaseInfo(self.name, self.base_model.config.model_type, self._fingerprint(computed.sites)),
             requests=[r.to_dict() for r in reqs], tensors=computed.tensors, state=computed.state,
             metrics=computed.metrics, library_version=__version__,
         )
         self._apply(new)
-        return self.packs[-1]
+        return self._info(new)
+
+    def _fingerprint(self, sites: list[str]) -> str:
+        """The base fingerprint at ``sites``, hashed again only if a site weight was written since
+        (torch counts in-place writes in ``_version``)."""
+        weights = [Site.parse(s).module(self.base_model).weight for s in sorted(sites)]
+        key = tuple(sorted(sites)) + tuple((w.data_ptr(), w._version) for w in weights)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = base_fingerprint(self.base_model, sites)
+        return self._fingerprints[key]
 
     def save_pack(self, name: str, directory: str | Path, overwrite: bool = False) -> Path:
         return save_pack(self.pack(name), directory, name=name, overwrite=overwrite)
@@ -103,9 +118,9 @@ class EditableModel:
     def load_pack(self, path: str | Path, force: bool = False) -> PackInfo:
         pack = load_pack(path)
         get_method(pack.method)  # unknown method -> clear error before anything is applied
-        check_base(pack, self.base_model, self.name, force=force)
+        check_base(pack, self.base_model, self.name, force=force, actual=self._fingerprint(pack.sites))
         self._apply(pack)
-        return self.packs[-1]
+        return self._info(pack)
 
     def load_adapters(self, directory: str | Path, force: bool = False, exclude: Iterable[str] = ()) -> list[PackInfo]:
         """Load every pack in ``directory`` oldest first, except those named in ``exclude``."""

@@ -225,9 +225,10 @@ def load_pack(path: str | Path) -> EditPack:
     )
 
 
-def check_base(pack: EditPack, model: nn.Module, model_name: str, force: bool = False) -> None:
-    """Refuse a pack made for another base (invariant 5) unless ``force``."""
-    actual = base_fingerprint(model, pack.sites)
+def check_base(pack: EditPack, model: nn.Module, model_name: str, force: bool = False, actual: str | None = None) -> None:
+    """Refuse a pack made for another base (invariant 5) unless ``force``. ``actual``: the model's
+    fingerprint at the pack's sites, if already known."""
+    actual = actual or base_fingerprint(model, pack.sites)
     if actual == pack.base.fingerprint:
         return
     msg = (

@@ -49,13 +49,27 @@ class SiteRuntime:
     def __init__(self, site: Site, module: nn.Module, d_in: int, d_out: int) -> None:
         self.site, self.module = site, module
         self.router = KeyRouter(d_in)
-        self.values = torch.zeros(0, d_out)  # row == router id
-        self.replaces = torch.zeros(0, dtype=torch.bool)  # by router id: replace the output (else route a delta)
+        self._values = [torch.zeros(0, d_out)]  # chunks, joined on first use: adding 1,000 packs stays linear
+        self._replaces = [torch.zeros(0, dtype=torch.bool)]
         self.labels: list[str] = []  # by router id
         self.owner: list[str] = []  # by router id: the pack
         self.ids: dict[str, np.ndarray] = {}  # pack id -> router ids
         self.deltas: dict[str, LowRankDelta] = {}  # pack id -> its delta here
         self.handle = None  # its forward hook, owned by the EditRuntime's HookOwner
+
+    @property
+    def values(self) -> torch.Tensor:
+        """(n_ids, d_out) replacement value of each router id (zeros for keys that route a delta)."""
+        if len(self._values) > 1:
+            self._values = [torch.cat(self._values)]
+        return self._values[0]
+
+    @property
+    def replaces(self) -> torch.Tensor:
+        """(n_ids,) whether each router id replaces the output (else it routes its pack's delta)."""
+        if len(self._replaces) > 1:
+            self._replaces = [torch.cat(self._replaces)]
+        return self._replaces[0]
 
     @property
     def packs(self) -> set[str]:
@@ -65,9 +79,9 @@ class SiteRuntime:
         if c.keys is not None:
             n = len(c.keys)
             ids = self.router.add(c.keys.detach().float().cpu().numpy(), c.radii.detach().float().cpu().numpy(), rank, c.last_only)
-            rows = c.values.detach().float().cpu() if c.values is not None else torch.zeros(n, self.values.shape[1])
-            self.values = torch.cat([self.values, rows])
-            self.replaces = torch.cat([self.replaces, torch.full((n,), c.values is not None)])
+            rows = c.values.detach().float().cpu() if c.values is not None else torch.zeros(n, self._values[0].shape[1])
+            self._values.append(rows)
+            self._replaces.append(torch.full((n,), c.values is not None))
             self.labels += list(c.labels) or [""] * n
             self.owner += [pack_id] * n
             self.ids[pack_id] = ids

@@ -148,3 +148,17 @@ def test_load_adapters_stacks_in_creation_order(saved, make_model, tokenizer, tm
     fresh.load_adapters(tmp_path)
     assert [p.name for p in fresh.packs] == ["facts", "later"]
     assert torch.equal(last_logits(fresh, tokenizer, ["the capital of narnia is"])[0], expected)
+
+
+def test_fingerprint_is_hashed_once_per_site_until_the_weight_changes(make_model, tokenizer, monkeypatch):
+    import grace_hooks.model as model_module
+
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    calls = []
+    real = model_module.base_fingerprint
+    monkeypatch.setattr(model_module, "base_fingerprint", lambda m, s: calls.append(s) or real(m, s))
+    first = em._fingerprint(["L1.mlp_out"])
+    assert em._fingerprint(["L1.mlp_out"]) == first and len(calls) == 1
+    with torch.no_grad():
+        em.base_model.model.layers[1].mlp.down_proj.weight.mul_(1.0)  # an in-place write, even a no-op one
+    assert em._fingerprint(["L1.mlp_out"]) == first and len(calls) == 2
