@@ -46,6 +46,8 @@ def main(argv=None) -> None:
         for label, r in {**_unfinished(run, res), **res["runs"]}.items():
             if not r.get("checkpoints"):
                 continue
+            if label in group["runs"]:  # the same spec in another run of this data and batch size
+                label = f"{label} [{len(commands)}]"
             group["runs"][label] = r
             last = r["checkpoints"][-1]
             partial = "" if last["edits"] == meta["n_records"] else f" (stopped at {last['edits']})"
