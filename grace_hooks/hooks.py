@@ -48,6 +48,19 @@ class HookOwner:
             child.remove_all()
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Every parameter of ``model`` stops asking for gradients inside the block; the flags come back after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def count_hooks(model: nn.Module) -> int:
     """Number of forward and pre-forward hooks registered anywhere in ``model`` (for tests)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -128,8 +128,10 @@ class SiteRuntime:
         flat = base.reshape(-1, base.shape[-1]).clone()
         hit_rows, hit_ids = rows[torch.from_numpy(hit).to(rows.device)], torch.from_numpy(ids[hit])
         replace = self.replaces[hit_ids]
-        for pack_id in {self.owner[i] for i in hit_ids[~replace].tolist()}:  # routed deltas, then replacements
-            sel = hit_rows[torch.tensor([self.owner[i] == pack_id for i in hit_ids.tolist()]) & ~replace]
+        owners = np.array([self.owner[i] for i in hit_ids[~replace].tolist()], dtype=object)
+        delta_rows = hit_rows[~replace.to(hit_rows.device)]
+        for pack_id in set(owners.tolist()):  # routed deltas, then replacements
+            sel = delta_rows[torch.from_numpy(owners == pack_id).to(delta_rows.device)]
             d = self.deltas[pack_id]
             flat[sel] = flat[sel] + (flat_x[sel] @ d.V.to(x)) @ d.U.to(x).T
         flat[hit_rows[replace.to(hit_rows.device)]] = self.values[hit_ids[replace]].to(flat)

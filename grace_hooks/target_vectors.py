@@ -14,7 +14,7 @@ import torch
 
 from .architectures import arch_spec
 from .config import option
-from .hooks import HookOwner
+from .hooks import HookOwner, frozen_parameters
 from .requests import EditRequest
 from .subject_keys import lookup_positions
 from .tokens import build_pair_batch, score_targets
@@ -68,11 +68,8 @@ def target_vector(model, tokenizer, layer: int, request: EditRequest, prefixes: 
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     rows = torch.arange(len(prompts), device=device)
     kl_init = h_init = None
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
     steps, prob = 0, 0.0
-    try:
+    with frozen_parameters(model):
         for steps in range(1, cfg.steps + 1):
             seen: list[torch.Tensor] = []
             with HookOwner().scoped() as scope:
@@ -99,9 +96,6 @@ def target_vector(model, tokenizer, layer: int, request: EditRequest, prefixes: 
                 limit = cfg.clamp * h_init.norm()
                 if delta.norm() > limit:
                     delta.mul_(limit / delta.norm())
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
     return TargetVector(z=(h_init + delta.detach()).cpu(), h=h_init.cpu(), steps=steps, target_prob=prob)
 
 

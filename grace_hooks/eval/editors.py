@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from ..architectures import Site, relative_layer
 from ..config import make_config, option
 from ..errors import ConfigError
+from ..hooks import frozen_parameters
 from ..methods import get_method
 from ..methods.grace.config import DEFAULT_RELATIVE_DEPTH
 from ..model import EditableModel
@@ -190,25 +191,21 @@ class FineTune(Editor):
         base = self.model.base_model
         batch = build_edit_batch(self.model.tokenizer, requests, device=self.model.device)
         index_, scored = scored_positions(batch)
-        flags = [(p, p.requires_grad) for p in base.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
         # blocks below the trained matrix do not change: run them once (as GRACE's training does)
         replay = LayerReplay(base, self.site.layer, batch.input_ids, batch.attention_mask)
-        self.weight.requires_grad_(True)
-        opt = torch.optim.Adam([self.weight], lr=self.cfg.lr)
-        try:
-            for _ in range(self.cfg.n_iter):
-                scores = score_targets(replay.logits(index_), scored)
-                if bool(scores.correct.all()):
-                    break
-                opt.zero_grad(set_to_none=True)
-                scores.nll.mean().backward()
-                opt.step()
-        finally:
-            self.weight.grad = None
-            for p, flag in flags:
-                p.requires_grad_(flag)
+        with frozen_parameters(base):
+            self.weight.requires_grad_(True)  # the one trained matrix; its flag is restored on exit
+            opt = torch.optim.Adam([self.weight], lr=self.cfg.lr)
+            try:
+                for _ in range(self.cfg.n_iter):
+                    scores = score_targets(replay.logits(index_), scored)
+                    if bool(scores.correct.all()):
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    scores.nll.mean().backward()
+                    opt.step()
+            finally:
+                self.weight.grad = None
 
     @contextlib.contextmanager
     def _swapped(self) -> Iterator[None]:

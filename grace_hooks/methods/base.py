@@ -12,7 +12,7 @@ from torch import nn
 
 from ..architectures import Site
 from ..errors import ConfigError
-from ..hooks import HookOwner
+from ..hooks import HookOwner, frozen_parameters
 from ..packs import EditPack
 from ..requests import EditRequest
 from ..runtime import EditRuntime, SiteContribution
@@ -35,14 +35,8 @@ class EditContext:
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """Base parameters stop asking for gradients for the duration (restored afterwards)."""
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
+        with frozen_parameters(self.model):
             yield
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
 
     def capture(self, site: Site, **model_inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, output) of ``site`` for one forward, with every loaded pack active."""
