@@ -82,7 +82,13 @@ class Site:
         n = num_layers(model)
         if not 0 <= self.layer < n:
             raise ArchitectureError(f"layer {self.layer} is out of range: the model has {n} layers (0..{n - 1})")
-        return model.get_submodule(f"{spec.layers}.{self.layer}.{spec.points[self.point]}")
+        return model.get_submodule(self.path(spec))
+
+    def path(self, spec: ArchSpec) -> str:
+        """The dotted module path of this site in a model of architecture ``spec``."""
+        if self.point not in spec.points:
+            raise ArchitectureError(f"hook point {self.point!r} is not defined here; known: {sorted(spec.points)}")
+        return f"{spec.layers}.{self.layer}.{spec.points[self.point]}"
 
     def weight(self, model: nn.Module) -> torch.Tensor:
         """The site's weight as (d_out, d_in), whatever the storage layout."""

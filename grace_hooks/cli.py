@@ -270,10 +270,13 @@ def export_cmd(name: str, dest: Path, adapters: Path, fmt: str) -> None:
     if not src.is_dir():
         raise PackError(f"no pack named {name!r} in {adapters}")
     pack = load_pack(src)  # refuses a corrupt or truncated pack before anything is copied
-    if fmt == "peft":
-        raise PackError(f"pack {name!r} uses method {pack.method!r}: peft export applies to weight-delta packs "
-                        "(not available for this method yet)")
     target = dest / name if dest.is_dir() else dest
+    if fmt == "peft":
+        from .export import export_peft
+
+        export_peft(pack, target)
+        click.echo(f"exported pack {name} as a PEFT LoRA adapter to {target}")
+        return
     if target.exists():
         raise PackError(f"{target} already exists; remove it or choose another destination")
     if target.resolve() == src.resolve():

@@ -72,6 +72,24 @@ def sample_corpus(model, tokenizer, n_texts: int = 64, n_tokens: int = 128, seed
     return Corpus(tuple(t for t in texts if t.strip()), f"{SELF_SAMPLED}:seed={seed}:n={n_texts}:tokens={n_tokens}")
 
 
+def cached_sample_corpus(model, tokenizer, model_hash: str, n_texts: int = 64, n_tokens: int = 128, seed: int = 0,
+                         cache: Path | None | bool = True) -> Corpus:
+    """:func:`sample_corpus`, kept on disk per (model weights, seed, size): sampling takes a minute."""
+    folder = (cache_dir() / "corpus") if cache is True else (Path(cache) if cache else None)
+    path = None if folder is None else folder / f"{model_hash}-seed{seed}-n{n_texts}-t{n_tokens}.json"
+    if path is not None and path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        log.info("covariance corpus: %d model-sampled texts from the cache (%s)", len(stored["texts"]), path.name)
+        return Corpus(tuple(stored["texts"]), stored["source"])
+    corpus = sample_corpus(model, tokenizer, n_texts, n_tokens, seed)
+    if path is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"texts": list(corpus.texts), "source": corpus.source}), encoding="utf-8")
+        tmp.replace(path)
+    return corpus
+
+
 def model_digest(model) -> str:
     """A hash of every parameter: the statistics of a site depend on all the layers below it."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())

@@ -42,12 +42,22 @@ def preservation_matrix(d_in: int, c0: torch.Tensor | None = None, lam: float = 
     return m
 
 
-def closed_form_update(residuals: torch.Tensor, keys: torch.Tensor, preserve: torch.Tensor) -> LowRank:
-    """dW = R K^T (P + K K^T)^-1 as factors: R (d_out, n), K (d_in, n), P (d_in, d_in)."""
+def closed_form_update(residuals: torch.Tensor, keys: torch.Tensor, preserve: torch.Tensor,
+                       orthogonal_to: torch.Tensor | None = None) -> LowRank:
+    """dW = R K^T (P + K K^T)^-1 as factors: R (d_out, n), K (d_in, n), P (d_in, d_in).
+
+    ``orthogonal_to`` (d_in, b), orthonormal columns B: the same least-squares problem solved over
+    updates with dW B = 0 only (O-Edit: the new update's row space is orthogonal to span B). With
+    Q = I - B B^T that is dW = R (QK)^T (Q M Q)^+, computed as a solve with B B^T filling the
+    excluded block (it keeps the matrix invertible and cannot reach Q K)."""
     r64, k64 = residuals.to(torch.float64), keys.to(torch.float64)
     if r64.shape[1] != k64.shape[1]:
         raise ValueError(f"residuals have {r64.shape[1]} columns but keys have {k64.shape[1]}")
     m = preserve.to(torch.float64) + k64 @ k64.T
+    if orthogonal_to is not None and orthogonal_to.numel():
+        b = orthogonal_to.to(torch.float64)
+        q = torch.eye(m.shape[0], dtype=torch.float64) - b @ b.T
+        m, k64 = q @ m @ q + b @ b.T, q @ k64
     v = torch.linalg.solve(m, k64)  # M^-1 K (M symmetric positive definite when P is)
     return LowRank(U=r64, V=v)
 

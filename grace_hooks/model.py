@@ -13,6 +13,7 @@ from . import __version__
 from .architectures import Site
 from .config import make_config
 from .errors import PackError
+from .health import site_health
 from .hooks import HookOwner
 from .loading import load_base
 from .methods import EditContext, get_method
@@ -143,6 +144,12 @@ class EditableModel:
         if not (path / "edit_pack.json").is_file():
             raise PackError(f"no pack named {name!r} in {directory}")
         shutil.rmtree(path)
+
+    def health(self, texts: Iterable[str] | None = None, max_tokens: int = 512) -> dict[str, dict[str, float]]:
+        """Per site carrying weight deltas: |W0 + sum dW|_F / |W0|_F (global deltas, and all of them)
+        and the activation-norm ratio and drift against the base on a reference text (the shipped
+        unrelated paragraphs by default). See :mod:`grace_hooks.health`."""
+        return site_health(self.base_model, self.tokenizer, self._runtime, None if texts is None else list(texts), max_tokens)
 
     # ------------------------------------------------------------------ pass-through
     @contextlib.contextmanager

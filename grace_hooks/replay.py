@@ -112,19 +112,20 @@ class LayerReplay:
             raise RuntimeError(f"block {self.layer} was not called by the model's forward")
         return calls, hidden[0]
 
-    def hidden_states(self) -> torch.Tensor:
-        """The output of the final norm."""
-        h = self.hidden_in
+    def hidden_states(self, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The output of the final norm; ``offset`` is added to the input of block ``layer`` first."""
+        h = self.hidden_in if offset is None else self.hidden_in + offset.to(self.hidden_in.dtype)
         for block, args, kwargs, positional in self.calls:
             out = block(h, *args, **kwargs) if positional else block(*args, hidden_states=h, **kwargs)
             h = out[0] if isinstance(out, (tuple, list)) else out
         return self.final_norm(h)
 
-    def logits(self, index: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def logits(self, index: tuple[torch.Tensor, torch.Tensor] | None = None,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
         """The logits, shape (batch, width, vocab); with ``index = (rows, cols)`` (two long tensors
         of one shape) only those positions', shape ``rows.shape + (vocab,)`` (the head is the
-        costliest layer of a small model)."""
-        h = self.hidden_states()
+        costliest layer of a small model). ``offset``: see :meth:`hidden_states`."""
+        h = self.hidden_states(offset)
         if index is not None:
             h = h[index[0].to(h.device), index[1].to(h.device)]
         logits = self.head(h)

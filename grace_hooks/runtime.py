@@ -19,6 +19,8 @@ from .architectures import Site
 from .hooks import HookOwner
 from .router import NO_KEY, KeyRouter
 
+STAGED_RANK = 2**62  # above any loaded pack's rank
+
 
 @dataclass
 class LowRankDelta:
@@ -27,6 +29,7 @@ class LowRankDelta:
     U: torch.Tensor  # (d_out, r)
     V: torch.Tensor  # (d_in, r)
     routed: bool = False  # False: at every position; True: only where the router puts x in scope of the pack's keys
+    keys: torch.Tensor | None = None  # (n, d_in) the edit keys it was solved for (later solves may build on them)
 
 
 @dataclass
@@ -86,7 +89,9 @@ class SiteRuntime:
             self.owner += [pack_id] * n
             self.ids[pack_id] = ids
         if c.delta is not None:
-            self.deltas[pack_id] = LowRankDelta(c.delta.U.detach().float().cpu(), c.delta.V.detach().float().cpu(), c.delta.routed)
+            d = c.delta
+            self.deltas[pack_id] = LowRankDelta(d.U.detach().float().cpu(), d.V.detach().float().cpu(), d.routed,
+                                                None if d.keys is None else d.keys.detach().float().cpu())
         for target_pack, key_index, radius in c.shrink:
             if target_pack in self.ids:
                 self.router.shrink(int(self.ids[target_pack][key_index]), radius, owner=pack_id)
@@ -149,6 +154,7 @@ class EditRuntime:
         self._mask: torch.Tensor | None = None
         self._context_handles: list = []
         self._trace: list | None = None
+        self.memo: dict = {}  # per-model results that methods reuse across edits (context prefixes, C0, ...)
 
     # --- per-forward context ---
     def _capture_mask(self, module, args, kwargs):
@@ -224,6 +230,19 @@ class EditRuntime:
             for handle in self._context_handles:
                 self.hooks.remove(handle)
             self._context_handles = []
+
+    @contextlib.contextmanager
+    def staged(self, contributions: dict[str, SiteContribution], pack_id: str = "__being_computed__") -> Iterator[None]:
+        """An edit being computed, active inside the block above every loaded pack, then gone
+        (methods that edit several layers measure each layer with the earlier ones applied)."""
+        if not contributions:
+            yield
+            return
+        self.add_pack(pack_id, STAGED_RANK, contributions)
+        try:
+            yield
+        finally:
+            self.remove_pack(pack_id)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

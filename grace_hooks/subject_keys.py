@@ -47,21 +47,32 @@ def lookup_positions(tokenizer, requests: Sequence[EditRequest], prefix: str) ->
     return out
 
 
-def subject_keys(model, tokenizer, site: Site, requests: Sequence[EditRequest], prefixes: Sequence[str]) -> torch.Tensor:
-    """(n_requests, d_in): the site input at the last subject token, averaged over ``prefixes``."""
+def activations_at_subject(model, tokenizer, module, requests: Sequence[EditRequest], prefixes: Sequence[str],
+                           which: str = "input") -> torch.Tensor:
+    """(n_prefixes, n_requests, d): ``module``'s input (or output hidden states) at the last subject
+    token of ``prefix + request.text``, for every prefix, with whatever hooks are on the model."""
     side, tokenizer.padding_side = tokenizer.padding_side, "right"  # positions must not shift
-    total = None
+    device = next(model.parameters()).device
+    out = []
+
+    def grab(m, a, o):
+        t = a[0] if which == "input" else (o[0] if isinstance(o, (tuple, list)) else o)
+        grabbed.append(t.detach())
+
     try:
         for prefix in prefixes:
-            texts = [prefix + r.text for r in requests]
             idx = torch.tensor(lookup_positions(tokenizer, requests, prefix))
-            enc = tokenizer(texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+            enc = tokenizer([prefix + r.text for r in requests], return_tensors="pt", padding=True).to(device)
             grabbed: list[torch.Tensor] = []
             with HookOwner().scoped() as scope, torch.inference_mode():
-                scope.forward(site.module(model), lambda m, a, o: grabbed.append(a[0].detach()))
+                scope.forward(module, grab)
                 model(**enc)
-            keys = grabbed[0][torch.arange(len(requests)), idx.to(grabbed[0].device)].float().cpu()
-            total = keys if total is None else total + keys
+            out.append(grabbed[0][torch.arange(len(requests)), idx.to(grabbed[0].device)].float().cpu())
     finally:
         tokenizer.padding_side = side
-    return total / len(prefixes)
+    return torch.stack(out)
+
+
+def subject_keys(model, tokenizer, site: Site, requests: Sequence[EditRequest], prefixes: Sequence[str]) -> torch.Tensor:
+    """(n_requests, d_in): the site input at the last subject token, averaged over ``prefixes``."""
+    return activations_at_subject(model, tokenizer, site.module(model), requests, prefixes).mean(0)

@@ -8,16 +8,18 @@ most probable continuation of every rewrite prompt ("most-probable early stoppin
 from __future__ import annotations
 
 from dataclasses import dataclass
+import contextlib
 from typing import Sequence
 
 import torch
 
 from .architectures import arch_spec
 from .config import option
-from .hooks import HookOwner, frozen_parameters
+from .hooks import frozen_parameters
+from .replay import LayerReplay
 from .requests import EditRequest
 from .subject_keys import lookup_positions
-from .tokens import build_pair_batch, score_targets
+from .tokens import EditBatch, build_pair_batch, score_targets, scored_positions
 
 
 @dataclass
@@ -27,6 +29,7 @@ class TargetVectorConfig:
     kl_factor: float = option(0.0625, "weight of the KL term on '{subject} is a'")
     weight_decay: float = option(0.5, "weight of |delta| / |h|^2")
     clamp: float = option(0.75, "|delta| <= clamp * |h|")
+    batch_size: int = option(8, "requests optimised together (one delta each); memory grows with it")
     stop: str = option("loss", "'loss': stop when the loss < 5e-2 (MEMIT); 'most_probable': stop once the target "
                        "is the argmax on every rewrite prompt (ENCORE)", choices=("loss", "most_probable"))
 
@@ -39,64 +42,123 @@ class TargetVector:
     target_prob: float  # mean over rewrite prompts of P(target), at the end
 
 
-def _block_output_hook(rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor, seen: list):
-    """Adds ``delta`` to a block's output hidden states at (rows, cols); records the original."""
-    def hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        seen.append(h[rows, cols].detach())
-        shift = torch.zeros_like(h)
-        shift[rows, cols] = delta.to(h.dtype)
-        h = h + shift
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-    return hook
+def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest], prefixes: Sequence[str],
+                   cfg: TargetVectorConfig | None = None, real_positions=None) -> list[TargetVector]:
+    """Optimise one delta per request at the output of block ``layer`` (the model is not changed).
+
+    Requests are optimised ``cfg.batch_size`` at a time, each with its own delta, loss and early
+    stop (Adam is per coordinate, so this equals one run per request). Blocks up to ``layer`` run
+    once: every step replays the blocks above it. ``real_positions(mask)``: a context manager that
+    tells hooks on the replayed blocks which positions are real (``EditRuntime.attention_mask``).
+    """
+    cfg = cfg or TargetVectorConfig()
+    n_blocks = len(model.get_submodule(arch_spec(model).layers))
+    if not 0 <= layer < n_blocks - 1:
+        raise ValueError(f"target vectors are optimised at the output of block {layer}: it must be below the last "
+                         f"block ({n_blocks - 1}); edit earlier layers")
+    out: list[TargetVector] = []
+    with frozen_parameters(model):
+        for i in range(0, len(requests), cfg.batch_size):
+            out += _optimise(model, tokenizer, layer, requests[i:i + cfg.batch_size], prefixes, cfg, real_positions)
+    return out
 
 
 def target_vector(model, tokenizer, layer: int, request: EditRequest, prefixes: Sequence[str],
                   cfg: TargetVectorConfig | None = None) -> TargetVector:
-    """Optimise delta at the output of block ``layer`` for one request (the model is not changed)."""
-    cfg = cfg or TargetVectorConfig()
-    device = next(model.parameters()).device
-    block = model.get_submodule(arch_spec(model).layers)[layer]
-    prompts = [p + request.text for p in prefixes]
-    lookups = [lookup_positions(tokenizer, [request], p)[0] for p in prefixes]
-    rewrite = build_pair_batch(tokenizer, prompts, [request.target_new] * len(prompts), lookups, device)
-    kl_req = EditRequest(prompt="{} is a", subject=request.subject, target_new="x")
-    kl_enc = tokenizer([kl_req.text], return_tensors="pt").to(device)
-    kl_pos = lookup_positions(tokenizer, [kl_req], "")[0]
+    return target_vectors(model, tokenizer, layer, [request], prefixes, cfg)[0]
 
-    delta = torch.zeros(block_width(model), device=device, requires_grad=True)
+
+class _Rows:
+    """A replay of some prompts from block ``layer + 1``, with the delta slot of each row."""
+
+    def __init__(self, model, layer, batch: EditBatch, owner: torch.Tensor, real_positions):
+        self.batch, self.owner = batch, owner  # owner[row] = request index within the chunk
+        self.real_positions = real_positions or (lambda mask: contextlib.nullcontext())
+        with self.real_positions(batch.attention_mask):
+            self.replay = LayerReplay(model, layer + 1, batch.input_ids, batch.attention_mask)
+        self.index, self.scored = scored_positions(batch)
+
+    def logits(self, delta: torch.Tensor, index=None) -> torch.Tensor:
+        rows = torch.arange(len(self.owner), device=delta.device)
+        offset = torch.zeros_like(self.replay.hidden_in, dtype=delta.dtype)
+        offset = offset.index_put((rows, self.batch.key_pos.to(delta.device)), delta[self.owner.to(delta.device)])
+        with self.real_positions(self.batch.attention_mask):
+            return self.replay.logits(self.index if index is None else index, offset=offset)
+
+    def select(self, rows: torch.Tensor, renumber: torch.Tensor) -> "_Rows":
+        new = object.__new__(_Rows)
+        b = self.batch
+        pick = lambda t: t[rows.to(t.device)]  # noqa: E731
+        new.batch = EditBatch(pick(b.input_ids), pick(b.attention_mask), pick(b.prompt_len), pick(b.target_len), pick(b.key_pos))
+        new.owner, new.real_positions = renumber[self.owner[rows]], self.real_positions
+        with self.real_positions(new.batch.attention_mask):
+            new.replay = self.replay.select(rows)
+        new.index, new.scored = scored_positions(new.batch)
+        return new
+
+
+def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConfig, real_positions) -> list[TargetVector]:
+    device = next(model.parameters()).device
+    n, n_pref = len(requests), len(prefixes)
+    prompts, targets, lookups = [], [], []
+    for r in requests:  # row i * n_pref + j: request i with prefix j ("" first)
+        for p in prefixes:
+            prompts.append(p + r.text)
+            targets.append(r.target_new)
+            lookups.append(lookup_positions(tokenizer, [r], p)[0])
+    owner = torch.arange(n).repeat_interleave(n_pref)
+    rewrite = _Rows(model, layer, build_pair_batch(tokenizer, prompts, targets, lookups, device), owner, real_positions)
+    kl_reqs = [EditRequest(prompt="{} is a", subject=r.subject, target_new="x") for r in requests]
+    kl_batch = build_pair_batch(tokenizer, [k.text for k in kl_reqs], ["x"] * n,
+                                [lookup_positions(tokenizer, [k], "")[0] for k in kl_reqs], device)
+    kl = _Rows(model, layer, kl_batch, torch.arange(n), real_positions)
+    kl_index = (torch.arange(n, device=device), kl_batch.key_pos)  # MEMIT reads the KL logits at the subject token
+
+    bare = torch.arange(n, device=device) * n_pref
+    h = rewrite.replay.hidden_in[bare, rewrite.batch.key_pos[bare]].float()  # (n, d): the residual before the edit
+    delta = torch.zeros_like(h, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    rows = torch.arange(len(prompts), device=device)
-    kl_init = h_init = None
-    steps, prob = 0, 0.0
-    with frozen_parameters(model):
-        for steps in range(1, cfg.steps + 1):
-            seen: list[torch.Tensor] = []
-            with HookOwner().scoped() as scope:
-                scope.forward(block, _block_output_hook(rows, rewrite.key_pos, delta, seen))
-                logits = model(input_ids=rewrite.input_ids, attention_mask=rewrite.attention_mask).logits
-                scope.remove_all()
-                scope.forward(block, _block_output_hook(torch.zeros(1, dtype=torch.long, device=device),
-                                                        torch.tensor([kl_pos], device=device), delta, []))
-                kl_logp = torch.log_softmax(model(**kl_enc).logits[0, kl_pos].float(), -1)
-            if h_init is None:
-                h_init, kl_init = seen[0][0].float(), kl_logp.detach()
-            scores = score_targets(logits, rewrite)
-            nll = scores.nll.mean()
-            kl = torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="sum")
-            loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm() / h_init.norm() ** 2
-            prob = float(torch.exp(-scores.nll.detach()).mean())
-            done = bool(scores.correct.all()) if cfg.stop == "most_probable" else float(loss.detach()) < 5e-2
-            if done or steps == cfg.steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():  # project back into the ball |delta| <= clamp |h|
-                limit = cfg.clamp * h_init.norm()
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
-    return TargetVector(z=(h_init + delta.detach()).cpu(), h=h_init.cpu(), steps=steps, target_prob=prob)
+    kl_init = torch.log_softmax(kl.logits(delta.detach(), kl_index).float(), -1)
+    steps = torch.zeros(n, dtype=torch.long)
+    prob = torch.zeros(n)
+    live = torch.ones(n, dtype=torch.bool)
+    rw, kr, ids = rewrite, kl, torch.arange(n)  # the rows of the live requests
+    for step in range(1, cfg.steps + 1):
+        d = delta[ids.to(device)]
+        scores = score_targets(rw.logits(d), rw.scored)
+        kl_logp = torch.log_softmax(kr.logits(d, (kl_index[0][: len(ids)], kr.batch.key_pos)).float(), -1)
+        m = len(ids)
+        owner_rows = rw.owner.to(device)
+        nll = torch.zeros(m, device=device).index_add(0, owner_rows, scores.nll) / n_pref
+        kl_term = (kl_logp.exp() * (kl_logp - kl_init[ids.to(device)])).sum(-1)  # KL(current || initial), as MEMIT
+        hn = h[ids.to(device)].norm(dim=1)
+        loss = nll + cfg.kl_factor * kl_term + cfg.weight_decay * d.norm(dim=1) / hn ** 2
+        all_right = torch.zeros(m, device=device).index_add(0, owner_rows, (~scores.correct).float()) == 0
+        with torch.no_grad():
+            prob[ids] = (torch.zeros(m, device=device).index_add(0, owner_rows, torch.exp(-scores.nll)) / n_pref).cpu()
+        steps[ids] = step
+        done = (all_right if cfg.stop == "most_probable" else loss.detach() < 5e-2).cpu()
+        if step == cfg.steps or bool(done.all()):
+            break
+        live[ids[done]] = False
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        frozen = delta.detach()[~live.to(device)].clone()
+        opt.step()
+        with torch.no_grad():
+            delta[~live.to(device)] = frozen  # finished requests keep their delta (Adam's momentum would move it)
+            norms, limit = delta.norm(dim=1), cfg.clamp * h.norm(dim=1)
+            over = norms > limit  # project back into the ball |delta| <= clamp |h| (MEMIT eq. 16's clamp)
+            delta[over] *= (limit[over] / norms[over])[:, None]
+        if bool(done.any()):  # replay only the rows of the requests still optimised
+            keep = (~done).nonzero().squeeze(1)
+            local = torch.full((m,), -1, dtype=torch.long)
+            local[keep] = torch.arange(len(keep))
+            rw = rw.select(torch.isin(rw.owner, keep).nonzero().squeeze(1), local)
+            kr = kr.select(keep, local)
+            ids = ids[keep]
+    z = (h + delta.detach()).cpu()
+    return [TargetVector(z=z[i], h=h[i].cpu(), steps=int(steps[i]), target_prob=float(prob[i])) for i in range(n)]
 
 
 def block_width(model) -> int:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TINY_REQUESTS, UNRELATED, last_logits, next_token, param_hash, target_id
+from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS, UNRELATED, last_logits, next_token, param_hash, target_id
 from grace_hooks import EditableModel
 from grace_hooks.hooks import count_hooks
 from tiny import TINY_CONFIGS
@@ -12,7 +12,14 @@ METHODS = {
     "grace": ("grace", {}),
     "grace-subject_last": ("grace", {"key": "subject_last", "layer": 0, "n_iter": 300}),
     "grace-replace_last": ("grace", {"replacement": "last"}),
+    **{f"{m}-{mode}": (m, {**DELTA_TINY, **extra, "mode": mode}) for m, extra in
+       (("memit", {}), ("encore", {"norm_lambda": 1.0}), ("oedit", {})) for mode in ("global", "routed")},
 }
+# Weight deltas act at the last subject token: on random tiny models the edit prompts end in the subject
+# (a random block barely carries a subject-token edit to a later position; the real model is tested on CounterFact).
+REQUESTS = {name: DELTA_REQUESTS for name, (m, _) in METHODS.items() if m in ("memit", "encore", "oedit")}
+# A global delta acts on every token by design: unrelated text moves, only less than the edited prompts.
+GLOBAL = {name for name, (_, cfg) in METHODS.items() if cfg.get("mode") == "global"}
 ARCHS = sorted(TINY_CONFIGS)
 # A random tiny Gemma renormalises its MLP branch, so a value written at the subject token cannot
 # steer the last token through two random layers; subject_last on Gemma is measured on real weights.
@@ -30,17 +37,22 @@ def matrix(weak_xfail: bool = True):
 @pytest.mark.parametrize("arch,method", matrix())
 def test_contract(arch, method, make_model, tokenizer, tmp_path):
     name, cfg = METHODS[method]
+    requests = REQUESTS.get(method, TINY_REQUESTS)
     model = make_model(arch)
     weights_before = param_hash(model)
     em = EditableModel(model, tokenizer, name=f"tiny-{arch}")
-    prompts = [r.text for r in TINY_REQUESTS]
+    prompts = [r.text for r in requests]
     base_edit, base_unrelated = last_logits(model, tokenizer, prompts), last_logits(model, tokenizer, UNRELATED)
 
-    em.edit(TINY_REQUESTS, method=name, pack="p1", **cfg)
+    em.edit(requests, method=name, pack="p1", **cfg)
     # the edit works: every target is the greedy next token
-    assert [next_token(em, tokenizer, p) for p in prompts] == [target_id(tokenizer, r) for r in TINY_REQUESTS]
-    # unrelated inputs are bit-identical to the base
-    assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, UNRELATED), base_unrelated))
+    assert [next_token(em, tokenizer, p) for p in prompts] == [target_id(tokenizer, r) for r in requests]
+    unrelated = last_logits(em, tokenizer, UNRELATED)
+    if method in GLOBAL:  # moved less than the edited prompts
+        moved = lambda now, before: torch.stack([(a - b).norm() for a, b in zip(now, before)]).mean()  # noqa: E731
+        assert moved(unrelated, base_unrelated) < moved(last_logits(em, tokenizer, prompts), base_edit)
+    else:  # unrelated inputs are bit-identical to the base
+        assert all(torch.equal(a, b) for a, b in zip(unrelated, base_unrelated))
     with em.disabled():
         assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, prompts), base_edit))
     edited = last_logits(em, tokenizer, prompts)
@@ -77,11 +89,12 @@ def _padded_logits(model, tokenizer, prompts):
 def test_batched_padded_cached_generation(arch, method, make_model, tokenizer):
     """Invariant 7: batched, padded and KV-cached generation equal one-at-a-time calls."""
     name, cfg = METHODS[method]
+    requests = REQUESTS.get(method, TINY_REQUESTS)
     em = EditableModel(make_model(arch), tokenizer)
-    em.edit(TINY_REQUESTS, method=name, **cfg)
-    prompts = [r.text for r in TINY_REQUESTS] + UNRELATED[:2]
+    em.edit(requests, method=name, **cfg)
+    prompts = [r.text for r in requests] + UNRELATED[:2]
     single = [_greedy(em, tokenizer, [p])[0] for p in prompts]
-    assert single[0][0] == target_id(tokenizer, TINY_REQUESTS[0])
+    assert single[0][0] == target_id(tokenizer, requests[0])
     if cfg.get("replacement") != "last":  # 'last' queries only the newest token: cache-dependent by definition
         assert [_greedy(em, tokenizer, [p], use_cache=False)[0] for p in prompts] == single
     for side in ("left", "right"):

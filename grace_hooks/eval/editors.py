@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from ..architectures import Site, relative_layer
 from ..config import make_config, option
 from ..errors import ConfigError
+from ..health import summarize
 from ..hooks import frozen_parameters
 from ..methods import get_method
 from ..methods.grace.config import DEFAULT_RELATIVE_DEPTH
@@ -85,6 +86,10 @@ class Editor(ABC):
     def serves(self, index: int, row: int) -> Callable[[Hit], bool] | None:
         """A test for router hits that belong to request ``row`` of batch ``index``."""
         return None
+
+    def health(self, texts: list[str]) -> dict[str, float]:
+        """Weight-norm growth and activation drift against the base, largest over the sites."""
+        return summarize(self.model.health(texts))
 
     def bytes_in_memory(self) -> int:
         return 0
@@ -233,6 +238,10 @@ class FineTune(Editor):
         if n_batches:
             with torch.no_grad():
                 self.weight.copy_(load_file(str(self._file(workdir)))["weight"])
+
+    def health(self, texts: list[str]) -> dict[str, float]:
+        ratio = float(torch.linalg.matrix_norm(self.weight.detach().double()) / torch.linalg.matrix_norm(self.original.double()))
+        return {"weight_norm_ratio_max": ratio, "weight_norm_ratio_all_max": ratio}
 
     def bytes_in_memory(self) -> int:
         return self.original.numel() * self.original.element_size()  # the copy kept to measure the base

@@ -18,7 +18,6 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import option
 from ..errors import ConfigError
+from ..health import reference_texts
 from ..model import EditableModel
 from ..requests import EditRequest
 from .editors import Editor, MethodSpec, make_editor
@@ -54,8 +54,7 @@ class LifelongConfig:
 
 def unrelated_texts() -> list[str]:
     """Paragraphs on topics far from any CounterFact / zsRE fact (perplexity, bit-identity)."""
-    text = resources.files("grace_hooks").joinpath("data/unrelated_text.txt").read_text(encoding="utf-8")
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
+    return reference_texts()
 
 
 def checkpoint_counts(n: int, batch: int, every: int = 0) -> list[int]:
@@ -236,6 +235,7 @@ class LifelongRun:
                "bit_identical_text": float(np.mean([a == b for a, b in zip(edited.digest, self.base.text.digest)]))}
         if edited.hits is not None:
             out["false_fire_text"] = float(np.mean([bool(h) for h in edited.hits]))
+        out.update(editor.health(texts))
         return out
 
     def _speed(self, editor: Editor, m: int) -> dict[str, Any]:

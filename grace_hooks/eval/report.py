@@ -10,12 +10,14 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("gen. success", "generation_success", "%"), ("ERR", "ERR", "%"),
     ("reliability", "reliability", "%"), ("generality", "generality", "%"), ("locality", "locality", "%"),
     ("ppl ratio", "perplexity_ratio", "x"), ("bit-identical", "bit_identical", "%"),
+    ("|W| growth", "weight_norm_ratio_max", "x"), ("act. drift", "activation_drift_max", "x"),
     ("recall", "router_recall", "%"), ("false fire", "false_fire", "%"),
     ("s/edit (median)", "seconds_per_edit_median", "s"), ("s/edit (p90)", "seconds_per_edit_p90", "s"),
     ("tok/s ratio", "time_ratio_to_base", "inv"), ("bytes/edit disk", "bytes_per_edit_disk", "n"),
 ]
 PLOTTED = [("ES", "ES"), ("PS", "PS"), ("NS", "NS"), ("generation success", "generation_success"),
-           ("ERR", "ERR"), ("bit-identical (locality prompts)", "bit_identical"), ("perplexity ratio", "perplexity_ratio")]
+           ("ERR", "ERR"), ("bit-identical (locality prompts)", "bit_identical"), ("perplexity ratio", "perplexity_ratio"),
+           ("|W0 + sum dW| / |W0| (largest site)", "weight_norm_ratio_max")]
 
 
 def fmt(value: Any, kind: str) -> str:
@@ -52,7 +54,8 @@ def final_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def checkpoint_table(res: dict[str, Any]) -> str:
     cols = [c for c in COLUMNS if c[1] in ("ES", "PS", "NS", "generation_success", "ERR", "bit_identical",
-                                           "perplexity_ratio", "seconds_per_edit_median", "time_ratio_to_base")]
+                                           "perplexity_ratio", "weight_norm_ratio_max", "seconds_per_edit_median",
+                                           "time_ratio_to_base")]
     cols.append(("sample", "sample_size", "n"))
     return table([{"edits": ck["edits"], **ck} for ck in res["checkpoints"]], cols, label_key="edits")
 
@@ -80,7 +83,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     runs = {k: v for k, v in results["runs"].items() if v.get("checkpoints")}
     paths = []
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    fig, axes = plt.subplots(3, 3, figsize=(16, 10))
     for ax, (title, key) in zip(axes.flat, PLOTTED):
         for label, res in runs.items():
             cks = [c for c in res["checkpoints"] if c.get(key) is not None]

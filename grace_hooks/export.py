@@ -1,0 +1,70 @@
+"""Exporting a weight-delta pack as a standard PEFT LoRA adapter (PEFT, vLLM and LoRAX serve these).
+
+A global-mode delta dW = U V^T at a site is exactly a LoRA pair with A = V^T (r x d_in),
+B = U (d_out x r) and scaling lora_alpha / r = 1; GPT-2's Conv1D sites set ``fan_in_fan_out``
+(PEFT's forward is the same either way; the flag matters when PEFT merges). Routed deltas act only
+where the router fires, which LoRA cannot express, so they are refused.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .architectures import ARCHITECTURES, Site
+from .errors import PackError
+from .methods import get_method
+from .packs import EditPack
+
+
+def export_peft(pack: EditPack, dest: str | Path) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for ``pack`` into ``dest`` (new)."""
+    from peft import LoraConfig
+
+    impl = get_method(pack.method)
+    if "weight_delta" not in impl.capabilities:
+        raise PackError(f"pack {pack.name!r} uses method {pack.method!r}, which stores no weight delta; "
+                        "peft export applies to weight-delta packs (memit, encore, oedit)")
+    spec = ARCHITECTURES.get(pack.base.model_type)
+    if spec is None:
+        raise PackError(f"pack {pack.name!r} was made for architecture {pack.base.model_type!r}, which has no module table")
+    tensors, ranks, transposed = {}, {}, set()
+    for name, c in impl.contributions(pack).items():
+        if c.delta is None:
+            continue
+        if c.delta.routed:
+            raise PackError(f"pack {pack.name!r} is routed: its delta acts only where its keys fire, which a LoRA "
+                            "adapter cannot express; compute the edit with mode=global to export it")
+        site = Site.parse(name)
+        path = site.path(spec)
+        tensors[f"base_model.model.{path}.lora_A.weight"] = c.delta.V.T.float().contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = c.delta.U.float().contiguous()
+        ranks[path] = int(c.delta.U.shape[1])
+        transposed.add(site.point in spec.transposed)
+    if not tensors:
+        raise PackError(f"pack {pack.name!r} holds no weight delta to export")
+    if len(transposed) > 1:
+        raise PackError(f"pack {pack.name!r} mixes transposed and plain sites; export them separately")
+    r = max(ranks.values())
+    config = LoraConfig(
+        r=r, lora_alpha=r, target_modules=sorted(ranks), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        rank_pattern=dict(ranks), alpha_pattern=dict(ranks),  # alpha = r per module: scaling 1, dW = B A exactly
+        fan_in_fan_out=transposed.pop(), base_model_name_or_path=pack.base.name, inference_mode=True,
+    )
+    dest = Path(dest)
+    if dest.exists():
+        raise PackError(f"{dest} already exists; remove it or choose another destination")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt", "grace_hooks_pack": pack.name})
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ...config import option
+from ...errors import ConfigError
+from ...target_vectors import TargetVectorConfig
+
+MODES = ("global", "routed")
+
+
+@dataclass
+class DeltaConfig(TargetVectorConfig):
+    """MEMIT (Meng et al. 2023) and the options its descendants share (the target-vector options
+    lr, steps, kl_factor, weight_decay, clamp, stop and batch_size come from TargetVectorConfig)."""
+
+    layers: str | None = option(None, "edited blocks, e.g. '3-7' or '3,4,5'; None = 5 consecutive blocks centred near "
+                                      "a sixth of the depth (3-7 of 30), as MEMIT/ENCORE edit 4-8 of Llama3-8B's 32")
+    point: str = option("mlp_out", "hook point inside each block (see architectures.ARCHITECTURES)")
+    mode: str = option("routed", "'global': dW acts on every token (the papers); 'routed': only at positions the "
+                                 "router puts in scope of the pack's keys (unrelated text stays bit-identical)", MODES)
+    radius_scale: float = option(1.5, "routed: a key's radius is this times its largest distance to its own "
+                                      "context-prefixed samples (the key is their mean), at least 5% of its norm")
+    mom2_weight: float = option(15000.0, "lambda, the weight of C0 (MEMIT's mom2_update_weight for GPT-J/Llama3)")
+    corpus: str | None = option(None, "text file (blank-line separated paragraphs) for C0; None = text sampled "
+                                      "from the model itself (no pre-training text offline)")
+    corpus_texts: int = option(256, "model-sampled texts for C0 when no corpus file is given")
+    corpus_tokens: int = option(128, "tokens per model-sampled text")
+    max_tokens: int = option(100_000, "at most this many key vectors in C0")
+    n_prefixes: int = option(5, "model-written context prefixes besides the bare prompt (MEMIT: 5, of 10 tokens)")
+    prefix_tokens: int = option(10, "length of each model-written context prefix (MEMIT: 10)")
+    def target_config(self) -> TargetVectorConfig:
+        return TargetVectorConfig(**{f.name: getattr(self, f.name) for f in fields(TargetVectorConfig)})
+
+    def layer_list(self, n_layers: int) -> list[int]:
+        """The edited blocks, ascending. The last one must be below the last block (its output is
+        where target vectors are optimised)."""
+        if self.layers is None:
+            centre = round(n_layers / 6)
+            return list(range(max(0, centre - 2), min(n_layers - 1, centre + 3)))
+        try:
+            out: set[int] = set()
+            for part in str(self.layers).replace(" ", "").split(","):
+                lo, _, hi = part.partition("-")
+                out.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ConfigError(f"layers={self.layers!r}: expected e.g. '3-7' or '3,4,5'") from None
+        layers = sorted(out)
+        if not layers or layers[0] < 0 or layers[-1] >= n_layers - 1:
+            raise ConfigError(f"layers={self.layers!r}: edited blocks must lie in 0..{n_layers - 2} "
+                              f"(the model has {n_layers}; the last block's output cannot carry a target vector)")
+        return layers
+
+
+@dataclass
+class EncoreConfig(DeltaConfig):
+    """ENCORE (Gupta et al. 2025): most-probable early stopping and a norm-constrained update."""
+
+    stop: str = option("most_probable", "target vectors: 'most_probable' (ENCORE: stop once the target is the argmax "
+                                        "on every rewrite prompt) or 'loss' (MEMIT)", ("loss", "most_probable"))
+    norm_lambda: float = option(20.0, "lambda_N on |dW|^2 (ENCORE's update_norm_lambda for Llama3-8B)")
+    previous_edits: bool = option(True, "add sum K_p K_p^T of the keys of every loaded delta pack at the site")
+
+
+@dataclass
+class OEditConfig(DeltaConfig):
+    """O-Edit (Cai & Cao 2024): every update orthogonal to the earlier updates at its site."""
+
+    orthogonal_to: str = option("updates", "'updates': the row spaces of earlier deltas (their V factors), so "
+                                           "<dW_new, dW_old>_F = 0; 'keys': earlier edit keys, so dW_new K_old = 0",
+                                ("updates", "keys"))

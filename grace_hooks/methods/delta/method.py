@@ -1,0 +1,153 @@
+"""The locate-then-edit pipeline that MEMIT, ENCORE and O-Edit share (Meng et al. 2023, sec. 4):
+
+1. keys k at the last subject token of each edited site, averaged over model-written prefixes;
+2. a target vector z per request at the output of the last edited block (NLL + KL + decay, clamp);
+3. for each edited block in turn, with the earlier blocks' updates already acting: the residual
+   R = (z - h_now) / (blocks left) is written by dW = R K^T (P + K K^T)^-1 (eq. 14), where the
+   variants differ only in P (the preservation term) and in an optional subspace constraint.
+
+The updates are returned as factors (U = R, V = P'^-1 K): nothing d_out x d_in is stored, and the
+model is never written; each block's update acts through the runtime while later blocks are solved.
+"""
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from pathlib import Path
+
+import torch
+
+from ...architectures import Site, arch_spec, num_layers
+from ...covariance import Corpus, cached_sample_corpus, model_digest, second_moment
+from ...linalg import LowRank, closed_form_update
+from ...packs import EditPack
+from ...requests import EditRequest
+from ...runtime import LowRankDelta, SiteContribution, SiteRuntime
+from ...subject_keys import activations_at_subject, context_prefixes
+from ...target_vectors import target_vectors
+from ..base import ComputedEdit, EditContext, EditMethod
+from .config import DeltaConfig
+
+log = logging.getLogger(__name__)
+
+MIN_RELATIVE_RADIUS = 0.05
+
+
+def _version(model) -> int:
+    """Changes whenever a parameter is written in place (torch counts writes in ``_version``)."""
+    return sum(p._version for p in model.parameters())
+
+
+class DeltaMethod(EditMethod):
+    """A weight-delta method: subclasses give the preservation term P and the update's constraint."""
+
+    config_class = DeltaConfig
+    capabilities = frozenset({"weight_delta", "routed"})
+
+    # ------------------------------------------------------------------ what variants change
+    @abstractmethod
+    def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg) -> torch.Tensor:
+        """P (d_in x d_in, float64), the part of the normal matrix that does not depend on the new keys."""
+
+    def constraint(self, loaded: SiteRuntime | None, cfg) -> torch.Tensor | None:
+        """Orthonormal columns the update's row space must avoid, or None."""
+        return None
+
+    # ------------------------------------------------------------------ shared parts
+    def sites(self, model, cfg: DeltaConfig) -> list[Site]:
+        return [Site(layer, cfg.point) for layer in cfg.layer_list(num_layers(model))]
+
+    def _memo(self, ctx: EditContext, key: tuple, make):
+        memo = ctx.runtime.memo
+        key = key + (_version(ctx.model),)  # weights written in place invalidate everything derived from them
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
+
+    def second_moment(self, ctx: EditContext, site: Site, cfg: DeltaConfig) -> torch.Tensor:
+        """C0 at ``site`` on the base model (loaded packs off), from the disk cache when it is there."""
+        def make():
+            with ctx.runtime.disabled():
+                digest = self._memo(ctx, ("model_digest",), lambda: model_digest(ctx.model))
+                if cfg.corpus is not None:
+                    corpus = Corpus.from_file(Path(cfg.corpus))
+                else:
+                    corpus = self._memo(ctx, ("corpus", cfg.corpus_texts, cfg.corpus_tokens), lambda: cached_sample_corpus(
+                        ctx.model, ctx.tokenizer, digest, cfg.corpus_texts, cfg.corpus_tokens))
+                return second_moment(ctx.model, ctx.tokenizer, site, corpus, cfg.max_tokens, model_hash=digest)
+        # memoised as a whole, so the method returns the same SecondMoment (from_cache as first read) per model
+        return self._memo(ctx, ("C0", site.name, cfg.corpus, cfg.corpus_texts, cfg.corpus_tokens, cfg.max_tokens), make)
+
+    def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: DeltaConfig) -> ComputedEdit:
+        model, tok = ctx.model, ctx.tokenizer
+        sites = self.sites(model, cfg)
+        with ctx.runtime.disabled():  # the prefixes are the base model's own writing, made once per model
+            prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=ctx.runtime.memo)[: 1 + cfg.n_prefixes]
+        moments = {s.name: self.second_moment(ctx, s, cfg) for s in sites}
+        z_layer = sites[-1].layer
+        tvs = target_vectors(model, tok, z_layer, requests, prefixes, cfg.target_config(), ctx.runtime.attention_mask)
+        z = torch.stack([tv.z for tv in tvs]).to(torch.float64)
+        top = model.get_submodule(arch_spec(model).layers)[z_layer]
+
+        staged: dict[str, SiteContribution] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        layer_metrics = {}
+        for i, site in enumerate(sites):
+            with ctx.runtime.staged(staged):  # the blocks below already carry their share
+                samples = activations_at_subject(model, tok, site.module(model), requests, prefixes)  # (P, n, d_in)
+                now = activations_at_subject(model, tok, top, requests, [""], which="output")[0]
+            keys = samples.mean(0)
+            residual = (z - now.to(torch.float64)) / (len(sites) - i)  # MEMIT: spread over the blocks left
+            loaded = ctx.runtime.sites.get(site.name)
+            update = closed_form_update(residual.T, keys.T, self.preservation(moments[site.name].matrix, loaded, cfg),
+                                        self.constraint(loaded, cfg))
+            spread = (samples - keys).norm(dim=-1).amax(0)  # floor: the same prompt elsewhere differs by rounding
+            radii = cfg.radius_scale * torch.maximum(spread, MIN_RELATIVE_RADIUS * keys.norm(dim=-1))
+            staged[site.name] = self._contribution(update.U.float(), update.V.float(), keys, radii, cfg.mode == "routed")
+            n = site.name
+            tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
+                            f"{n}/keys": keys.float().contiguous(), f"{n}/radii": radii.float().contiguous()})
+            layer_metrics[n] = {"residual_norm": float(residual.norm(dim=1).mean()),
+                                "delta_norm": float(torch.linalg.matrix_norm(update.dense()))}
+        with ctx.runtime.staged(staged):  # how far the whole update carries the bare prompts towards z
+            final = activations_at_subject(model, tok, top, requests, [""], which="output")[0].to(torch.float64)
+        start = torch.stack([tv.h for tv in tvs]).to(torch.float64)
+        reached = 1 - (z - final).norm(dim=1) / (z - start).norm(dim=1).clamp(min=1e-12)
+        metrics = {
+            "target_steps_mean": sum(tv.steps for tv in tvs) / len(tvs),
+            "target_prob_mean": sum(tv.target_prob for tv in tvs) / len(tvs),
+            "z_reached_mean": float(reached.mean()),
+            "layers": layer_metrics,
+            "c0": {s.name: {"count": moments[s.name].count, "corpus": moments[s.name].corpus_source,
+                            "from_cache": moments[s.name].from_cache} for s in sites},
+        }
+        log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z",
+                 self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"], 100 * metrics["z_reached_mean"])
+        state = {"mode": cfg.mode, "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
+        return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, metrics=metrics)
+
+    @staticmethod
+    def _contribution(U, V, keys, radii, routed: bool) -> SiteContribution:
+        delta = LowRankDelta(U, V, routed=routed, keys=keys)
+        if routed:  # the keys route the delta (no replacement values)
+            return SiteContribution(keys=keys, radii=radii, values=None, delta=delta)
+        return SiteContribution(delta=delta)
+
+    def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
+        routed = pack.config.get("mode", "global") == "routed"
+        out = {}
+        for site in pack.sites:
+            t = pack.site_tensors(site)
+            out[site] = self._contribution(t["U"], t["V"], t["keys"], t["radii"], routed)
+        return out
+
+
+def loaded_factors(loaded: SiteRuntime | None, part: str) -> torch.Tensor | None:
+    """The ``part`` ('V' or 'keys') of every delta loaded at a site, as columns (d_in, total)."""
+    if loaded is None:
+        return None
+    cols = [d.V if part == "V" else d.keys.T for d in loaded.deltas.values() if part == "V" or d.keys is not None]
+    return torch.cat(cols, dim=1).to(torch.float64) if cols else None
+
+
+__all__ = ["DeltaMethod", "LowRank", "loaded_factors"]

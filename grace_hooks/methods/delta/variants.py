@@ -1,0 +1,55 @@
+"""The three weight-delta methods: one preservation term or constraint each over the shared pipeline."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ...linalg import orthonormal_basis, preservation_matrix
+from ...runtime import SiteRuntime
+from ..base import register
+from .config import DeltaConfig, EncoreConfig, OEditConfig
+from .method import DeltaMethod, loaded_factors
+
+log = logging.getLogger(__name__)
+
+
+@register
+class Memit(DeltaMethod):
+    """MEMIT (Meng et al. 2023, eq. 14): P = lambda C0."""
+
+    name = "memit"
+    config_class = DeltaConfig
+
+    def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg: DeltaConfig) -> torch.Tensor:
+        return preservation_matrix(c0.shape[0], c0, cfg.mom2_weight)
+
+
+@register
+class Encore(DeltaMethod):
+    """ENCORE (Gupta et al. 2025, the norm-constrained MEMIT update):
+    P = lambda_p C0 + lambda_N I + sum over earlier edits of K_p K_p^T (the keys the loaded packs carry)."""
+
+    name = "encore"
+    config_class = EncoreConfig
+
+    def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg: EncoreConfig) -> torch.Tensor:
+        previous = loaded_factors(loaded, "keys") if cfg.previous_edits else None
+        return preservation_matrix(c0.shape[0], c0, cfg.mom2_weight, cfg.norm_lambda, previous)
+
+
+@register
+class OEdit(Memit):
+    """O-Edit (Cai & Cao 2024): MEMIT's objective, solved orthogonally to the earlier updates at the site."""
+
+    name = "oedit"
+    config_class = OEditConfig
+
+    def constraint(self, loaded: SiteRuntime | None, cfg: OEditConfig) -> torch.Tensor | None:
+        earlier = loaded_factors(loaded, "V" if cfg.orthogonal_to == "updates" else "keys")
+        if earlier is None:
+            return None
+        basis = orthonormal_basis(earlier)
+        if basis.shape[1] >= basis.shape[0]:
+            log.warning("oedit: earlier updates span every input direction (%d); the new update must be zero", basis.shape[0])
+        return basis
