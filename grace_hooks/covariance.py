@@ -121,51 +121,72 @@ def second_moment(model, tokenizer, site: Site, corpus: Corpus, max_tokens: int 
                   cache: Path | None | bool = True, model_hash: str | None = None) -> SecondMoment:
     """C0 at ``site`` over at most ``max_tokens`` (non-padding) positions of ``corpus``.
     ``cache``: True = the library cache folder, a path = that folder, False/None = no cache."""
+    return second_moments(model, tokenizer, [site], corpus, max_tokens, dtype, batch_size, max_length, cache,
+                          model_hash)[site.name]
+
+
+def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_tokens: int = 100_000,
+                   dtype: torch.dtype = torch.float64, batch_size: int = 8, max_length: int = 256,
+                   cache: Path | None | bool = True, model_hash: str | None = None) -> dict[str, SecondMoment]:
+    """:func:`second_moment` at several sites: cached ones are read, the others share one pass."""
     folder = (cache_dir() / "covariance") if cache is True else (Path(cache) if cache else None)
-    key = path = None
-    if folder is not None:
+    out: dict[str, SecondMoment] = {}
+    paths: dict[str, tuple[str, Path] | None] = {}
+    for site in sites:
+        paths[site.name] = None
+        if folder is None:
+            continue
         model_hash = model_hash or model_digest(model)
         key = _cache_key(model_hash, site, corpus, max_tokens, dtype)
-        path = folder / f"{key}.safetensors"
-        if path.is_file():
-            stored = load_file(str(path))
+        path = paths[site.name] = (key, folder / f"{key}.safetensors")
+        if path[1].is_file():
+            stored = load_file(str(path[1]))
             meta = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
-            log.info("covariance %s: cache hit %s (%d keys, corpus %s)", site.name, path.name, meta["count"], meta["corpus_source"])
-            return SecondMoment(site.name, stored["matrix"], int(meta["count"]), meta["corpus_source"], path, True)
-
-    d_in = site.dims(model)[0]
-    total = torch.zeros(d_in, d_in, dtype=dtype)
+            log.info("covariance %s: cache hit %s (%d keys, corpus %s)", site.name, path[1].name, meta["count"], meta["corpus_source"])
+            out[site.name] = SecondMoment(site.name, stored["matrix"], int(meta["count"]), meta["corpus_source"], path[1], True)
+    todo = [s for s in sites if s.name not in out]
+    if not todo:
+        return out
+    totals = {s.name: torch.zeros(s.dims(model)[0], s.dims(model)[0], dtype=dtype) for s in todo}
     count = 0
     device = next(model.parameters()).device
-    grabbed: list[torch.Tensor] = []
+    grabbed: dict[str, torch.Tensor] = {}
     if tokenizer.pad_token_id is None:
         batch_size = 1  # no padding token: one text per forward
-    bar = tqdm(total=max_tokens, desc=f"C0 at {site.name}", unit="tok", leave=False, disable=None)
+    bar = tqdm(total=max_tokens, desc=f"C0 at {len(todo)} site(s)", unit="tok", leave=False, disable=None)
     side, tokenizer.padding_side = tokenizer.padding_side, "right"  # left padding would shift positions
     with HookOwner().scoped() as scope, torch.inference_mode():
-        scope.forward(site.module(model), lambda m, a, o: grabbed.append(a[0].detach()))
+        for site in todo:
+            scope.forward(site.module(model), lambda m, a, o, name=site.name: grabbed.__setitem__(name, a[0].detach()))
         for i in range(0, len(corpus.texts), batch_size):
             if count >= max_tokens:
                 break
             enc = tokenizer(list(corpus.texts[i:i + batch_size]), return_tensors="pt", padding=batch_size > 1,
                             truncation=True, max_length=max_length).to(device)
-            grabbed.clear()
             model(**enc)
-            keys = grabbed[0][enc["attention_mask"].bool()].to(dtype).cpu()[: max_tokens - count]
-            total += keys.T @ keys
-            count += len(keys)
-            bar.update(len(keys))
+            real = enc["attention_mask"].bool()
+            n = 0
+            for name, x in grabbed.items():
+                keys = x[real].to(dtype).cpu()[: max_tokens - count]
+                totals[name] += keys.T @ keys
+                n = len(keys)
+            count += n
+            bar.update(n)
     tokenizer.padding_side = side
     bar.close()
     if count == 0:
         raise ValueError("the corpus gave no tokens to measure")
-    moment = SecondMoment(site.name, total / count, count, corpus.source, path)
-    if path is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"matrix": moment.matrix.contiguous()}, str(tmp))
-        (folder / f"{key}.json").write_text(json.dumps({"site": site.name, "count": count, "corpus_source": corpus.source,
-                                                        "corpus_digest": corpus.digest, "dtype": str(dtype)}), encoding="utf-8")
-        tmp.replace(path)
-    log.info("covariance %s: %d keys from %s", site.name, count, corpus.source)
-    return moment
+    for site in todo:
+        where = paths[site.name]
+        moment = SecondMoment(site.name, totals[site.name] / count, count, corpus.source, where[1] if where else None)
+        if where is not None:
+            key, path = where
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"matrix": moment.matrix.contiguous()}, str(tmp))
+            (folder / f"{key}.json").write_text(json.dumps({"site": site.name, "count": count, "corpus_source": corpus.source,
+                                                            "corpus_digest": corpus.digest, "dtype": str(dtype)}), encoding="utf-8")
+            tmp.replace(path)
+        out[site.name] = moment
+    log.info("covariance at %s: %d keys each from %s", [s.name for s in todo], count, corpus.source)
+    return out

@@ -7,6 +7,7 @@ from ...errors import ConfigError
 from ...target_vectors import TargetVectorConfig
 
 MODES = ("global", "routed")
+LLAMA3_MOM2_WEIGHT, LLAMA3_D_IN = 15000.0, 14336  # ENCORE's hparams/ENCORE/llama3-8b.json, down_proj input width
 
 
 @dataclass
@@ -21,7 +22,9 @@ class DeltaConfig(TargetVectorConfig):
                                  "router puts in scope of the pack's keys (unrelated text stays bit-identical)", MODES)
     radius_scale: float = option(1.5, "routed: a key's radius is this times its largest distance to its own "
                                       "context-prefixed samples (the key is their mean), at least 5% of its norm")
-    mom2_weight: float = option(15000.0, "lambda, the weight of C0 (MEMIT's mom2_update_weight for GPT-J/Llama3)")
+    mom2_weight: float | None = option(None, "lambda, the weight of C0; None = 15000 x d_in / 14336: MEMIT/ENCORE's "
+                                             "Llama3-8B value scaled to the site's input width (E[k^T C0^-1 k] = d_in, "
+                                             "so the new keys' weight against C0 stays the same)")
     corpus: str | None = option(None, "text file (blank-line separated paragraphs) for C0; None = text sampled "
                                       "from the model itself (no pre-training text offline)")
     corpus_texts: int = option(256, "model-sampled texts for C0 when no corpus file is given")
@@ -31,6 +34,9 @@ class DeltaConfig(TargetVectorConfig):
     prefix_tokens: int = option(10, "length of each model-written context prefix (MEMIT: 10)")
     def target_config(self) -> TargetVectorConfig:
         return TargetVectorConfig(**{f.name: getattr(self, f.name) for f in fields(TargetVectorConfig)})
+
+    def c0_weight(self, d_in: int) -> float:
+        return self.mom2_weight if self.mom2_weight is not None else LLAMA3_MOM2_WEIGHT * d_in / LLAMA3_D_IN
 
     def layer_list(self, n_layers: int) -> list[int]:
         """The edited blocks, ascending. The last one must be below the last block (its output is

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ...architectures import Site, arch_spec, num_layers
-from ...covariance import Corpus, cached_sample_corpus, model_digest, second_moment
+from ...covariance import Corpus, SecondMoment, cached_sample_corpus, model_digest, second_moments
 from ...linalg import LowRank, closed_form_update
 from ...packs import EditPack
 from ...requests import EditRequest
@@ -64,8 +64,9 @@ class DeltaMethod(EditMethod):
             memo[key] = make()
         return memo[key]
 
-    def second_moment(self, ctx: EditContext, site: Site, cfg: DeltaConfig) -> torch.Tensor:
-        """C0 at ``site`` on the base model (loaded packs off), from the disk cache when it is there."""
+    def second_moments(self, ctx: EditContext, sites: list[Site], cfg: DeltaConfig) -> dict[str, SecondMoment]:
+        """C0 at each site on the base model (loaded packs off), from the disk cache when it is there;
+        memoised per model, so ``from_cache`` says how the first edit got it."""
         def make():
             with ctx.runtime.disabled():
                 digest = self._memo(ctx, ("model_digest",), lambda: model_digest(ctx.model))
@@ -74,16 +75,16 @@ class DeltaMethod(EditMethod):
                 else:
                     corpus = self._memo(ctx, ("corpus", cfg.corpus_texts, cfg.corpus_tokens), lambda: cached_sample_corpus(
                         ctx.model, ctx.tokenizer, digest, cfg.corpus_texts, cfg.corpus_tokens))
-                return second_moment(ctx.model, ctx.tokenizer, site, corpus, cfg.max_tokens, model_hash=digest)
-        # memoised as a whole, so the method returns the same SecondMoment (from_cache as first read) per model
-        return self._memo(ctx, ("C0", site.name, cfg.corpus, cfg.corpus_texts, cfg.corpus_tokens, cfg.max_tokens), make)
+                return second_moments(ctx.model, ctx.tokenizer, sites, corpus, cfg.max_tokens, model_hash=digest)
+        names = tuple(s.name for s in sites)
+        return self._memo(ctx, ("C0", names, cfg.corpus, cfg.corpus_texts, cfg.corpus_tokens, cfg.max_tokens), make)
 
     def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: DeltaConfig) -> ComputedEdit:
         model, tok = ctx.model, ctx.tokenizer
         sites = self.sites(model, cfg)
         with ctx.runtime.disabled():  # the prefixes are the base model's own writing, made once per model
             prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=ctx.runtime.memo)[: 1 + cfg.n_prefixes]
-        moments = {s.name: self.second_moment(ctx, s, cfg) for s in sites}
+        moments = self.second_moments(ctx, sites, cfg)
         z_layer = sites[-1].layer
         tvs = target_vectors(model, tok, z_layer, requests, prefixes, cfg.target_config(), ctx.runtime.attention_mask)
         z = torch.stack([tv.z for tv in tvs]).to(torch.float64)

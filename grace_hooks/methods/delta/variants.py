@@ -22,7 +22,7 @@ class Memit(DeltaMethod):
     config_class = DeltaConfig
 
     def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg: DeltaConfig) -> torch.Tensor:
-        return preservation_matrix(c0.shape[0], c0, cfg.mom2_weight)
+        return preservation_matrix(c0.shape[0], c0, cfg.c0_weight(c0.shape[0]))
 
 
 @register
@@ -35,7 +35,7 @@ class Encore(DeltaMethod):
 
     def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg: EncoreConfig) -> torch.Tensor:
         previous = loaded_factors(loaded, "keys") if cfg.previous_edits else None
-        return preservation_matrix(c0.shape[0], c0, cfg.mom2_weight, cfg.norm_lambda, previous)
+        return preservation_matrix(c0.shape[0], c0, cfg.c0_weight(c0.shape[0]), cfg.norm_lambda, previous)
 
 
 @register
