@@ -27,6 +27,7 @@ def main(argv=None) -> None:
     p.add_argument("--dest", type=Path, default=REPO / "benchmarks" / "results" / "lifelong")
     p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     p.add_argument("--intro", default="", help="text placed above the tables")
+    p.add_argument("--section", default=SECTION, help="the RESULTS.md heading (whole line) whose section is replaced")
     args = p.parse_args(argv)
 
     groups: dict[tuple[str, int], dict] = {}
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
     lines += ["Commands (run from the repository root; each wrote `results.json`, `results.md` and plots, "
               "copied under `benchmarks/results/lifelong/`):", ""]
     lines += [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
-    replace_md_section(args.results_md, SECTION, "\n".join(lines))
+    replace_md_section(args.results_md, args.section, "\n".join(lines))
 
 
 def _unfinished(run: Path, res: dict) -> dict:

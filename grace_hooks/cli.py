@@ -189,13 +189,13 @@ def _flatten(d: dict, prefix: str = "") -> list[str]:
 @main.command()
 def methods() -> None:
     """List the edit methods and their options."""
-    from .config import describe
+    from .config import option_lines
     from .methods import get_method, method_names
 
     for name in method_names():
         click.echo(f"{name}:")
-        for opt in describe(get_method(name).config_class).split("; "):
-            click.echo(f"  {opt}")
+        for line in option_lines(get_method(name).config_class):
+            click.echo(f"  {line}")
 
 
 # ---------------------------------------------------------------------------- ls / rm / export

@@ -54,5 +54,10 @@ def make_config(cls: type[C], overrides: dict[str, Any] | None = None, base: dic
     return cls(**values)
 
 
+def option_lines(cls: type) -> list[str]:
+    """One ``name=default (help)`` line per option."""
+    return [f"{f.name}={f.default!r} ({f.metadata.get('help', '')})" for f in dataclasses.fields(cls)]
+
+
 def describe(cls: type) -> str:
-    return "; ".join(f"{f.name}={f.default!r} ({f.metadata.get('help', '')})" for f in dataclasses.fields(cls))
+    return "; ".join(option_lines(cls))

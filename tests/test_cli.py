@@ -256,10 +256,10 @@ def test_export_native_to_new_path_and_into_dir(made_packs, tmp_path):
     assert not [p for p in (tmp_path / "shelf").iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
-def test_export_peft_is_a_clear_error(made_packs, tmp_path):
+def test_export_peft_of_a_grace_pack_is_a_clear_error(made_packs, tmp_path):
     res = run("export", "facts", tmp_path / "peft", "--adapters", made_packs, "--format", "peft")
     assert res.exit_code == 2
-    assert "peft export applies to weight-delta packs (not available for this method yet)" in res.stderr
+    assert "stores no weight delta; peft export applies to weight-delta packs" in res.stderr
     assert not (tmp_path / "peft").exists()
 
 
@@ -289,9 +289,11 @@ def test_verbose_logs_edit(tiny_model, requests_file, tmp_path):
     assert "INFO grace_hooks" in res.stderr
 
 
-def test_methods_lists_grace():
+def test_methods_lists_every_method_and_option():
     res = run("methods")
-    assert res.exit_code == 0 and res.stdout.startswith("grace:") and "eps_init" in res.stdout
+    assert res.exit_code == 0 and res.stdout.startswith("encore:") and "eps_init" in res.stdout
+    assert all(f"\n{m}:\n" in "\n" + res.stdout for m in ("encore", "grace", "memit", "oedit"))
+    assert "  norm_lambda=20.0 (" in res.stdout and "  orthogonal_to='updates' (" in res.stdout
 
 
 def test_shipped_demo_requests_are_valid():

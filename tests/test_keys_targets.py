@@ -53,3 +53,25 @@ def test_target_vector_respects_the_clamp(make_model, tokenizer):
     model = make_model("llama")
     tv = target_vector(model, tokenizer, 2, TINY_REQUESTS[1], [""], TargetVectorConfig(steps=10, clamp=0.05, lr=5.0))
     assert (tv.z - tv.h).norm() <= 0.05 * tv.h.norm() + 1e-5
+
+
+def test_batched_target_vectors_equal_one_at_a_time(make_model, tokenizer):
+    """Each request keeps its own delta, loss and early stop inside a batch (Adam is per coordinate)."""
+    from conftest import DELTA_REQUESTS
+    from grace_hooks.target_vectors import target_vectors
+
+    model = make_model("qwen2")
+    cfg = dict(steps=30, stop="most_probable", lr=1.0, clamp=4.0)
+    together = target_vectors(model, tokenizer, 1, DELTA_REQUESTS, ["", "the sun . "], TargetVectorConfig(batch_size=3, **cfg))
+    alone = [target_vector(model, tokenizer, 1, r, ["", "the sun . "], TargetVectorConfig(**cfg)) for r in DELTA_REQUESTS]
+    assert len({tv.steps for tv in together}) > 1  # requests stopped at different steps
+    for a, b in zip(together, alone):
+        assert a.steps == b.steps
+        torch.testing.assert_close(a.z, b.z, rtol=1e-4, atol=1e-4)
+
+
+def test_target_vectors_refuse_the_last_block(make_model, tokenizer):
+    import pytest
+
+    with pytest.raises(ValueError, match="below the last block"):
+        target_vector(make_model("llama"), tokenizer, 3, TINY_REQUESTS[0], [""])

@@ -119,3 +119,15 @@ def test_final_sample_and_resume_of_a_run_made_before_a_setting_existed(make_mod
     (tmp_path / "state.json").write_text(json.dumps(state))
     again = LifelongRun(em, STREAM, MethodSpec("grace"), CFG, tmp_path, meta={"model": "tiny"}).run(progress=False)
     assert len(again["checkpoints"]) == 3  # resumed (finished), not refused
+
+
+def test_delta_run_records_health_at_every_checkpoint(make_model, tokenizer, tmp_path):
+    """The harness records |W0 + sum dW| / |W0| and activation drift; a global delta grows them."""
+    from conftest import DELTA_TINY
+
+    spec = "encore:" + ",".join(f"{k}={v}" for k, v in {**DELTA_TINY, "mode": "global", "norm_lambda": 1.0}.items())
+    cks = _run(make_model, tokenizer, tmp_path, spec)["checkpoints"]
+    assert [ck["edits"] for ck in cks] == [2, 4, 6]
+    assert all(ck["weight_norm_ratio_max"] > 1.0 and ck["activation_drift_max"] > 0 for ck in cks)
+    grace = _run(make_model, tokenizer, tmp_path / "grace")["checkpoints"][-1]
+    assert "weight_norm_ratio_max" not in grace  # no delta: nothing to report
