@@ -62,18 +62,19 @@ def main(argv=None) -> None:
         (args.dest / slug).mkdir(parents=True, exist_ok=True)
         plots(groups[key], args.dest / slug)
         group_rows = [r for r in rows if (r["data"], r["batch"]) == key]
-        n = group_rows[0]["last"]["edits"]
-        lines += [f"### {data}: {n} edits, batch {batch}", "",
-                  "| method | " + " | ".join(c[0] for c in COLUMNS) + " | run minutes | cmd |",
-                  "|---|" + "---:|" * (len(COLUMNS) + 2)]
+        lines += [f"### {data}, batch {batch}", "",
+                  "| method | edits | " + " | ".join(c[0] for c in COLUMNS) + " | run minutes | cmd |",
+                  "|---|" + "---:|" * (len(COLUMNS) + 3)]
         for r in group_rows:
             cells = [fmt(r["last"].get(k), kind) for _, k, kind in COLUMNS]
-            lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['wall_minutes']:.0f} | ({r['cmd']}) |")
+            lines.append(f"| {r['label']} | {r['last']['edits']} | " + " | ".join(cells)
+                         + f" | {r['wall_minutes']:.0f} | ({r['cmd']}) |")
         rel = (args.dest / slug).relative_to(args.results_md.parent)
         lines += ["", f"Plots: [metrics vs edits]({rel}/metrics.png), [seconds per edit]({rel}/seconds_per_edit.png), "
                   f"[tokens/s]({rel}/tokens_per_s.png).", ""]
+    copies = args.dest.resolve().relative_to(REPO) if args.dest.resolve().is_relative_to(REPO) else args.dest
     lines += ["Commands (run from the repository root; each wrote `results.json`, `results.md` and plots, "
-              "copied under `benchmarks/results/lifelong/`):", ""]
+              f"copied under `{copies}/`):", ""]
     lines += [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
     replace_md_section(args.results_md, args.section, "\n".join(lines))
 

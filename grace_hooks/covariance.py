@@ -90,6 +90,23 @@ def cached_sample_corpus(model, tokenizer, model_hash: str, n_texts: int = 64, n
     return corpus
 
 
+def site_inputs(model, tokenizer, sites: list[Site], texts, max_tokens: int, max_length: int = 256) -> dict[str, torch.Tensor]:
+    """The inputs of each site at the first ``max_tokens`` tokens of ``texts`` (one text per forward)."""
+    out: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    device = next(model.parameters()).device
+    count = 0
+    with HookOwner().scoped() as scope, torch.inference_mode():
+        for site in sites:
+            scope.forward(site.module(model), lambda m, a, o, name=site.name: out[name].append(a[0][0].float().cpu()))
+        for text in texts:
+            if count >= max_tokens:
+                break
+            enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).to(device)
+            model(**enc)
+            count += enc["input_ids"].shape[1]
+    return {name: torch.cat(v)[:max_tokens] for name, v in out.items()}
+
+
 def model_digest(model) -> str:
     """A hash of every parameter: the statistics of a site depend on all the layers below it."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())

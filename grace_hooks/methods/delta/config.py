@@ -20,8 +20,12 @@ class DeltaConfig(TargetVectorConfig):
     point: str = option("mlp_out", "hook point inside each block (see architectures.ARCHITECTURES)")
     mode: str = option("routed", "'global': dW acts on every token (the papers); 'routed': only at positions the "
                                  "router puts in scope of the pack's keys (unrelated text stays bit-identical)", MODES)
-    radius_scale: float = option(1.5, "routed: a key's radius is this times its largest distance to its own "
-                                      "context-prefixed samples (the key is their mean), at least 5% of its norm")
+    radius_scale: float = option(1.1, "routed: the router holds each request's mean key and its context-prefixed "
+                                      "samples, each with this times the key's spread (largest sample-to-mean "
+                                      "distance) as radius, at least 5% of its norm")
+    corpus_margin: float = option(0.9, "routed: a radius is also at most this times the key's distance to the nearest "
+                                       "of corpus_probe tokens of the C0 corpus, so generic text stays out of scope (0 = off)")
+    corpus_probe: int = option(4096, "routed: corpus tokens whose site inputs bound the radii")
     mom2_weight: float | None = option(None, "lambda, the weight of C0; None = 15000 x d_in / 14336: MEMIT/ENCORE's "
                                              "Llama3-8B value scaled to the site's input width (E[k^T C0^-1 k] = d_in, "
                                              "so the new keys' weight against C0 stays the same)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ...architectures import Site, arch_spec, num_layers
-from ...covariance import Corpus, SecondMoment, cached_sample_corpus, model_digest, second_moments
+from ...covariance import Corpus, SecondMoment, cached_sample_corpus, model_digest, second_moments, site_inputs
 from ...linalg import LowRank, closed_form_update
 from ...packs import EditPack
 from ...requests import EditRequest
@@ -70,14 +70,24 @@ class DeltaMethod(EditMethod):
         def make():
             with ctx.runtime.disabled():
                 digest = self._memo(ctx, ("model_digest",), lambda: model_digest(ctx.model))
-                if cfg.corpus is not None:
-                    corpus = Corpus.from_file(Path(cfg.corpus))
-                else:
-                    corpus = self._memo(ctx, ("corpus", cfg.corpus_texts, cfg.corpus_tokens), lambda: cached_sample_corpus(
-                        ctx.model, ctx.tokenizer, digest, cfg.corpus_texts, cfg.corpus_tokens))
-                return second_moments(ctx.model, ctx.tokenizer, sites, corpus, cfg.max_tokens, model_hash=digest)
+                return second_moments(ctx.model, ctx.tokenizer, sites, self._corpus(ctx, cfg), cfg.max_tokens, model_hash=digest)
         names = tuple(s.name for s in sites)
         return self._memo(ctx, ("C0", names, cfg.corpus, cfg.corpus_texts, cfg.corpus_tokens, cfg.max_tokens), make)
+
+    def _corpus(self, ctx: EditContext, cfg: DeltaConfig) -> Corpus:
+        if cfg.corpus is not None:
+            return Corpus.from_file(Path(cfg.corpus))
+        digest = self._memo(ctx, ("model_digest",), lambda: model_digest(ctx.model))
+        return self._memo(ctx, ("corpus", cfg.corpus_texts, cfg.corpus_tokens), lambda: cached_sample_corpus(
+            ctx.model, ctx.tokenizer, digest, cfg.corpus_texts, cfg.corpus_tokens))
+
+    def corpus_probe(self, ctx: EditContext, sites: list[Site], cfg: DeltaConfig) -> dict[str, torch.Tensor]:
+        """Site inputs of the base model at the first ``cfg.corpus_probe`` tokens of the corpus."""
+        def make():
+            with ctx.runtime.disabled():
+                return site_inputs(ctx.model, ctx.tokenizer, sites, self._corpus(ctx, cfg).texts, cfg.corpus_probe)
+        return self._memo(ctx, ("probe", tuple(s.name for s in sites), cfg.corpus, cfg.corpus_texts, cfg.corpus_tokens,
+                                cfg.corpus_probe), make)
 
     def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: DeltaConfig) -> ComputedEdit:
         model, tok = ctx.model, ctx.tokenizer
@@ -102,12 +112,13 @@ class DeltaMethod(EditMethod):
             loaded = ctx.runtime.sites.get(site.name)
             update = closed_form_update(residual.T, keys.T, self.preservation(moments[site.name].matrix, loaded, cfg),
                                         self.constraint(loaded, cfg))
-            spread = (samples - keys).norm(dim=-1).amax(0)  # floor: the same prompt elsewhere differs by rounding
-            radii = cfg.radius_scale * torch.maximum(spread, MIN_RELATIVE_RADIUS * keys.norm(dim=-1))
-            staged[site.name] = self._contribution(update.U.float(), update.V.float(), keys, radii, cfg.mode == "routed")
+            route_keys, route_radii = self._routing(ctx, sites, site, samples, keys, cfg)
+            staged[site.name] = self._contribution(update.U.float(), update.V.float(), keys, route_keys, route_radii,
+                                                   cfg.mode == "routed")
             n = site.name
             tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
-                            f"{n}/keys": keys.float().contiguous(), f"{n}/radii": radii.float().contiguous()})
+                            f"{n}/keys": keys.float().contiguous(), f"{n}/route_keys": route_keys.float().contiguous(),
+                            f"{n}/route_radii": route_radii.float().contiguous()})
             layer_metrics[n] = {"residual_norm": float(residual.norm(dim=1).mean()),
                                 "delta_norm": float(torch.linalg.matrix_norm(update.dense()))}
         with ctx.runtime.staged(staged):  # how far the whole update carries the bare prompts towards z
@@ -124,14 +135,33 @@ class DeltaMethod(EditMethod):
         }
         log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z",
                  self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"], 100 * metrics["z_reached_mean"])
-        state = {"mode": cfg.mode, "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
+        owners = [[i % len(requests)] for i in range(len(requests) * (1 + len(prefixes)))]  # router key -> request
+        state = {"mode": cfg.mode, "corpus": {s.name: moments[s.name].corpus_source for s in sites},
+                 "key_requests": {s.name: owners for s in sites}}
         return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, metrics=metrics)
 
+    def _routing(self, ctx: EditContext, sites: list[Site], site: Site, samples: torch.Tensor, keys: torch.Tensor,
+                 cfg: DeltaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router keys of each request: its mean key and each prefixed sample (the bare prompt among
+        them), with radius scale x the spread, at least 5% of the key's norm (the same prompt in
+        another batch differs by rounding) and, in routed mode, at most corpus_margin x the
+        distance to the nearest probed corpus token (generic text stays out of scope)."""
+        n = keys.shape[0]
+        spread = (samples - keys).norm(dim=-1).amax(0)  # (n,)
+        route_keys = torch.cat([keys, samples.reshape(-1, keys.shape[1])])  # mean keys, then prefix-major samples
+        base = torch.maximum(spread, MIN_RELATIVE_RADIUS * keys.norm(dim=-1))
+        radii = cfg.radius_scale * base.repeat(1 + samples.shape[0])
+        if cfg.mode == "routed" and cfg.corpus_margin > 0:
+            probe = self.corpus_probe(ctx, sites, cfg)[site.name]
+            radii = torch.minimum(radii, cfg.corpus_margin * torch.cdist(route_keys, probe).amin(1))
+        assert len(radii) == len(route_keys) == n * (1 + samples.shape[0])
+        return route_keys, radii
+
     @staticmethod
-    def _contribution(U, V, keys, radii, routed: bool) -> SiteContribution:
+    def _contribution(U, V, keys, route_keys, route_radii, routed: bool) -> SiteContribution:
         delta = LowRankDelta(U, V, routed=routed, keys=keys)
-        if routed:  # the keys route the delta (no replacement values)
-            return SiteContribution(keys=keys, radii=radii, values=None, delta=delta)
+        if routed:  # the router keys route the delta (no replacement values)
+            return SiteContribution(keys=route_keys, radii=route_radii, values=None, delta=delta)
         return SiteContribution(delta=delta)
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
@@ -139,7 +169,7 @@ class DeltaMethod(EditMethod):
         out = {}
         for site in pack.sites:
             t = pack.site_tensors(site)
-            out[site] = self._contribution(t["U"], t["V"], t["keys"], t["radii"], routed)
+            out[site] = self._contribution(t["U"], t["V"], t["keys"], t["route_keys"], t["route_radii"], routed)
         return out
 
 
