@@ -10,7 +10,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("gen. success", "generation_success", "%"), ("ERR", "ERR", "%"),
     ("reliability", "reliability", "%"), ("generality", "generality", "%"), ("locality", "locality", "%"),
     ("ppl ratio", "perplexity_ratio", "x"), ("bit-identical", "bit_identical", "%"),
-    ("|W| growth", "weight_norm_ratio_max", "x"), ("act. drift", "activation_drift_max", "x"),
+    ("W norm growth", "weight_norm_ratio_max", "x"), ("act. drift", "activation_drift_max", "x"),
     ("recall", "router_recall", "%"), ("false fire", "false_fire", "%"),
     ("s/edit (median)", "seconds_per_edit_median", "s"), ("s/edit (p90)", "seconds_per_edit_p90", "s"),
     ("tok/s ratio", "time_ratio_to_base", "inv"), ("bytes/edit disk", "bytes_per_edit_disk", "n"),
