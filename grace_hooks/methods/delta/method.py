@@ -112,13 +112,15 @@ class DeltaMethod(EditMethod):
             loaded = ctx.runtime.sites.get(site.name)
             update = closed_form_update(residual.T, keys.T, self.preservation(moments[site.name].matrix, loaded, cfg),
                                         self.constraint(loaded, cfg))
-            route_keys, route_radii = self._routing(ctx, sites, site, samples, keys, cfg)
-            staged[site.name] = self._contribution(update.U.float(), update.V.float(), keys, route_keys, route_radii,
-                                                   cfg.mode == "routed")
             n = site.name
             tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
-                            f"{n}/keys": keys.float().contiguous(), f"{n}/route_keys": route_keys.float().contiguous(),
-                            f"{n}/route_radii": route_radii.float().contiguous()})
+                            f"{n}/keys": keys.float().contiguous()})
+            if cfg.mode == "routed":  # a global pack needs no router keys
+                route_keys, route_radii = self._routing(ctx, sites, site, samples, keys, cfg)
+                tensors.update({f"{n}/route_keys": route_keys.float().contiguous(),
+                                f"{n}/route_radii": route_radii.float().contiguous()})
+            staged[n] = self._contribution({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}/")},
+                                           cfg.mode == "routed")
             layer_metrics[n] = {"residual_norm": float(residual.norm(dim=1).mean()),
                                 "delta_norm": float(torch.linalg.matrix_norm(update.dense()))}
         with ctx.runtime.staged(staged):  # how far the whole update carries the bare prompts towards z
@@ -135,42 +137,38 @@ class DeltaMethod(EditMethod):
         }
         log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z",
                  self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"], 100 * metrics["z_reached_mean"])
-        owners = [[i % len(requests)] for i in range(len(requests) * (1 + len(prefixes)))]  # router key -> request
-        state = {"mode": cfg.mode, "corpus": {s.name: moments[s.name].corpus_source for s in sites},
-                 "key_requests": {s.name: owners for s in sites}}
+        state = {"mode": cfg.mode, "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
+        if cfg.mode == "routed":  # router key -> the request it serves (router recall)
+            owners = [[i % len(requests)] for i in range(len(requests) * (1 + len(prefixes)))]
+            state["key_requests"] = {s.name: owners for s in sites}
         return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, metrics=metrics)
 
     def _routing(self, ctx: EditContext, sites: list[Site], site: Site, samples: torch.Tensor, keys: torch.Tensor,
                  cfg: DeltaConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """Router keys of each request: its mean key and each prefixed sample (the bare prompt among
         them), with radius scale x the spread, at least 5% of the key's norm (the same prompt in
-        another batch differs by rounding) and, in routed mode, at most corpus_margin x the
-        distance to the nearest probed corpus token (generic text stays out of scope)."""
-        n = keys.shape[0]
+        another batch differs by rounding) and at most corpus_margin x the distance to the
+        nearest probed corpus token (generic text stays out of scope)."""
         spread = (samples - keys).norm(dim=-1).amax(0)  # (n,)
         route_keys = torch.cat([keys, samples.reshape(-1, keys.shape[1])])  # mean keys, then prefix-major samples
         base = torch.maximum(spread, MIN_RELATIVE_RADIUS * keys.norm(dim=-1))
         radii = cfg.radius_scale * base.repeat(1 + samples.shape[0])
-        if cfg.mode == "routed" and cfg.corpus_margin > 0:
+        if cfg.corpus_margin > 0:
             probe = self.corpus_probe(ctx, sites, cfg)[site.name]
             radii = torch.minimum(radii, cfg.corpus_margin * torch.cdist(route_keys, probe).amin(1))
-        assert len(radii) == len(route_keys) == n * (1 + samples.shape[0])
         return route_keys, radii
 
     @staticmethod
-    def _contribution(U, V, keys, route_keys, route_radii, routed: bool) -> SiteContribution:
-        delta = LowRankDelta(U, V, routed=routed, keys=keys)
+    def _contribution(t: dict[str, torch.Tensor], routed: bool) -> SiteContribution:
+        """A site's tensors (U, V, keys; route_keys, route_radii when routed) as a contribution."""
+        delta = LowRankDelta(t["U"], t["V"], routed=routed, keys=t["keys"])
         if routed:  # the router keys route the delta (no replacement values)
-            return SiteContribution(keys=route_keys, radii=route_radii, values=None, delta=delta)
+            return SiteContribution(keys=t["route_keys"], radii=t["route_radii"], values=None, delta=delta)
         return SiteContribution(delta=delta)
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
         routed = pack.config.get("mode", "global") == "routed"
-        out = {}
-        for site in pack.sites:
-            t = pack.site_tensors(site)
-            out[site] = self._contribution(t["U"], t["V"], t["keys"], t["route_keys"], t["route_radii"], routed)
-        return out
+        return {site: self._contribution(pack.site_tensors(site), routed) for site in pack.sites}
 
 
 def loaded_factors(loaded: SiteRuntime | None, part: str) -> torch.Tensor | None:
