@@ -292,6 +292,35 @@ def export_cmd(name: str, dest: Path, adapters: Path, fmt: str) -> None:
     click.echo(f"exported pack {name} ({fmt}) to {target}")
 
 
+@main.command("squash")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--into", required=True, help="Name of the merged pack (may be one of NAMES).")
+@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
+def squash_cmd(names: tuple[str, ...], into: str, adapters: Path) -> None:
+    """Merge the chain of packs NAMES (oldest first) into one pack INTO with the same outputs, in
+    place of them (methods that can squash: comeba_hk)."""
+    from .methods import get_method
+    from .packs import load_pack, pack_dirs, save_pack, validate_pack_name
+
+    into = validate_pack_name(into)
+    for n in names:
+        if not (adapters / validate_pack_name(n)).is_dir():
+            raise PackError(f"no pack named {n!r} in {adapters}")
+    order = [p.name for p in pack_dirs(adapters) if p.name in set(names)]
+    if order != list(names) or len(set(names)) != len(names):
+        raise PackError(f"give the chain oldest first, each pack once: {order}")
+    if into not in names and (adapters / into).exists():
+        raise PackError(f"{adapters / into} already exists; choose another name for the merged pack")
+    packs = [load_pack(adapters / n) for n in names]
+    merged = get_method(packs[0].method).squash(packs, into)
+    save_pack(merged, adapters, name=into, overwrite=into in names)
+    for n in names:
+        if n != into:
+            shutil.rmtree(adapters / n)
+    click.echo(f"squashed {len(names)} packs ({merged.n_edits} edits) into {into}: "
+               f"{sum(p.nbytes for p in packs):,} -> {merged.nbytes:,} bytes")
+
+
 # ---------------------------------------------------------------------------- ask
 @main.command()
 @click.argument("prompt")

@@ -1,9 +1,10 @@
 """Health of an edited model against its base (the norm-growth finding of the editing literature:
 sequential locate-then-edit updates inflate the edited matrices and drift the activations).
 
-For each site that carries loaded weight deltas:
+For each site that carries loaded weight deltas or a hook layer:
 - ``weight_norm_ratio``: |W0 + sum dW|_F / |W0|_F over the global deltas (what the papers' merged
-  weights would be); ``weight_norm_ratio_all``: the same with the routed deltas added as if global;
+  weights would be); ``weight_norm_ratio_all``: the same with the routed deltas added as if global
+  and the hook layer's increments too (|W_h|_F / |W0|_F for COMEBA-HK);
 - ``activation_norm_ratio``: mean |y| with the edits over mean |y| of the base, at the site's output
   on a reference text; ``activation_drift``: mean |y_edited - y_base| / mean |y_base| there.
 """
@@ -25,12 +26,12 @@ def reference_texts() -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
-def weight_norm_ratio(weight: torch.Tensor, deltas: Sequence) -> float:
-    """|W0 + sum U V^T|_F / |W0|_F, with ``weight`` as (d_out, d_in)."""
+def weight_norm_ratio(weight: torch.Tensor, updates: Sequence[torch.Tensor]) -> float:
+    """|W0 + sum of updates|_F / |W0|_F, with ``weight`` and each update as (d_out, d_in)."""
     w = weight.detach().to(torch.float64).cpu()
     total = w.clone()
-    for d in deltas:
-        total += d.U.to(torch.float64) @ d.V.to(torch.float64).T
+    for u in updates:
+        total += u.to(torch.float64)
     return float(torch.linalg.matrix_norm(total) / torch.linalg.matrix_norm(w))
 
 
@@ -49,7 +50,7 @@ def _site_outputs(model, tokenizer, modules: dict[str, torch.nn.Module], texts: 
 def site_health(model, tokenizer, runtime: EditRuntime, texts: Sequence[str] | None = None,
                 max_tokens: int = 512) -> dict[str, dict[str, float]]:
     """The figures above for every site with loaded deltas (an empty dict when there are none)."""
-    sites = {name: rt for name, rt in runtime.sites.items() if rt.deltas}
+    sites = {name: rt for name, rt in runtime.sites.items() if rt.deltas or rt.hook_layer}
     if not sites:
         return {}
     texts = list(texts) if texts is not None else reference_texts()
@@ -60,12 +61,13 @@ def site_health(model, tokenizer, runtime: EditRuntime, texts: Sequence[str] | N
     report = {}
     for name, rt in sites.items():
         weight = Site.parse(name).weight(model)
-        deltas = list(rt.deltas.values())
+        dense = [(d.routed, d.U.to(torch.float64) @ d.V.to(torch.float64).T) for d in rt.deltas.values()]
+        hook = [i.matrix() for i in rt.hook_layer.increments.values()]
         y, y0 = edited[name], base[name]
         base_norm = float(y0.norm(dim=1).mean())
         report[name] = {
-            "weight_norm_ratio": weight_norm_ratio(weight, [d for d in deltas if not d.routed]),
-            "weight_norm_ratio_all": weight_norm_ratio(weight, deltas),
+            "weight_norm_ratio": weight_norm_ratio(weight, [m for routed, m in dense if not routed]),
+            "weight_norm_ratio_all": weight_norm_ratio(weight, [m for _, m in dense] + hook),
             "activation_norm_ratio": float(y.norm(dim=1).mean()) / base_norm,
             "activation_drift": float((y - y0).norm(dim=1).mean()) / base_norm,
         }

@@ -137,6 +137,21 @@ class EditableModel:
         self._runtime.remove_pack(pack.pack_id)
         del self._packs[name]
 
+    def squash_packs(self, names: list[str], into: str) -> PackInfo:
+        """Replace the loaded chain ``names`` (oldest first, in load order) by one pack ``into`` with
+        the same outputs (methods with the "squash" capability, e.g. comeba_hk)."""
+        packs = [self.pack(n) for n in names]
+        order = [n for n in self._packs if n in set(names)]
+        if order != list(names):
+            raise PackError(f"squash the chain in the order it was loaded: {order}, not {list(names)}")
+        new = get_method(packs[0].method).squash(packs, validate_pack_name(into))
+        if into in self._packs and into not in names:
+            raise PackError(f"a pack named {into!r} is already loaded; choose another name")
+        for n in names:
+            self.remove_pack(n)
+        self._apply(new)
+        return self._info(new)
+
     @staticmethod
     def delete_pack(name: str, directory: str | Path) -> None:
         """Remove a pack folder from disk."""

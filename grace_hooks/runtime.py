@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .architectures import Site
+from .hook_layer import HookIncrement, HookLayer
 from .hooks import HookOwner
 from .router import NO_KEY, KeyRouter
 
@@ -34,13 +35,15 @@ class LowRankDelta:
 
 @dataclass
 class SiteContribution:
-    """What one pack places at one site: router keys with replacement values (GRACE), and/or a
-    low-rank weight delta (applied everywhere, or where the pack's keys route it)."""
+    """What one pack places at one site: router keys with replacement values (GRACE), a low-rank
+    weight delta (applied everywhere, or where the pack's keys route it), or an increment to the
+    site's hook layer (COMEBA-HK: used where the z-score gate fires, or where the pack's keys route it)."""
 
     keys: torch.Tensor | None = None  # (n, d_in) router keys
     radii: torch.Tensor | None = None  # (n,) Euclidean radius of each key
     values: torch.Tensor | None = None  # (n, d_out) site output in scope of key i; None: the keys route ``delta``
     delta: LowRankDelta | None = None
+    hook: HookIncrement | None = None
     labels: list[str] = field(default_factory=list)  # what each key stands for (GRACE's conflict rule)
     last_only: bool = False  # keys match only the last real position of a forward call
     shrink: list[tuple[str, int, float]] = field(default_factory=list)  # (earlier pack id, key index, radius)
@@ -58,6 +61,7 @@ class SiteRuntime:
         self.owner: list[str] = []  # by router id: the pack
         self.ids: dict[str, np.ndarray] = {}  # pack id -> router ids
         self.deltas: dict[str, LowRankDelta] = {}  # pack id -> its delta here
+        self.hook_layer = HookLayer(d_in, d_out)
         self.handle = None  # its forward hook, owned by the EditRuntime's HookOwner
 
     @property
@@ -76,7 +80,7 @@ class SiteRuntime:
 
     @property
     def packs(self) -> set[str]:
-        return set(self.ids) | set(self.deltas)
+        return set(self.ids) | set(self.deltas) | set(self.hook_layer.increments)
 
     def add(self, pack_id: str, rank: int, c: SiteContribution) -> None:
         if c.keys is not None:
@@ -92,6 +96,10 @@ class SiteRuntime:
             d = c.delta
             self.deltas[pack_id] = LowRankDelta(d.U.detach().float().cpu(), d.V.detach().float().cpu(), d.routed,
                                                 None if d.keys is None else d.keys.detach().float().cpu())
+        if c.hook is not None:
+            h = c.hook
+            cpu = lambda t: None if t is None else t.detach().float().cpu()  # noqa: E731
+            self.hook_layer.add(pack_id, HookIncrement(cpu(h.keys), cpu(h.U), cpu(h.V), cpu(h.dense), h.alpha))
         for target_pack, key_index, radius in c.shrink:
             if target_pack in self.ids:
                 self.router.shrink(int(self.ids[target_pack][key_index]), radius, owner=pack_id)
@@ -101,6 +109,7 @@ class SiteRuntime:
             self.router.remove(self.ids.pop(pack_id))
             self.router.drop_overrides(pack_id)
         self.deltas.pop(pack_id, None)
+        self.hook_layer.remove(pack_id)
 
     def key_pack(self, key_id: int) -> tuple[str, int] | None:
         """Which pack (and index within it) a router id belongs to."""
@@ -109,38 +118,74 @@ class SiteRuntime:
         pack_id = self.owner[key_id]
         return pack_id, int(key_id - self.ids[pack_id][0])
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, is_last: torch.Tensor,
-              trace: list | None = None) -> torch.Tensor | None:
+    def apply(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, is_last: torch.Tensor, past: int = 0,
+              hook_everywhere: bool = False, trace: list | None = None) -> torch.Tensor | None:
+        """The site output with every loaded pack applied (None: unchanged). In order: global
+        deltas; the hook layer where its gate fires; routed deltas; replacement values."""
         out = None
         for d in self.deltas.values():  # global deltas act on every position
             if not d.routed:
                 out = (y if out is None else out) + (x @ d.V.to(x)) @ d.U.to(x).T
-        if len(self.router) == 0:
-            return out
+        width = x.shape[-2] if x.dim() > 1 else 1
         flat_x = x.reshape(-1, x.shape[-1])
+        fire, change = self._hook_gate(x, valid, past, hook_everywhere)
+        routed_rows, replace_rows, replace_ids, delta_rows, owners = None, None, None, None, None
         rows = valid.reshape(-1).nonzero().squeeze(1)
-        if len(rows) == 0:
+        if len(self.router) and len(rows):
+            ids = self.router.assign(flat_x[rows].detach().float().cpu().numpy(), is_last.reshape(-1)[rows].cpu().numpy())
+            hit = ids != NO_KEY
+            if hit.any():
+                hit_rows, hit_ids = rows[torch.from_numpy(hit).to(rows.device)], torch.from_numpy(ids[hit])
+                if trace is not None:  # (site, flat positions of the hits, width, router id of each hit)
+                    trace.append((self.site.name, hit_rows.cpu().numpy(), width, ids[hit].copy()))
+                replace = self.replaces[hit_ids]
+                replace_rows, replace_ids = hit_rows[replace.to(hit_rows.device)], hit_ids[replace]
+                routed_rows = hit_rows[~replace.to(hit_rows.device)]
+                owners = np.array([self.owner[i] for i in hit_ids[~replace].tolist()], dtype=object)
+                to_hook = torch.from_numpy(np.array([o in self.hook_layer.increments for o in owners], dtype=bool))
+                fire = fire.clone() if fire is not None else torch.zeros(len(flat_x), dtype=torch.bool, device=x.device)
+                fire[routed_rows[to_hook.to(routed_rows.device)]] = True
+                delta_rows, owners = routed_rows[~to_hook.to(routed_rows.device)], owners[~to_hook.numpy()]
+        fired = fire is not None and bool(fire.any())
+        if not fired and (replace_rows is None or (len(replace_rows) == 0 and len(delta_rows) == 0)):
             return out
-        queries = flat_x[rows].detach().float().cpu().numpy()
-        ids = self.router.assign(queries, is_last.reshape(-1)[rows].cpu().numpy())
-        hit = ids != NO_KEY
-        if not hit.any():
-            return out
-        if trace is not None:  # (site, flat positions of the hits, width, router id of each hit)
-            width = x.shape[-2] if x.dim() == 3 else x.shape[0]
-            trace.append((self.site.name, rows[torch.from_numpy(hit).to(rows.device)].cpu().numpy(), width, ids[hit].copy()))
         base = y if out is None else out
         flat = base.reshape(-1, base.shape[-1]).clone()
-        hit_rows, hit_ids = rows[torch.from_numpy(hit).to(rows.device)], torch.from_numpy(ids[hit])
-        replace = self.replaces[hit_ids]
-        owners = np.array([self.owner[i] for i in hit_ids[~replace].tolist()], dtype=object)
-        delta_rows = hit_rows[~replace.to(hit_rows.device)]
-        for pack_id in set(owners.tolist()):  # routed deltas, then replacements
-            sel = delta_rows[torch.from_numpy(owners == pack_id).to(delta_rows.device)]
-            d = self.deltas[pack_id]
-            flat[sel] = flat[sel] + (flat_x[sel] @ d.V.to(x)) @ d.U.to(x).T
-        flat[hit_rows[replace.to(hit_rows.device)]] = self.values[hit_ids[replace]].to(flat)
+        if fired:  # the hook layer's output W_h x = W0 x + its increments at x
+            sel = fire.nonzero().squeeze(1)
+            flat[sel] = flat[sel] + (change.reshape(-1, flat.shape[-1])[sel] if change is not None
+                                     else self.hook_layer.change(flat_x[sel]))
+        if delta_rows is not None:
+            for pack_id in set(owners.tolist()):  # routed deltas, then replacements
+                sel = delta_rows[torch.from_numpy(owners == pack_id).to(delta_rows.device)]
+                d = self.deltas[pack_id]
+                flat[sel] = flat[sel] + (flat_x[sel] @ d.V.to(x)) @ d.U.to(x).T
+            flat[replace_rows] = self.values[replace_ids].to(flat)
         return flat.reshape(y.shape)
+
+    def _hook_gate(self, x: torch.Tensor, valid: torch.Tensor, past: int, everywhere: bool):
+        """(flat positions where the hook layer's z-score gate fires or None, its change at every
+        position when the gate needed it or None). ``everywhere``: at every real position."""
+        hl = self.hook_layer
+        if not hl:
+            return None, None
+        if everywhere:
+            return valid.reshape(-1), None
+        if hl.alpha is None:
+            return None, None
+        width = x.shape[-2] if x.dim() > 1 else 1
+        change = hl.change(x)
+        fire = hl.zscore_gate(change.reshape(-1, width, change.shape[-1]), valid.reshape(-1, width), past)
+        return fire.reshape(-1), change
+
+
+def _cache_length(kwargs: dict) -> int:
+    """How many positions the KV cache handed to a forward already holds (0 without one)."""
+    cache = kwargs.get("past_key_values")
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    start = kwargs.get("cache_position")
+    return int(start.reshape(-1)[0]) if isinstance(start, torch.Tensor) and start.numel() else 0
 
 
 class EditRuntime:
@@ -152,6 +197,8 @@ class EditRuntime:
         self.sites: dict[str, SiteRuntime] = {}
         self.enabled = True
         self._mask: torch.Tensor | None = None
+        self._cache_start = 0  # positions already in the forward's KV cache, when no attention mask says so
+        self.hook_everywhere = False  # hook layers act at every real position (set while an edit is solved)
         self._context_handles: list = []
         self._trace: list | None = None
         self.memo: dict = {}  # per-model results that methods reuse across edits (context prefixes, C0, ...)
@@ -162,9 +209,10 @@ class EditRuntime:
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._cache_start = _cache_length(kwargs)
 
     def _clear_mask(self, module, args, output):
-        self._mask = None
+        self._mask, self._cache_start = None, 0
 
     @contextlib.contextmanager
     def attention_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
@@ -176,19 +224,20 @@ class EditRuntime:
         finally:
             self._mask = previous
 
-    def _positions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(valid, is_last) masks of shape x.shape[:-1]: padding is not valid; is_last marks the
-        last real position of each row in this call (with a KV cache: of the new positions)."""
+    def _positions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(valid, is_last, past): masks of shape x.shape[:-1] (padding is not valid; is_last marks the
+        last real position of each row in this call, with a KV cache: of the new positions) and how
+        many positions of these sequences earlier calls processed (the KV cache's length)."""
         lead = x.shape[:-1]
         batch, width = (1, lead[0]) if len(lead) == 1 else lead
         mask = self._mask
         if mask is not None and mask.shape[0] == batch and mask.shape[1] >= width:
-            valid = mask[:, -width:].to(x.device).bool()
+            valid, past = mask[:, -width:].to(x.device).bool(), mask.shape[1] - width
         else:
-            valid = torch.ones(batch, width, dtype=torch.bool, device=x.device)
+            valid, past = torch.ones(batch, width, dtype=torch.bool, device=x.device), self._cache_start
         pos = torch.arange(width, device=x.device).expand(batch, width)
         last = torch.where(valid, pos, -1).max(dim=1, keepdim=True).values
-        return valid.reshape(lead), (pos == last).reshape(lead)
+        return valid.reshape(lead), (pos == last).reshape(lead), past
 
     # --- packs ---
     def site(self, site: Site) -> SiteRuntime:
@@ -210,8 +259,8 @@ class EditRuntime:
             if not self.enabled:
                 return None
             x = args[0]
-            valid, is_last = self._positions(x)
-            return rt.apply(x, output, valid, is_last, self._trace)
+            valid, is_last, past = self._positions(x)
+            return rt.apply(x, output, valid, is_last, past, self.hook_everywhere, self._trace)
 
         return hook
 
@@ -243,6 +292,16 @@ class EditRuntime:
             yield
         finally:
             self.remove_pack(pack_id)
+
+    @contextlib.contextmanager
+    def hook_layers_everywhere(self) -> Iterator[None]:
+        """Hook layers act at every real position inside the block, whatever their gate (COMEBA-HK
+        measures keys and residuals through the hook layers this way while it solves a batch)."""
+        previous, self.hook_everywhere = self.hook_everywhere, True
+        try:
+            yield
+        finally:
+            self.hook_everywhere = previous
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

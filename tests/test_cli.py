@@ -291,9 +291,10 @@ def test_verbose_logs_edit(tiny_model, requests_file, tmp_path):
 
 def test_methods_lists_every_method_and_option():
     res = run("methods")
-    assert res.exit_code == 0 and res.stdout.startswith("encore:") and "eps_init" in res.stdout
-    assert all(f"\n{m}:\n" in "\n" + res.stdout for m in ("encore", "grace", "memit", "oedit"))
+    assert res.exit_code == 0 and res.stdout.startswith("comeba_hk:") and "eps_init" in res.stdout
+    assert all(f"\n{m}:\n" in "\n" + res.stdout for m in ("comeba_hk", "encore", "grace", "memit", "oedit"))
     assert "  norm_lambda=20.0 (" in res.stdout and "  orthogonal_to='updates' (" in res.stdout
+    assert "  gate='router' (" in res.stdout and "  alpha=2.2 (" in res.stdout
 
 
 def test_shipped_demo_requests_are_valid():

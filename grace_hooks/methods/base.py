@@ -70,6 +70,11 @@ class EditMethod(ABC):
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
         """What a stored pack places at each of its sites."""
 
+    def squash(self, packs: list[EditPack], name: str) -> EditPack:
+        """One pack with the same effect as the chain ``packs`` (methods with the "squash" capability)."""
+        raise ConfigError(f"method {self.name!r} cannot squash packs; methods that can: "
+                          f"{[n for n, c in _REGISTRY.items() if 'squash' in c.capabilities]}")
+
 
 _REGISTRY: dict[str, type[EditMethod]] = {}
 

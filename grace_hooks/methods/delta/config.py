@@ -11,21 +11,20 @@ LLAMA3_MOM2_WEIGHT, LLAMA3_D_IN = 15000.0, 14336  # ENCORE's hparams/ENCORE/llam
 
 
 @dataclass
-class DeltaConfig(TargetVectorConfig):
-    """MEMIT (Meng et al. 2023) and the options its descendants share (the target-vector options
-    lr, steps, kl_factor, weight_decay, clamp, stop and batch_size come from TargetVectorConfig)."""
+class SolveConfig(TargetVectorConfig):
+    """MEMIT's pipeline (Meng et al. 2023), shared by every method that solves for a layer update
+    (the target-vector options lr, steps, kl_factor, weight_decay, clamp, stop and batch_size come
+    from TargetVectorConfig)."""
 
     layers: str | None = option(None, "edited blocks, e.g. '3-7' or '3,4,5'; None = 5 consecutive blocks centred near "
                                       "a sixth of the depth (3-7 of 30), as MEMIT/ENCORE edit 4-8 of Llama3-8B's 32")
     point: str = option("mlp_out", "hook point inside each block (see architectures.ARCHITECTURES)")
-    mode: str = option("routed", "'global': dW acts on every token (the papers); 'routed': only at positions the "
-                                 "router puts in scope of the pack's keys (unrelated text stays bit-identical)", MODES)
-    radius_scale: float = option(1.1, "routed: the router holds each request's mean key and its context-prefixed "
+    radius_scale: float = option(1.1, "with router keys: the router holds each request's mean key and its context-prefixed "
                                       "samples, each with this times the key's spread (largest sample-to-mean "
                                       "distance) as radius, at least 5% of its norm")
-    corpus_margin: float = option(0.9, "routed: a radius is also at most this times the key's distance to the nearest "
+    corpus_margin: float = option(0.9, "with router keys: a radius is also at most this times the key's distance to the nearest "
                                        "of corpus_probe tokens of the C0 corpus, so generic text stays out of scope (0 = off)")
-    corpus_probe: int = option(4096, "routed: corpus tokens whose site inputs bound the radii")
+    corpus_probe: int = option(4096, "with router keys: corpus tokens whose site inputs bound the radii")
     mom2_weight: float | None = option(None, "lambda, the weight of C0; None = 15000 x d_in / 14336: MEMIT/ENCORE's "
                                              "Llama3-8B value scaled to the site's input width (E[k^T C0^-1 k] = d_in, "
                                              "so the new keys' weight against C0 stays the same)")
@@ -60,6 +59,14 @@ class DeltaConfig(TargetVectorConfig):
             raise ConfigError(f"layers={self.layers!r}: edited blocks must lie in 0..{n_layers - 2} "
                               f"(the model has {n_layers}; the last block's output cannot carry a target vector)")
         return layers
+
+
+@dataclass
+class DeltaConfig(SolveConfig):
+    """MEMIT (Meng et al. 2023): a low-rank weight delta per edited block."""
+
+    mode: str = option("routed", "'global': dW acts on every token (the papers); 'routed': only at positions the "
+                                 "router puts in scope of the pack's keys (unrelated text stays bit-identical)", MODES)
 
 
 @dataclass

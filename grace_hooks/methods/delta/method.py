@@ -11,6 +11,7 @@ model is never written; each block's update acts through the runtime while later
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import abstractmethod
 from pathlib import Path
@@ -52,6 +53,19 @@ class DeltaMethod(EditMethod):
     def constraint(self, loaded: SiteRuntime | None, cfg) -> torch.Tensor | None:
         """Orthonormal columns the update's row space must avoid, or None."""
         return None
+
+    def routes(self, cfg) -> bool:
+        """Whether the pack carries router keys (and acts only where they put a position in scope)."""
+        return cfg.mode == "routed"
+
+    def solving(self, ctx: EditContext, cfg) -> contextlib.AbstractContextManager:
+        """How the loaded packs act while the blocks' keys and residuals are measured."""
+        return contextlib.nullcontext()
+
+    def finish(self, ctx: EditContext, requests: list[EditRequest], sites: list[Site],
+               staged: dict[str, SiteContribution], tensors: dict[str, torch.Tensor], cfg) -> dict:
+        """A last step over the solved update (it may add tensors); returns extra metrics."""
+        return {}
 
     # ------------------------------------------------------------------ shared parts
     def sites(self, model, cfg: DeltaConfig) -> list[Site]:
@@ -103,8 +117,9 @@ class DeltaMethod(EditMethod):
         staged: dict[str, SiteContribution] = {}
         tensors: dict[str, torch.Tensor] = {}
         layer_metrics = {}
+        routed = self.routes(cfg)
         for i, site in enumerate(sites):
-            with ctx.runtime.staged(staged):  # the blocks below already carry their share
+            with ctx.runtime.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
                 samples = activations_at_subject(model, tok, site.module(model), requests, prefixes)  # (P, n, d_in)
                 now = activations_at_subject(model, tok, top, requests, [""], which="output")[0]
             keys = samples.mean(0)
@@ -115,15 +130,15 @@ class DeltaMethod(EditMethod):
             n = site.name
             tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
                             f"{n}/keys": keys.float().contiguous()})
-            if cfg.mode == "routed":  # a global pack needs no router keys
+            if routed:  # a global pack needs no router keys
                 route_keys, route_radii = self._routing(ctx, sites, site, samples, keys, cfg)
                 tensors.update({f"{n}/route_keys": route_keys.float().contiguous(),
                                 f"{n}/route_radii": route_radii.float().contiguous()})
             staged[n] = self._contribution({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}/")},
-                                           cfg.mode == "routed")
+                                           routed)
             layer_metrics[n] = {"residual_norm": float(residual.norm(dim=1).mean()),
                                 "delta_norm": float(torch.linalg.matrix_norm(update.dense()))}
-        with ctx.runtime.staged(staged):  # how far the whole update carries the bare prompts towards z
+        with ctx.runtime.staged(staged), self.solving(ctx, cfg):  # how far the whole update carries the bare prompts towards z
             final = activations_at_subject(model, tok, top, requests, [""], which="output")[0].to(torch.float64)
         start = torch.stack([tv.h for tv in tvs]).to(torch.float64)
         reached = 1 - (z - final).norm(dim=1) / (z - start).norm(dim=1).clamp(min=1e-12)
@@ -135,10 +150,11 @@ class DeltaMethod(EditMethod):
             "c0": {s.name: {"count": moments[s.name].count, "corpus": moments[s.name].corpus_source,
                             "from_cache": moments[s.name].from_cache} for s in sites},
         }
+        metrics.update(self.finish(ctx, requests, sites, staged, tensors, cfg))
         log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z",
                  self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"], 100 * metrics["z_reached_mean"])
-        state = {"mode": cfg.mode, "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
-        if cfg.mode == "routed":  # router key -> the request it serves (router recall)
+        state = {"mode": "routed" if routed else "global", "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
+        if routed:  # router key -> the request it serves (router recall)
             owners = [[i % len(requests)] for i in range(len(requests) * (1 + len(prefixes)))]
             state["key_requests"] = {s.name: owners for s in sites}
         return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, metrics=metrics)

@@ -1,0 +1,121 @@
+"""COMEBA-HK (Li et al. 2024, sec. 3): MEMIT's locate-then-edit solve, with every batch's update
+absorbed by a hook layer W_h beside each edited block instead of by the block's weights.
+
+- The normal matrix accumulates: lambda C0 + the K K^T of every earlier batch at the site (the
+  keys each loaded pack stores), plus this batch's (the paper's eq. for C_accu).
+- Keys and residuals are measured through the current hook layers acting at every position (the
+  reference code's temporary hooks), with this batch's lower blocks already staged.
+- z-score gate: after the batch, alpha falls to the smallest z-score of an edit prompt's last
+  subject token, so that every edited prompt fires (see ``_lowered_alphas``); each pack stores the
+  alpha reached after it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import replace
+
+import torch
+
+from ...architectures import Site
+from ...errors import PackError
+from ...hook_layer import lowrank_is_smaller, zscores
+from ...linalg import preservation_matrix
+from ...packs import EditPack
+from ...requests import EditRequest
+from ...runtime import SiteContribution, SiteRuntime
+from ...subject_keys import lookup_positions
+from ..base import EditContext, register
+from ..delta.method import DeltaMethod
+from .config import ComebaConfig
+from .squash import hook_increment, squash_packs
+
+log = logging.getLogger(__name__)
+
+ALPHA_MARGIN = 1e-3  # a padded batch and a single prompt round the z-score differently
+
+
+@register
+class ComebaHK(DeltaMethod):
+    name = "comeba_hk"
+    config_class = ComebaConfig
+    capabilities = frozenset({"hook_layer", "routed", "squash"})
+
+    def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg: ComebaConfig) -> torch.Tensor:
+        earlier = [i.keys for i in loaded.hook_layer.increments.values()] if loaded is not None else []
+        previous = torch.cat(earlier).T if earlier else None
+        return preservation_matrix(c0.shape[0], c0, cfg.c0_weight(c0.shape[0]), previous_keys=previous)
+
+    def routes(self, cfg: ComebaConfig) -> bool:
+        return cfg.gate == "router"
+
+    def solving(self, ctx: EditContext, cfg: ComebaConfig):
+        """Router gate: the hook layers act where they will act, at router hits. z-score gate: at every
+        position (the reference code's temporary hooks; the gate's alpha is only known afterwards)."""
+        return ctx.runtime.hook_layers_everywhere() if cfg.gate == "zscore" else contextlib.nullcontext()
+
+    def finish(self, ctx: EditContext, requests: list[EditRequest], sites: list[Site],
+               staged: dict[str, SiteContribution], tensors: dict[str, torch.Tensor], cfg: ComebaConfig) -> dict:
+        for site in sites:  # a batch wider than the break-even rank is stored dense
+            n = site.name
+            d_in, d_out = site.dims(ctx.model)
+            if not lowrank_is_smaller(tensors[f"{n}/U"].shape[1], d_out, d_in):
+                tensors[f"{n}/dense"] = (tensors.pop(f"{n}/U").double() @ tensors.pop(f"{n}/V").double().T).float()
+        if cfg.gate != "zscore":
+            return {}
+        alphas = self._lowered_alphas(ctx, sites, staged, requests, cfg)
+        for name, alpha in alphas.items():
+            tensors[f"{name}/alpha"] = torch.tensor([alpha], dtype=torch.float32)
+        return {"alpha": alphas}
+
+    @staticmethod
+    def _lowered_alphas(ctx: EditContext, sites: list[Site], staged: dict[str, SiteContribution],
+                        requests: list[EditRequest], cfg: ComebaConfig) -> dict[str, float]:
+        """Each site's alpha after this batch: the smallest z-score of any edit prompt's last subject
+        token (where its key is), taken as the deployed model will see it (the batch absorbed, the
+        blocks below gated with their new alpha), and never above the alpha before. The reference
+        code takes each prompt's largest z-score anywhere in it instead, which need not be at the
+        subject, so an edited prompt could still miss its hook."""
+        tok = ctx.tokenizer
+        side, tok.padding_side = tok.padding_side, "right"
+        try:
+            enc = tok([r.text for r in requests], return_tensors="pt", padding=True).to(ctx.device)
+        finally:
+            tok.padding_side = side
+        rows, cols = torch.arange(len(requests)), torch.tensor(lookup_positions(tok, requests, ""))
+        pending = {n: replace(c, hook=replace(c.hook, alpha=math.inf)) for n, c in staged.items()}
+        alphas: dict[str, float] = {}
+        for site in sites:
+            loaded = ctx.runtime.sites.get(site.name)
+            before = loaded.hook_layer.alpha if loaded is not None and loaded.hook_layer.alpha is not None else cfg.alpha
+            captured = []
+            with ctx.runtime.staged(pending), ctx.hooks.scoped() as scope, torch.no_grad():
+                scope.forward(site.module(ctx.model), lambda m, a, o: captured.append(a[0].detach()))
+                ctx.model(**enc)
+                change = ctx.runtime.sites[site.name].hook_layer.change(captured[0])
+            z = zscores(change.norm(dim=-1), enc.attention_mask.bool())[0][rows, cols.to(change.device)]
+            finite = z[torch.isfinite(z)]
+            if len(finite) < len(z):
+                log.warning("comeba_hk: %d edit prompts are too short for a z-score at %s (under 2 tokens); "
+                            "their hook cannot fire there", len(z) - len(finite), site.name)
+            lowest = float(finite.min()) - ALPHA_MARGIN if len(finite) else math.inf
+            alphas[site.name] = float(torch.tensor(min(before, lowest), dtype=torch.float32))  # as the pack stores it
+            pending[site.name] = replace(pending[site.name], hook=replace(pending[site.name].hook, alpha=alphas[site.name]))
+        return alphas
+
+    @staticmethod
+    def _contribution(t: dict[str, torch.Tensor], routed: bool) -> SiteContribution:
+        """A site's tensors as a hook-layer increment, routed by its router keys when it has them."""
+        if routed:
+            return SiteContribution(keys=t["route_keys"], radii=t["route_radii"], hook=hook_increment(t))
+        return SiteContribution(hook=hook_increment(t))
+
+    def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
+        routed = pack.config.get("gate") == "router"
+        return {site: self._contribution(pack.site_tensors(site), routed) for site in pack.sites}
+
+    def squash(self, packs: list[EditPack], name: str) -> EditPack:
+        if any(p.method != self.name for p in packs):
+            raise PackError(f"squash merges {self.name} packs only; got {[p.method for p in packs]}")
+        return squash_packs(packs, name)
