@@ -21,6 +21,8 @@ from .hooks import HookOwner
 from .router import NO_KEY, KeyRouter
 
 STAGED_RANK = 2**62  # above any loaded pack's rank
+ZSCORE_GATE = "<z-score gate>"  # the 'pack' of a traced hit where the z-score gate, not a key, fired
+_ZSCORE_ID = -2  # its router id in raw traces
 
 
 @dataclass
@@ -129,6 +131,9 @@ class SiteRuntime:
         width = x.shape[-2] if x.dim() > 1 else 1
         flat_x = x.reshape(-1, x.shape[-1])
         fire, change = self._hook_gate(x, valid, past, hook_everywhere)
+        if trace is not None and change is not None and bool(fire.any()):  # z-score fires (no key behind them)
+            fired_rows = fire.nonzero().squeeze(1).cpu().numpy()
+            trace.append((self.site.name, fired_rows, width, np.full(len(fired_rows), _ZSCORE_ID)))
         routed_rows, replace_rows, replace_ids, delta_rows, owners = None, None, None, None, None
         rows = valid.reshape(-1).nonzero().squeeze(1)
         if len(self.router) and len(rows):
@@ -314,7 +319,8 @@ class EditRuntime:
     @contextlib.contextmanager
     def tracing(self) -> Iterator[list[tuple[str, int, int, str, int]]]:
         """Record which keys fire inside the block: a list of (site, batch row, position, pack id,
-        key index), one per in-scope position (evaluation: router recall and false-fire rate)."""
+        key index), one per in-scope position (evaluation: router recall and false-fire rate). Where
+        the z-score gate let a hook layer through, the pack is ZSCORE_GATE and the key index -1."""
         raw: list = []
         resolved: list[tuple[str, int, int, str, int]] = []
         previous, self._trace = self._trace, raw
@@ -325,7 +331,7 @@ class EditRuntime:
             for site, flat, width, ids in raw:
                 rt = self.sites.get(site)
                 for f, key_id in zip(flat.tolist(), ids.tolist()):
-                    owner = rt.key_pack(key_id) if rt is not None else None
+                    owner = (ZSCORE_GATE, -1) if key_id == _ZSCORE_ID else rt.key_pack(key_id) if rt is not None else None
                     if owner is not None:
                         resolved.append((site, f // width, f % width, owner[0], owner[1]))
 

@@ -12,6 +12,7 @@ from grace_hooks.hooks import count_hooks
 from grace_hooks.linalg import preservation_matrix
 from grace_hooks.methods import get_method
 from grace_hooks.methods.comeba.squash import squash_packs
+from grace_hooks.runtime import ZSCORE_GATE
 
 GATES = ("router", "zscore")
 # three batches of one chain: the second and third edit other subjects
@@ -121,6 +122,10 @@ def test_zscore_alpha_only_falls_and_every_edit_prompt_fires(make_model, tokeniz
             layer = em._runtime.sites[n].hook_layer
             z, _ = zscores(layer.change(x).norm(dim=-1), torch.ones(x.shape[:2], dtype=torch.bool))
             assert z[0, -1] >= layer.alpha
+        with em.routes() as hits, torch.no_grad():  # the fires are traced (false-fire rate, recall)
+            em(**enc)
+        last = enc.input_ids.shape[1] - 1
+        assert {site for site, row, pos, pack, key in hits if pos == last and pack == ZSCORE_GATE} == set(seen)
 
 
 # ---------------------------------------------------------------------------- stacking and rollback
@@ -174,6 +179,11 @@ def test_squash_turns_dense_when_factors_would_be_larger():
     want = sum(p["U"].double() @ p["V"].double().T for p in parts)
     torch.testing.assert_close(big["dense"], want.float())
     assert float(big["alpha"]) == pytest.approx(1.8) and big["keys"].shape == (4, d_in)
+    many = [part(4, s) for s in range(3)]  # 12 keys > d_in: a d_in x d_in factor with the same K^T K
+    keys = torch.cat([p["keys"] for p in many]).double()
+    squashed = _site_tensors(many)["keys"].double()
+    assert squashed.shape == (d_in, d_in)
+    torch.testing.assert_close(squashed.T @ squashed, keys.T @ keys, rtol=1e-5, atol=1e-4)
     layer = HookLayer(d_in, d_out)  # the runtime's sum of the same chain is the same dense matrix
     for i, p in enumerate(parts):
         layer.add(str(i), HookIncrement(p["keys"], p["U"], p["V"]))

@@ -25,6 +25,7 @@ from ..methods import get_method
 from ..methods.grace.config import DEFAULT_RELATIVE_DEPTH
 from ..model import EditableModel
 from ..requests import EditRequest
+from ..runtime import ZSCORE_GATE
 from ..replay import LayerReplay
 from ..tokens import build_edit_batch, score_targets, scored_positions
 from .metrics import Hit
@@ -147,6 +148,8 @@ class PackEditor(Editor):
 
         def test(hit: Hit) -> bool:
             site, pack, key = hit
+            if pack == ZSCORE_GATE:  # no key says whose edit fired: any z-score fire counts
+                return owners is None
             keys = (owners or {}).get(site)
             return pack == name and (keys is None or row in keys[key])
 

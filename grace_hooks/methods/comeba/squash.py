@@ -1,9 +1,11 @@
 """Squashing a chain of comeba_hk packs into one: the same hook layers, the same gate, one pack.
 
 A chain's hook layer at a site is W0 + the sum of its packs' increments, so one pack holding that
-sum (factors side by side while that is smaller than the dense matrix, else the dense sum), all the
-keys the chain absorbed (later batches keep building on them), the union of its router keys and
-its lowest alpha gives the same outputs. Memory then stays bounded by one dense matrix per site.
+sum (factors side by side while that is smaller than the dense matrix, else the dense sum), the
+keys the chain absorbed (later batches build on their K^T K: beyond d_in keys, the d_in x d_in
+factor R of K = QR stands for them), the union of its router keys and its lowest alpha gives the
+same outputs. With the z-score gate memory then stays bounded by two square matrices per site; the
+router gate keeps every router key.
 """
 from __future__ import annotations
 
@@ -39,7 +41,10 @@ def _check_chain(packs: list[EditPack]) -> None:
 def _site_tensors(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     incs = [hook_increment(t) for t in parts]
     d_out, d_in = incs[0].matrix().shape if incs[0].dense is not None else (incs[0].U.shape[0], incs[0].V.shape[0])
-    out = {"keys": torch.cat([i.keys for i in incs]).contiguous()}
+    keys = torch.cat([i.keys for i in incs])
+    if len(keys) > d_in:  # only K^T K enters later solves: R of K = QR has the same, in d_in rows
+        keys = torch.linalg.qr(keys.double(), mode="r").R.float()
+    out = {"keys": keys.contiguous()}
     if all(i.dense is None for i in incs) and lowrank_is_smaller(sum(i.rank for i in incs), d_out, d_in):
         out["U"] = torch.cat([i.U for i in incs], 1).contiguous()
         out["V"] = torch.cat([i.V for i in incs], 1).contiguous()
