@@ -5,9 +5,8 @@ absorbed by a hook layer W_h beside each edited block instead of by the block's 
   keys each loaded pack stores), plus this batch's (the paper's eq. for C_accu).
 - Keys and residuals are measured through the current hook layers acting at every position (the
   reference code's temporary hooks), with this batch's lower blocks already staged.
-- z-score gate: after the batch, alpha falls to the smallest z-score of an edit prompt's last
-  subject token, so that every edited prompt fires (see ``_lowered_alphas``); each pack stores the
-  alpha reached after it.
+- z-score gate: after the batch, alpha falls so that every edit prompt fires (see
+  ``_lowered_alphas``); each pack stores the alpha reached after it.
 """
 from __future__ import annotations
 
@@ -72,11 +71,11 @@ class ComebaHK(DeltaMethod):
     @staticmethod
     def _lowered_alphas(ctx: EditContext, sites: list[Site], staged: dict[str, SiteContribution],
                         requests: list[EditRequest], cfg: ComebaConfig) -> dict[str, float]:
-        """Each site's alpha after this batch: the smallest z-score of any edit prompt's last subject
-        token (where its key is), taken as the deployed model will see it (the batch absorbed, the
-        blocks below gated with their new alpha), and never above the alpha before. The reference
-        code takes each prompt's largest z-score anywhere in it instead, which need not be at the
-        subject, so an edited prompt could still miss its hook."""
+        """Each site's alpha after this batch: the smallest, over the edit prompts, of the prompt's
+        largest z-score (``alpha_from="prompt_max"``, the reference code) or of the z-score at its last
+        subject token, where its key is (``"subject"``), never above the alpha before. The z-scores
+        are taken as the deployed model will see them: the batch absorbed and the blocks below
+        gated with their new alpha (the reference code uses the base model's site inputs)."""
         tok = ctx.tokenizer
         side, tok.padding_side = tok.padding_side, "right"
         try:
@@ -94,7 +93,8 @@ class ComebaHK(DeltaMethod):
                 scope.forward(site.module(ctx.model), lambda m, a, o: captured.append(a[0].detach()))
                 ctx.model(**enc)
                 change = ctx.runtime.sites[site.name].hook_layer.change(captured[0])
-            z = zscores(change.norm(dim=-1), enc.attention_mask.bool())[0][rows, cols.to(change.device)]
+            z = zscores(change.norm(dim=-1), enc.attention_mask.bool())[0]
+            z = z.max(dim=1).values if cfg.alpha_from == "prompt_max" else z[rows, cols.to(z.device)]
             finite = z[torch.isfinite(z)]
             if len(finite) < len(z):
                 log.warning("comeba_hk: %d edit prompts are too short for a z-score at %s (under 2 tokens); "
