@@ -51,6 +51,11 @@ class SiteContribution:
     shrink: list[tuple[str, int, float]] = field(default_factory=list)  # (earlier pack id, key index, radius)
 
 
+def _stored(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A pack tensor as the runtime keeps it: detached float32 on the CPU."""
+    return None if t is None else t.detach().float().cpu()
+
+
 class SiteRuntime:
     """The router, value table and deltas of one site, and its forward hook."""
 
@@ -96,12 +101,10 @@ class SiteRuntime:
             self.ids[pack_id] = ids
         if c.delta is not None:
             d = c.delta
-            self.deltas[pack_id] = LowRankDelta(d.U.detach().float().cpu(), d.V.detach().float().cpu(), d.routed,
-                                                None if d.keys is None else d.keys.detach().float().cpu())
+            self.deltas[pack_id] = LowRankDelta(_stored(d.U), _stored(d.V), d.routed, _stored(d.keys))
         if c.hook is not None:
             h = c.hook
-            cpu = lambda t: None if t is None else t.detach().float().cpu()  # noqa: E731
-            self.hook_layer.add(pack_id, HookIncrement(cpu(h.keys), cpu(h.U), cpu(h.V), cpu(h.dense), h.alpha))
+            self.hook_layer.add(pack_id, HookIncrement(_stored(h.keys), _stored(h.U), _stored(h.V), _stored(h.dense), h.alpha))
         for target_pack, key_index, radius in c.shrink:
             if target_pack in self.ids:
                 self.router.shrink(int(self.ids[target_pack][key_index]), radius, owner=pack_id)
@@ -134,7 +137,7 @@ class SiteRuntime:
         if trace is not None and change is not None and bool(fire.any()):  # z-score fires (no key behind them)
             fired_rows = fire.nonzero().squeeze(1).cpu().numpy()
             trace.append((self.site.name, fired_rows, width, np.full(len(fired_rows), _ZSCORE_ID)))
-        routed_rows, replace_rows, replace_ids, delta_rows, owners = None, None, None, None, None
+        replace_rows, replace_ids, delta_rows, owners = None, None, None, None
         rows = valid.reshape(-1).nonzero().squeeze(1)
         if len(self.router) and len(rows):
             ids = self.router.assign(flat_x[rows].detach().float().cpu().numpy(), is_last.reshape(-1)[rows].cpu().numpy())
@@ -152,7 +155,8 @@ class SiteRuntime:
                 fire[routed_rows[to_hook.to(routed_rows.device)]] = True
                 delta_rows, owners = routed_rows[~to_hook.to(routed_rows.device)], owners[~to_hook.numpy()]
         fired = fire is not None and bool(fire.any())
-        if not fired and (replace_rows is None or (len(replace_rows) == 0 and len(delta_rows) == 0)):
+        routed_hits = delta_rows is not None and (len(delta_rows) > 0 or len(replace_rows) > 0)
+        if not fired and not routed_hits:
             return out
         base = y if out is None else out
         flat = base.reshape(-1, base.shape[-1]).clone()
@@ -160,7 +164,7 @@ class SiteRuntime:
             sel = fire.nonzero().squeeze(1)
             flat[sel] = flat[sel] + (change.reshape(-1, flat.shape[-1])[sel] if change is not None
                                      else self.hook_layer.change(flat_x[sel]))
-        if delta_rows is not None:
+        if routed_hits:
             for pack_id in set(owners.tolist()):  # routed deltas, then replacements
                 sel = delta_rows[torch.from_numpy(owners == pack_id).to(delta_rows.device)]
                 d = self.deltas[pack_id]

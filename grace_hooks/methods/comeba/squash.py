@@ -40,7 +40,7 @@ def _check_chain(packs: list[EditPack]) -> None:
 
 def _site_tensors(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     incs = [hook_increment(t) for t in parts]
-    d_out, d_in = incs[0].matrix().shape if incs[0].dense is not None else (incs[0].U.shape[0], incs[0].V.shape[0])
+    d_out, d_in = incs[0].dense.shape if incs[0].dense is not None else (incs[0].U.shape[0], incs[0].V.shape[0])
     keys = torch.cat([i.keys for i in incs])
     if len(keys) > d_in:  # only K^T K enters later solves: R of K = QR has the same, in d_in rows
         keys = torch.linalg.qr(keys.double(), mode="r").R.float()
