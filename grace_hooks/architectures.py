@@ -18,6 +18,8 @@ class ArchSpec:
     points: dict[str, str]  # hook point name -> module path inside one block
     final_norm: str  # dotted path of the norm between the last block and the output embedding
     transposed: frozenset[str] = field(default_factory=frozenset)  # points stored (d_in, d_out), GPT-2 Conv1D
+    # the blocks give the same outputs when earlier columns come from a cache (replay.LayerReplay's ``start``)
+    cached_suffix: bool = True
 
 
 _LLAMA_LIKE = ArchSpec(layers="model.layers", points={"mlp_out": "mlp.down_proj"}, final_norm="model.norm")
@@ -28,7 +30,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
+    # Gemma 2's sliding-window layers give other outputs from a cache (tests/test_replay.py)
+    "gemma2": ArchSpec(layers="model.layers", points={"mlp_out": "mlp.down_proj"}, final_norm="model.norm",
+                       cached_suffix=False),
     "gemma3_text": _LLAMA_LIKE,
     "gemma3": ArchSpec(layers="model.language_model.layers", points={"mlp_out": "mlp.down_proj"},
                        final_norm="model.language_model.norm"),

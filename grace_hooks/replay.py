@@ -6,12 +6,20 @@ records how each block from L on is called (hidden states, position embeddings, 
 ...), and then recomputes blocks L..N-1, the final norm and the output embedding with those
 recorded arguments. Blocks are called as modules, so every hook on them or inside them fires.
 
+With ``start`` > 0 only columns ``start:`` are replayed: their attention reads the keys and values
+of the earlier columns from a cache filled once (the blocks are called with ``past_key_values``, as
+in generation). That is exact when nothing changes before column ``start`` (a target vector is
+added at the key token, and every key token sits at column ``start``), and it costs a fraction of
+a full replay. Hooks inside the replayed blocks would see only those columns, so a replay with
+such hooks always runs in full (``replay.start`` says which was done).
+
 Architecture facts come from :data:`~grace_hooks.architectures.ARCHITECTURES` (``layers``,
 ``final_norm``); nothing here knows a model by name. Hooks on the model itself do not fire in a
 replay: the edit runtime's record of the real positions is set with ``EditRuntime.attention_mask``.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -21,9 +29,9 @@ from .architectures import arch_spec
 from .hooks import HookOwner
 
 try:
-    from transformers.cache_utils import Cache
+    from transformers.cache_utils import Cache, DynamicCache
 except ImportError:  # pragma: no cover - every supported transformers has it
-    Cache = ()
+    Cache, DynamicCache = (), None
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
@@ -32,8 +40,37 @@ class _Captured(Exception):
     """Stops the capture forward after the last block: the final norm and the head are not needed."""
 
 
+class _PastSlot:
+    """Where a recorded block call took the cache: each replay puts a fresh copy of the prefix cache there."""
+
+
+_PAST = _PastSlot()
+
+
 def _no_cache(value: Any) -> Any:
     return None if isinstance(value, Cache) else value
+
+
+def _slot(value: Any) -> Any:
+    return _PAST if isinstance(value, Cache) else value
+
+
+def _fill(value: Any, cache: Any) -> Any:
+    return cache if value is _PAST else value
+
+
+def _fresh_cache(prefix: Any, rows: torch.Tensor | None = None) -> Any:
+    """A cache holding ``prefix``'s keys and values (of batch ``rows``) that updates without touching them:
+    a layer's update concatenates into new tensors, so sharing the stored ones is safe."""
+    cache = copy.copy(prefix)
+    cache.layers = [copy.copy(layer) for layer in prefix.layers]
+    if rows is not None:
+        cache.batch_select_indices(rows)
+    return cache
+
+
+def _has_hooks(modules) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for block in modules for m in block.modules())
 
 
 def _take(value: Any, rows: torch.Tensor, batch: int, memo: dict) -> tuple[Any, bool]:
@@ -51,46 +88,65 @@ def _take(value: Any, rows: torch.Tensor, batch: int, memo: dict) -> tuple[Any, 
     if isinstance(value, dict):
         parts = {k: _take(v, rows, batch, memo) for k, v in value.items()}
         return {k: p for k, (p, _) in parts.items()}, all(ok for _, ok in parts.values())
-    return value, value is None or isinstance(value, (bool, int, float, str))
+    return value, value is None or isinstance(value, (bool, int, float, str, _PastSlot))
 
 
 class LayerReplay:
     """The logits of ``model(input_ids, attention_mask)``, recomputed from decoder block ``layer`` on.
 
-    ``logits()`` equals the model's own logits as long as nothing below block ``layer`` changes.
-    Caches are off (``use_cache=False``); the model should be in eval mode (dropout would differ).
+    ``logits()`` equals the model's own logits as long as nothing below block ``layer`` changes
+    (and, with ``start``, nothing before column ``start``). ``position_ids`` are passed to the model
+    when given (left-padded rows). The model should be in eval mode (dropout would differ).
     """
 
     def __init__(self, model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 _calls: list | None = None, _hidden: torch.Tensor | None = None) -> None:
+                 start: int = 0, position_ids: torch.Tensor | None = None, _state: tuple | None = None) -> None:
         spec = arch_spec(model)
+        blocks = model.get_submodule(spec.layers)
         self.model, self.layer = model, layer
-        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.input_ids, self.attention_mask, self.position_ids = input_ids, attention_mask, position_ids
         self.final_norm = model.get_submodule(spec.final_norm)
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        if _calls is None:
-            _calls, _hidden = self._capture(model.get_submodule(spec.layers))
-        self.calls: list[tuple[nn.Module, tuple, dict, bool]] = _calls  # (block, args, kwargs, hidden positional)
-        self.hidden_in: torch.Tensor = _hidden  # input of block ``layer``
+        if _state is None:
+            suffix = (0 < start < input_ids.shape[1] and spec.cached_suffix and DynamicCache is not None
+                      and not _has_hooks(blocks[layer:]))
+            self.start = start if suffix else 0
+            _state = self._capture(blocks)
+        self.start = _state[0]
+        self.calls: list[tuple[nn.Module, tuple, dict, bool]] = _state[1]  # (block, args, kwargs, hidden positional)
+        self.hidden_in: torch.Tensor = _state[2]  # input of block ``layer``, columns ``start:``
+        self.prefix = _state[3]  # the cache of columns ``:start`` (None for a full replay)
+
+    def _forward(self, columns: slice, **kwargs) -> None:
+        ids = self.input_ids[:, columns]
+        mask = self.attention_mask if self.attention_mask is None or columns.start else self.attention_mask[:, columns]
+        if self.position_ids is not None:
+            kwargs["position_ids"] = self.position_ids[:, columns]
+        try:
+            self.model(input_ids=ids, attention_mask=mask, **kwargs)
+        except _Captured:
+            pass
 
     def _capture(self, blocks: nn.ModuleList):
         if not 0 <= self.layer < len(blocks):
             raise ValueError(f"layer {self.layer} is out of range: the model has {len(blocks)} blocks")
         calls, hidden = [], []
+        keep = _slot if self.start else _no_cache  # a suffix replay reads the prefix's cache
 
         def record(block: nn.Module):
             def hook(module, args, kwargs):
-                kwargs = {k: _no_cache(v) for k, v in kwargs.items()}
+                kwargs = {k: keep(v) for k, v in kwargs.items()}
                 if args:
-                    h, args, positional = args[0], tuple(_no_cache(a) for a in args[1:]), True
+                    h, args, positional = args[0], tuple(keep(a) for a in args[1:]), True
                 else:
                     h, positional = kwargs.pop("hidden_states"), False
-                for name in _CACHE_KWARGS:
-                    if name in kwargs:
-                        kwargs[name] = None
-                if "use_cache" in kwargs:
-                    kwargs["use_cache"] = False
+                if not self.start:
+                    for name in _CACHE_KWARGS:
+                        if name in kwargs:
+                            kwargs[name] = None
+                    if "use_cache" in kwargs:
+                        kwargs["use_cache"] = False
                 if not calls:
                     hidden.append(h.detach())
                 calls.append((block, args, kwargs, positional))
@@ -100,34 +156,43 @@ class LayerReplay:
         def stop(module, args, output):
             raise _Captured
 
+        prefix = None
         with HookOwner().scoped() as scope, torch.no_grad():
+            scope.forward(blocks[-1], stop)  # after the last block, so hooks inside every block see this forward
+            if self.start:
+                prefix = DynamicCache(config=self.model.config)
+                self._forward(slice(0, self.start), past_key_values=prefix, use_cache=True)
             for i in range(self.layer, len(blocks)):  # prepend: the arguments as the parent passed them
                 scope.pre_forward(blocks[i], record(blocks[i]), with_kwargs=True, prepend=True)
-            scope.forward(blocks[-1], stop)  # after the last block, so hooks inside every block see this forward
-            try:
-                self.model(input_ids=self.input_ids, attention_mask=self.attention_mask, use_cache=False)
-            except _Captured:
-                pass
+            if self.start:
+                self._forward(slice(self.start, None), past_key_values=_fresh_cache(prefix), use_cache=True)
+            else:
+                self._forward(slice(0, None), use_cache=False)
         if not calls:
             raise RuntimeError(f"block {self.layer} was not called by the model's forward")
-        return calls, hidden[0]
+        return self.start, calls, hidden[0], prefix
 
     def hidden_states(self, offset: torch.Tensor | None = None) -> torch.Tensor:
-        """The output of the final norm; ``offset`` is added to the input of block ``layer`` first."""
+        """The output of the final norm at columns ``start:``; ``offset`` (shaped as ``hidden_in``) is
+        added to the input of block ``layer`` first."""
         h = self.hidden_in if offset is None else self.hidden_in + offset.to(self.hidden_in.dtype)
+        cache = None if self.prefix is None else _fresh_cache(self.prefix)
         for block, args, kwargs, positional in self.calls:
+            if cache is not None:
+                args, kwargs = tuple(_fill(a, cache) for a in args), {k: _fill(v, cache) for k, v in kwargs.items()}
             out = block(h, *args, **kwargs) if positional else block(*args, hidden_states=h, **kwargs)
             h = out[0] if isinstance(out, (tuple, list)) else out
         return self.final_norm(h)
 
     def logits(self, index: tuple[torch.Tensor, torch.Tensor] | None = None,
                offset: torch.Tensor | None = None) -> torch.Tensor:
-        """The logits, shape (batch, width, vocab); with ``index = (rows, cols)`` (two long tensors
-        of one shape) only those positions', shape ``rows.shape + (vocab,)`` (the head is the
-        costliest layer of a small model). ``offset``: see :meth:`hidden_states`."""
+        """The logits of columns ``start:``, shape (batch, width - start, vocab); with ``index = (rows,
+        cols)`` (two long tensors of one shape, columns counted from 0, each >= ``start``) only those
+        positions', shape ``rows.shape + (vocab,)`` (the head is the costliest layer of a small
+        model). ``offset``: see :meth:`hidden_states`."""
         h = self.hidden_states(offset)
         if index is not None:
-            h = h[index[0].to(h.device), index[1].to(h.device)]
+            h = h[index[0].to(h.device), index[1].to(h.device) - self.start]
         logits = self.head(h)
         if self.softcap is not None:  # as the causal-LM heads do it (Gemma 2)
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -138,13 +203,15 @@ class LayerReplay:
         they are all understood, else captures the sub-batch afresh."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         batch = self.hidden_in.shape[0]
-        mask = self.attention_mask[rows.to(self.attention_mask.device)] if self.attention_mask is not None else None
-        ids = self.input_ids[rows.to(self.input_ids.device)]
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        mask, ids, pos = pick(self.attention_mask), pick(self.input_ids), pick(self.position_ids)
         calls, understood, memo = [], True, {}
         for block, args, kwargs, positional in self.calls:
             (args, kwargs), ok = _take((args, kwargs), rows, batch, memo)
             understood &= ok
             calls.append((block, args, kwargs, positional))
         if not understood:
-            return LayerReplay(self.model, self.layer, ids, mask)
-        return LayerReplay(self.model, self.layer, ids, mask, _calls=calls, _hidden=_take(self.hidden_in, rows, batch, memo)[0])
+            return LayerReplay(self.model, self.layer, ids, mask, self.start, pos)
+        prefix = None if self.prefix is None else _fresh_cache(self.prefix, rows.to(self.hidden_in.device))
+        return LayerReplay(self.model, self.layer, ids, mask, self.start, pos,
+                           _state=(self.start, calls, _take(self.hidden_in, rows, batch, memo)[0], prefix))

@@ -34,21 +34,50 @@ def subject_last_index(tokenizer, text: str, span: tuple[int, int]) -> int:
 
 @dataclass
 class EditBatch:
-    """Right-padded prompt+target sequences of a list of requests."""
+    """Padded prompt+target sequences of a list of requests: right-padded, or also left-padded by
+    ``left`` columns (then every position, the key's included, counts those columns)."""
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     prompt_len: torch.Tensor  # (B,) number of prompt tokens
     target_len: torch.Tensor  # (B,)
-    key_pos: torch.Tensor  # (B,) position of the key token
+    key_pos: torch.Tensor  # (B,) column of the key token
+    left: torch.Tensor | None = None  # (B,) left padding columns
 
     def target_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, position) of every target token, position t predicted by logits at t - 1."""
+        """(row, column) of every target token, the token at column t predicted by the logits at t - 1."""
         rows, cols = [], []
-        for b, (p, n) in enumerate(zip(self.prompt_len.tolist(), self.target_len.tolist())):
+        left = self.left.tolist() if self.left is not None else [0] * len(self.prompt_len)
+        for b, (p, n, s) in enumerate(zip(self.prompt_len.tolist(), self.target_len.tolist(), left)):
             rows += [b] * n
-            cols += list(range(p, p + n))
+            cols += list(range(s + p, s + p + n))
         return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+    def position_ids(self) -> torch.Tensor | None:
+        """Each token's position in its own sequence (None when no row is left-padded)."""
+        if self.left is None:
+            return None
+        return (self.attention_mask.cumsum(1) - 1).clamp(min=0)
+
+    def aligned_keys(self) -> "EditBatch":
+        """The same rows shifted right by left padding so that every key token sits in one column, the
+        first column a cached-suffix replay has to recompute (``LayerReplay(start=key column)``)."""
+        if self.left is not None:
+            raise ValueError("this batch is already left-padded")
+        shift = int(self.key_pos.max()) - self.key_pos
+        lengths = self.attention_mask.sum(1)
+        width = int((shift + lengths).max())
+        ids = torch.full((len(shift), width), 0, dtype=self.input_ids.dtype, device=self.input_ids.device)
+        mask = torch.zeros_like(ids, dtype=self.attention_mask.dtype)
+        for b, (s, n) in enumerate(zip(shift.tolist(), lengths.tolist())):
+            ids[b, s: s + n], mask[b, s: s + n] = self.input_ids[b, :n], 1
+        return EditBatch(ids, mask, self.prompt_len, self.target_len, self.key_pos + shift, shift)
+
+    def rows(self, rows: torch.Tensor) -> "EditBatch":
+        """The batch of rows ``rows`` (same width)."""
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        return EditBatch(pick(self.input_ids), pick(self.attention_mask), pick(self.prompt_len), pick(self.target_len),
+                         pick(self.key_pos), pick(self.left))
 
 
 def build_pair_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], key_pos: Sequence[int] | None = None,
@@ -88,7 +117,8 @@ def scored_positions(batch: EditBatch) -> tuple[tuple[torch.Tensor, torch.Tensor
     row b keeps positions prompt_len - 1 .. prompt_len + target_len - 1 (the head runs on these only)."""
     width = int(batch.target_len.max()) + 1
     rows = torch.arange(len(batch.prompt_len), device=batch.input_ids.device)[:, None].expand(-1, width)
-    cols = (batch.prompt_len[:, None] - 1 + torch.arange(width, device=batch.input_ids.device)).clamp(max=batch.input_ids.shape[1] - 1)
+    first = batch.prompt_len - 1 + (batch.left if batch.left is not None else 0)
+    cols = (first[:, None] + torch.arange(width, device=batch.input_ids.device)).clamp(max=batch.input_ids.shape[1] - 1)
     ones = torch.ones_like(batch.prompt_len)
     return (rows, cols), EditBatch(batch.input_ids[rows, cols], batch.attention_mask[rows, cols], ones, batch.target_len, ones - 1)
 

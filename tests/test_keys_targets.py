@@ -75,3 +75,30 @@ def test_target_vectors_refuse_the_last_block(make_model, tokenizer):
 
     with pytest.raises(ValueError, match="below the last block"):
         target_vector(make_model("llama"), tokenizer, 3, TINY_REQUESTS[0], [""])
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma3_text"])
+def test_cached_prefix_gives_the_full_replays_target_vectors(arch, make_model, tokenizer, monkeypatch):
+    """Replaying only the columns from the key token on (keys aligned by left padding) is exact."""
+    from conftest import DELTA_REQUESTS
+    from grace_hooks.replay import LayerReplay
+    from grace_hooks.target_vectors import target_vectors
+
+    starts = []
+    init = LayerReplay.__init__
+    monkeypatch.setattr(LayerReplay, "__init__", lambda self, *a, **k: init(self, *a, **k) or starts.append(self.start))
+    model = make_model(arch)
+    cfg = TargetVectorConfig(steps=12, stop="most_probable", lr=1.0, clamp=4.0, batch_size=3)
+    prefixes = ["", "the sun . ", "a dog ran in the park . "]
+    cached = target_vectors(model, tokenizer, 1, DELTA_REQUESTS, prefixes, cfg)
+    assert max(starts) > 0  # the rewrite prompts' keys sit at column 11 (the KL prompts' first token may be it)
+    n_cached = len(starts)
+    full = target_vectors(model, tokenizer, 1, DELTA_REQUESTS, prefixes, cfg, cached_prefix=False)
+    assert max(starts[n_cached:]) == 0
+    for a, b in zip(cached, full):
+        assert a.steps == b.steps
+        torch.testing.assert_close(a.z, b.z, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.h, b.h, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The lifelong harness: checkpoints, resume after an interrupt, baselines, outputs."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,13 +37,17 @@ def test_method_spec_parsing():
         MethodSpec.parse("grace:layer")
 
 
-def _run(make_model, tokenizer, workdir, spec="grace"):
+def _run(make_model, tokenizer, workdir, spec="grace", cfg=CFG):
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
-    return LifelongRun(em, STREAM, MethodSpec.parse(spec), CFG, workdir, meta={"model": "tiny"}).run(progress=False)
+    return LifelongRun(em, STREAM, MethodSpec.parse(spec), cfg, workdir, meta={"model": "tiny"}).run(progress=False)
 
 
-def test_resume_after_interrupt_gives_the_same_result(make_model, tokenizer, tmp_path, monkeypatch):
-    whole = _run(make_model, tokenizer, tmp_path / "whole")
+@pytest.mark.parametrize("every, checkpoints_before", [(2, 2), (6, 0)])
+def test_resume_after_interrupt_gives_the_same_result(make_model, tokenizer, tmp_path, monkeypatch, every,
+                                                     checkpoints_before):
+    """The state is saved after every batch, also between checkpoints."""
+    cfg = replace(CFG, checkpoint_every=every)
+    whole = _run(make_model, tokenizer, tmp_path / "whole", cfg=cfg)
     real_edit = PackEditor.edit
 
     def crash_on_third(self, requests, index):
@@ -52,12 +57,13 @@ def test_resume_after_interrupt_gives_the_same_result(make_model, tokenizer, tmp
 
     monkeypatch.setattr(PackEditor, "edit", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        _run(make_model, tokenizer, tmp_path / "resumed")
+        _run(make_model, tokenizer, tmp_path / "resumed", cfg=cfg)
     state = json.loads((tmp_path / "resumed" / "state.json").read_text())
-    assert state["edits"] == 4 and len(state["checkpoints"]) == 2
+    assert state["edits"] == 4 and len(state["checkpoints"]) == checkpoints_before
+    assert len(state["immediate_es"]) == 4 and len(state["batch_seconds"]) == 2
     monkeypatch.setattr(PackEditor, "edit", real_edit)
-    resumed = _run(make_model, tokenizer, tmp_path / "resumed")
-    assert len(resumed["checkpoints"]) == 3
+    resumed = _run(make_model, tokenizer, tmp_path / "resumed", cfg=cfg)
+    assert len(resumed["checkpoints"]) == len(whole["checkpoints"])
     for a, b in zip(whole["checkpoints"], resumed["checkpoints"]):
         assert {k: a.get(k) for k in STABLE} == {k: b.get(k) for k in STABLE}
     assert sorted(p.name for p in (tmp_path / "resumed" / "adapters").iterdir()) == ["e00000", "e00001", "e00002"]

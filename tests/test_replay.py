@@ -96,3 +96,57 @@ def test_batched_training_replays_only_unfinished_rows(tokenizer, monkeypatch):
     with torch.no_grad():
         logits = em(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert bool(grace_method.score_targets(logits, batch).correct.all())
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_suffix_replay_equals_forward(arch, tokenizer):
+    """From column ``start`` on, with the earlier columns' keys and values cached once."""
+    model = _model(arch)
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)  # right-padded; every row has >= 3 tokens
+    hooks = count_hooks(model)
+    with torch.no_grad():
+        full = model(**enc).logits
+        for layer in sorted({0, num_layers(model) // 2, num_layers(model) - 1}):
+            replay = LayerReplay(model, layer, enc.input_ids, enc.attention_mask, start=3)
+            if arch == "gemma2":  # the table turns it off: a full replay, whose columns 3: are read
+                assert replay.start == 0
+                torch.testing.assert_close(replay.logits((torch.tensor([0]), torch.tensor([5]))), full[[0], [5]],
+                                           atol=1e-5, rtol=0)
+                continue
+            assert replay.start == 3 and replay.hidden_in.shape[1] == enc.input_ids.shape[1] - 3
+            assert count_hooks(model) == hooks
+            for _ in range(2):  # a replay leaves the prefix cache as it was
+                torch.testing.assert_close(replay.logits(), full[:, 3:], atol=1e-5, rtol=0)
+            rows, cols = torch.tensor([[0, 0], [2, 2]]), torch.tensor([[3, 5], [4, 9]])
+            torch.testing.assert_close(replay.logits((rows, cols)), full[rows, cols], atol=1e-5, rtol=0)
+            rows = torch.tensor([2, 0])
+            torch.testing.assert_close(replay.select(rows).logits(), full[rows, 3:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_suffix_replay_of_left_padded_rows_with_positions(arch, tokenizer):
+    """Rows shifted right by left padding, with position ids from the mask, give each prompt's own logits."""
+    model = _model(arch)
+    rows = [tokenizer(p).input_ids for p in PROMPTS]
+    width = max(map(len, rows)) + 2
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    start = width - 3
+    with torch.no_grad():
+        replay = LayerReplay(model, 1, ids, mask, start=start, position_ids=pos)
+        out = replay.logits()
+        for b, r in enumerate(rows):
+            own = model(input_ids=torch.tensor([r])).logits[0, -3:]
+            torch.testing.assert_close(out[b], own, atol=1e-5, rtol=0)
+
+
+def test_hooks_on_replayed_blocks_make_a_full_replay(tokenizer):
+    """A hook inside a replayed block would see only the suffix, so the replay runs in full."""
+    em = EditableModel(tiny_model("llama"), tokenizer)
+    em.edit(TINY_REQUESTS, method="grace", layer=2)
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert LayerReplay(em.base_model, 1, enc.input_ids, enc.attention_mask, start=3).start == 0
+    assert LayerReplay(em.base_model, 3, enc.input_ids, enc.attention_mask, start=3).start == 3

@@ -152,10 +152,10 @@ class LifelongRun:
                 bar.set_postfix(ES=f"{np.mean(es):.3f}" if es else "-", refresh=False)
                 if done in self.counts:
                     state["checkpoints"].append(self._checkpoint(editor, state, done))
-                    editor.snapshot(self.workdir)
-                    self._save_state(state)
                     ck = state["checkpoints"][-1]
                     log.info("%s @ %d edits: ES %.3f ERR %s NS %s", self.spec.label, done, ck["ES"] or 0, ck.get("ERR"), ck.get("NS"))
+                editor.snapshot(self.workdir)  # every batch: a stopped run resumes after its last finished batch
+                self._save_state(state)
             bar.close()
             return self._summary(editor, state)
         finally:
