@@ -104,6 +104,11 @@ class Site:
         return d_in, d_out
 
 
+def deepest(model: nn.Module, sites) -> nn.Module:
+    """The module of the site in the highest block (a forward that only reads ``sites`` can stop after it)."""
+    return max(sites, key=lambda s: s.layer).module(model)
+
+
 def relative_layer(model: nn.Module, fraction: float) -> int:
     """The block at ``fraction`` of the depth (0 = first, 1 = last)."""
     n = num_layers(model)

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .architectures import Site
-from .hooks import HookOwner
+from .architectures import Site, deepest
+from .hooks import HookOwner, forward_until
 from .loading import cache_dir
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def site_inputs(model, tokenizer, sites: list[Site], texts, max_tokens: int, max
             if count >= max_tokens:
                 break
             enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).to(device)
-            model(**enc)
+            forward_until(model, deepest(model, sites), **enc)
             count += enc["input_ids"].shape[1]
     return {name: torch.cat(v)[:max_tokens] for name, v in out.items()}
 
@@ -180,7 +180,7 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
                 break
             enc = tokenizer(list(corpus.texts[i:i + batch_size]), return_tensors="pt", padding=batch_size > 1,
                             truncation=True, max_length=max_length).to(device)
-            model(**enc)
+            forward_until(model, deepest(model, todo), **enc)
             real = enc["attention_mask"].bool()
             n = 0
             for name, x in grabbed.items():

@@ -61,6 +61,27 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+class _Reached(Exception):
+    """Ends a forward at the module that :func:`forward_until` waits for."""
+
+
+def _reached(module, args, output):
+    raise _Reached
+
+
+def forward_until(model: nn.Module, stop_at: nn.Module, **inputs) -> None:
+    """``model(**inputs)`` only as far as the end of ``stop_at``'s forward: the hooks registered before
+    on it and everything it runs fire, nothing after it does (the blocks above and the output head are
+    wasted work when one reads activations at an early block). The model's own forward hooks that ask
+    to be always called (the edit runtime's per-forward context) still run."""
+    with HookOwner().scoped() as scope:
+        scope.forward(stop_at, _reached)
+        try:
+            model(**inputs)
+        except _Reached:
+            pass
+
+
 def count_hooks(model: nn.Module) -> int:
     """Number of forward and pre-forward hooks registered anywhere in ``model`` (for tests)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .architectures import arch_spec
-from .hooks import HookOwner
+from .hooks import HookOwner, forward_until
 
 try:
     from transformers.cache_utils import Cache, DynamicCache
@@ -34,10 +34,6 @@ except ImportError:  # pragma: no cover - every supported transformers has it
     Cache, DynamicCache = (), None
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
-
-
-class _Captured(Exception):
-    """Stops the capture forward after the last block: the final norm and the head are not needed."""
 
 
 class _PastSlot:
@@ -123,10 +119,8 @@ class LayerReplay:
         mask = self.attention_mask if self.attention_mask is None or columns.start else self.attention_mask[:, columns]
         if self.position_ids is not None:
             kwargs["position_ids"] = self.position_ids[:, columns]
-        try:
-            self.model(input_ids=ids, attention_mask=mask, **kwargs)
-        except _Captured:
-            pass
+        forward_until(self.model, self.model.get_submodule(arch_spec(self.model).layers)[-1], input_ids=ids,
+                      attention_mask=mask, **kwargs)
 
     def _capture(self, blocks: nn.ModuleList):
         if not 0 <= self.layer < len(blocks):
@@ -153,12 +147,8 @@ class LayerReplay:
 
             return hook
 
-        def stop(module, args, output):
-            raise _Captured
-
         prefix = None
         with HookOwner().scoped() as scope, torch.no_grad():
-            scope.forward(blocks[-1], stop)  # after the last block, so hooks inside every block see this forward
             if self.start:
                 prefix = DynamicCache(config=self.model.config)
                 self._forward(slice(0, self.start), past_key_values=prefix, use_cache=True)

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from .architectures import Site
-from .hooks import HookOwner
+from .hooks import HookOwner, forward_until
 from .requests import EditRequest
 from .tokens import subject_last_index
 
@@ -66,7 +66,7 @@ def activations_at_subject(model, tokenizer, module, requests: Sequence[EditRequ
             grabbed: list[torch.Tensor] = []
             with HookOwner().scoped() as scope, torch.inference_mode():
                 scope.forward(module, grab)
-                model(**enc)
+                forward_until(model, module, **enc)
             out.append(grabbed[0][torch.arange(len(requests)), idx.to(grabbed[0].device)].float().cpu())
     finally:
         tokenizer.padding_side = side

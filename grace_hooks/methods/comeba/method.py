@@ -20,6 +20,7 @@ import torch
 from ...architectures import Site
 from ...errors import PackError
 from ...hook_layer import lowrank_is_smaller, zscores
+from ...hooks import forward_until
 from ...linalg import preservation_matrix
 from ...packs import EditPack
 from ...requests import EditRequest
@@ -91,7 +92,7 @@ class ComebaHK(DeltaMethod):
             captured = []
             with ctx.runtime.staged(pending), ctx.hooks.scoped() as scope, torch.no_grad():
                 scope.forward(site.module(ctx.model), lambda m, a, o: captured.append(a[0].detach()))
-                ctx.model(**enc)
+                forward_until(ctx.model, site.module(ctx.model), **enc)
                 change = ctx.runtime.sites[site.name].hook_layer.change(captured[0])
             z = zscores(change.norm(dim=-1), enc.attention_mask.bool())[0]
             z = z.max(dim=1).values if cfg.alpha_from == "prompt_max" else z[rows, cols.to(z.device)]
