@@ -7,8 +7,9 @@ records how each block from L on is called (hidden states, position embeddings, 
 recorded arguments. Blocks are called as modules, so every hook on them or inside them fires.
 
 With ``start`` > 0 only columns ``start:`` are replayed: their attention reads the keys and values
-of the earlier columns from a cache filled once (the blocks are called with ``past_key_values``, as
-in generation). That is exact when nothing changes before column ``start`` (a target vector is
+of the earlier columns, kept from one forward over every column (so hooks below block L that look
+at the whole sequence see it whole), from a cache (the blocks are called with ``past_key_values``,
+as in generation). That is exact when nothing changes before column ``start`` (a target vector is
 added at the key token, and every key token sits at column ``start``), and it costs a fraction of
 a full replay. Hooks inside the replayed blocks would see only those columns, so a replay with
 such hooks always runs in full (``replay.start`` says which was done).
@@ -149,13 +150,20 @@ class LayerReplay:
 
         prefix = None
         with HookOwner().scoped() as scope, torch.no_grad():
-            if self.start:
-                prefix = DynamicCache(config=self.model.config)
-                self._forward(slice(0, self.start), past_key_values=prefix, use_cache=True)
+            if self.start:  # every column once, as a full replay would see them; keep the first ``start``
+                full, grabbed = DynamicCache(config=self.model.config), []
+                full.activate_past_recording()  # sliding-window layers keep every column until the crop
+                scope.pre_forward(blocks[self.layer], lambda m, a, k: grabbed.append(a[0] if a else k["hidden_states"]),
+                                  with_kwargs=True)
+                self._forward(slice(0, None), past_key_values=full, use_cache=True)
+                full.crop(self.start - self.input_ids.shape[1])  # a negative count: the columns removed
+                prefix = full
+                scope.remove_all()
             for i in range(self.layer, len(blocks)):  # prepend: the arguments as the parent passed them
                 scope.pre_forward(blocks[i], record(blocks[i]), with_kwargs=True, prepend=True)
-            if self.start:
+            if self.start:  # the arguments of the blocks for the columns from ``start`` on, reading the cache
                 self._forward(slice(self.start, None), past_key_values=_fresh_cache(prefix), use_cache=True)
+                hidden = [grabbed[0][:, self.start:].detach()]
             else:
                 self._forward(slice(0, None), use_cache=False)
         if not calls:

@@ -99,11 +99,6 @@ class KeyRouter:
         dist2, ids = self._index.search(queries, 1)
         return np.sqrt(np.maximum(dist2[:, 0], 0)), ids[:, 0]
 
-    @property
-    def has_last_only(self) -> bool:
-        """Whether some key acts only at the last position of a call (where a call ends matters then)."""
-        return bool(self._last_only.any())
-
     def assign(self, queries: np.ndarray, is_last: np.ndarray | None = None) -> np.ndarray:
         """Id of the key covering each query, or NO_KEY. One exact range search for all queries."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -302,15 +302,6 @@ class EditRuntime:
         finally:
             self.remove_pack(pack_id)
 
-    def position_local(self) -> bool:
-        """Whether every loaded pack changes a position from that position's input alone. Then a
-        forward split into a cached prefix and the rest gives the same outputs. Not so for a z-score
-        gate (a score over the sequence) or a last-token key (where the call ends)."""
-        if not self.enabled:
-            return True
-        return not any((rt.hook_layer and rt.hook_layer.alpha is not None and not self.hook_everywhere)
-                       or rt.router.has_last_only for rt in self.sites.values())
-
     @contextlib.contextmanager
     def hook_layers_everywhere(self) -> Iterator[None]:
         """Hook layers act at every real position inside the block, whatever their gate (COMEBA-HK

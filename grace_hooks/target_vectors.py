@@ -50,8 +50,8 @@ def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest]
     stop (Adam is per coordinate, so this equals one run per request). Blocks up to ``layer`` run
     once: every step replays the blocks above it. ``real_positions(mask)``: a context manager that
     tells hooks on the replayed blocks which positions are real (``EditRuntime.attention_mask``).
-    ``cached_prefix``: replay only the columns from the key token on (exact when the hooks in the
-    model act on each position alone: ``EditRuntime.position_local``).
+    ``cached_prefix``: replay only the columns from the key token on (exact: nothing before the key
+    depends on the delta; False replays every column, for comparison).
     """
     cfg = cfg or TargetVectorConfig()
     n_blocks = len(model.get_submodule(arch_spec(model).layers))

@@ -102,3 +102,24 @@ def test_cached_prefix_gives_the_full_replays_target_vectors(arch, make_model, t
         assert a.steps == b.steps
         torch.testing.assert_close(a.z, b.z, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a.h, b.h, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_prefix_is_exact_under_a_z_score_gate_below(make_model, tokenizer):
+    """A z-score gate scores the whole sequence; the cached columns come from a forward over all of it."""
+    from conftest import DELTA_REQUESTS, DELTA_TINY
+    from grace_hooks import EditableModel
+    from grace_hooks.target_vectors import target_vectors
+
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    em.edit(DELTA_REQUESTS[:2], method="comeba_hk", gate="zscore", layers="0", **DELTA_TINY)
+    assert em._runtime.sites["L0.mlp_out"].hook_layer.alpha is not None
+    cfg = TargetVectorConfig(steps=12, stop="most_probable", lr=1.0, clamp=4.0, batch_size=3)
+    prefixes = ["", "the sun . ", "a dog ran in the park . "]
+    run = lambda cached: target_vectors(em.base_model, tokenizer, 1, DELTA_REQUESTS, prefixes, cfg,  # noqa: E731
+                                        em._runtime.attention_mask, cached_prefix=cached)
+    with em._runtime.tracing() as fired:
+        cached = run(True)
+    assert any(f[3] == "zscore" or f[4] == -1 for f in fired)  # the gate fired in these forwards
+    for a, b in zip(cached, run(False)):
+        assert a.steps == b.steps
+        torch.testing.assert_close(a.z, b.z, rtol=1e-4, atol=1e-4)

@@ -110,8 +110,7 @@ class DeltaMethod(EditMethod):
             prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=ctx.runtime.memo)[: 1 + cfg.n_prefixes]
         moments = self.second_moments(ctx, sites, cfg)
         z_layer = sites[-1].layer
-        tvs = target_vectors(model, tok, z_layer, requests, prefixes, cfg.target_config(), ctx.runtime.attention_mask,
-                             cached_prefix=ctx.runtime.position_local())
+        tvs = target_vectors(model, tok, z_layer, requests, prefixes, cfg.target_config(), ctx.runtime.attention_mask)
         z = torch.stack([tv.z for tv in tvs]).to(torch.float64)
         top = model.get_submodule(arch_spec(model).layers)[z_layer]
 
