@@ -33,6 +33,8 @@ try:
     from transformers.cache_utils import Cache, DynamicCache
 except ImportError:  # pragma: no cover - every supported transformers has it
     Cache, DynamicCache = (), None
+# cached-suffix replays use the per-layer cache of transformers 5 (older ones replay in full)
+_LAYERED_CACHE = DynamicCache is not None and hasattr(DynamicCache, "activate_past_recording")
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
@@ -106,7 +108,7 @@ class LayerReplay:
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         if _state is None:
-            suffix = (0 < start < input_ids.shape[1] and spec.cached_suffix and DynamicCache is not None
+            suffix = (0 < start < input_ids.shape[1] and spec.cached_suffix and _LAYERED_CACHE
                       and not _has_hooks(blocks[layer:]))
             self.start = start if suffix else 0
             _state = self._capture(blocks)
