@@ -119,6 +119,7 @@ class LayerReplay:
 
     def _forward(self, columns: slice, **kwargs) -> None:
         ids = self.input_ids[:, columns]
+        # a forward that continues a cache takes the mask of every column, the cached ones included
         mask = self.attention_mask if self.attention_mask is None or columns.start else self.attention_mask[:, columns]
         if self.position_ids is not None:
             kwargs["position_ids"] = self.position_ids[:, columns]

@@ -20,12 +20,6 @@ from .config import DEFAULT_RELATIVE_DEPTH, GraceConfig
 log = logging.getLogger(__name__)
 
 
-def _select_rows(batch: EditBatch, idx: torch.Tensor) -> EditBatch:
-    pick = lambda t: t[idx.to(t.device)]  # noqa: E731
-    return EditBatch(pick(batch.input_ids), pick(batch.attention_mask), pick(batch.prompt_len), pick(batch.target_len),
-                     pick(batch.key_pos))
-
-
 def _scoped_positions(batch: EditBatch, x: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor, last_only: bool):
     """(row, position, entry) of every position that the new keys claim, with inference's rule.
     Site inputs do not depend on the site's own outputs, so this is fixed during training."""
@@ -141,7 +135,7 @@ class Grace(EditMethod):
                 if not torch.equal(still, live):  # replay only the rows whose logits can still change
                     live = still
                     idx = live.nonzero().squeeze(1)
-                    replay, part = full.select(idx), _select_rows(batch, idx)
+                    replay, part = full.select(idx), batch.rows(idx)
                     index, scored = scored_positions(part)
                     number = torch.full((n_rows,), -1, dtype=torch.long)
                     number[idx] = torch.arange(len(idx))
