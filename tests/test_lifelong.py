@@ -115,6 +115,26 @@ def test_benchmark_writes_json_markdown_and_plots(make_model, tokenizer, tmp_pat
     assert all((out / f).stat().st_size > 0 for f in ("metrics.png", "seconds_per_edit.png", "tokens_per_s.png"))
 
 
+def test_rerunning_a_finished_benchmark_keeps_its_results_and_provenance(make_model, tokenizer, tmp_path, monkeypatch):
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps([r.to_dict() for r in STREAM]))
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    out = tmp_path / "run"
+    first = run_benchmark(em, data, ["grace"], out, CFG, threads=None, command="pytest", progress=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished spec was run again")
+
+    monkeypatch.setattr(LifelongRun, "run", refuse)
+    again = run_benchmark(em, data, ["grace"], out, CFG, threads=None, command="pytest", progress=False)
+    assert again["runs"] == first["runs"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["meta"]["started_at"] == first["meta"]["started_at"] and len(saved["meta"]["resumed"]) == 1
+    with pytest.raises(AssertionError, match="run again"):  # other settings: not the same run, so it runs
+        run_benchmark(em, data, ["grace"], out, replace(CFG, eval_batch=3), threads=None,
+                      progress=False)
+
+
 def test_final_sample_and_resume_of_a_run_made_before_a_setting_existed(make_model, tokenizer, tmp_path):
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     cfg = LifelongConfig(**{**CFG.__dict__, "final_sample": True})

@@ -51,9 +51,15 @@ def run_benchmark(model: str | EditableModel, data: str | Path, specs: Sequence[
     }
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"meta": meta, "config": asdict(cfg), "runs": {}}
+    finished = _continue(results, out / "results.json")
+    results["runs"].update(finished)
+    _write_json(results, out)  # from the start: a run stopped before any spec finished keeps its provenance
     base = BaseReference()  # shared: every spec runs on the same base
     try:
         for spec in parsed:
+            if spec.label in finished:  # its figures stay those of the process that measured them
+                log.info("%s: finished in an earlier process; kept its results", spec.label)
+                continue
             run = LifelongRun(em, requests, spec, cfg, out / spec.label, base,
                               meta={"model": meta["model"], "data_sha256": meta["data_sha256"]})
             results["runs"][spec.label] = run.run(progress=progress)
@@ -66,7 +72,30 @@ def run_benchmark(model: str | EditableModel, data: str | Path, specs: Sequence[
     return results
 
 
-def write_outputs(results: dict[str, Any], out: Path) -> None:
+def _continue(results: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The finished specs of an earlier process on the same folder and settings (a resumed run).
+
+    The run keeps the first process's start and commit; each later one is listed in
+    ``meta["resumed"]`` (when, which commit, the load), so the results say what made them.
+    """
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    meta, first = results["meta"], earlier.get("meta", {})
+    if earlier.get("config") != results["config"] or first.get("data_sha256") != meta["data_sha256"]:
+        return {}  # another run's folder: LifelongRun refuses its states with a clear error
+    resumed = first.get("resumed", []) + [{k: meta[k] for k in ("started_at", "git", "loadavg_start")}]
+    meta.update(started_at=first.get("started_at"), git=first.get("git"), resumed=resumed)
+    n = results["config"]["n_records"]
+    return {label: run for label, run in earlier.get("runs", {}).items()
+            if run.get("checkpoints") and run["checkpoints"][-1]["edits"] == n}
+
+
+def _write_json(results: dict[str, Any], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    _write_json(results, out)
     (out / "results.md").write_text(markdown(results), encoding="utf-8")
     plots(results, out)
