@@ -133,6 +133,7 @@ def test_rerunning_a_finished_benchmark_keeps_its_results_and_provenance(make_mo
     with pytest.raises(AssertionError, match="run again"):  # other settings: not the same run, so it runs
         run_benchmark(em, data, ["grace"], out, replace(CFG, eval_batch=3), threads=None,
                       progress=False)
+    assert json.loads((out / "results.json").read_text()) == saved  # and the earlier results stay untouched
 
 
 def test_final_sample_and_resume_of_a_run_made_before_a_setting_existed(make_model, tokenizer, tmp_path):

@@ -52,8 +52,10 @@ def run_benchmark(model: str | EditableModel, data: str | Path, specs: Sequence[
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"meta": meta, "config": asdict(cfg), "runs": {}}
     finished = _continue(results, out / "results.json")
-    results["runs"].update(finished)
-    _write_json(results, out)  # from the start: a run stopped before any spec finished keeps its provenance
+    if finished is not None:  # from the start: a run stopped before any spec finished keeps its provenance
+        results["runs"].update(finished)
+        _write_json(results, out)
+    finished = finished or {}
     base = BaseReference()  # shared: every spec runs on the same base
     try:
         for spec in parsed:
@@ -72,8 +74,10 @@ def run_benchmark(model: str | EditableModel, data: str | Path, specs: Sequence[
     return results
 
 
-def _continue(results: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The finished specs of an earlier process on the same folder and settings (a resumed run).
+def _continue(results: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """The finished specs of an earlier process on the same folder and settings (a resumed run);
+    None when the folder holds another run's results (left as they are: LifelongRun then refuses
+    that run's states with a clear error).
 
     The run keeps the first process's start and commit; each later one is listed in
     ``meta["resumed"]`` (when, which commit, the load), so the results say what made them.
@@ -83,7 +87,7 @@ def _continue(results: dict[str, Any], path: Path) -> dict[str, Any]:
     earlier = json.loads(path.read_text(encoding="utf-8"))
     meta, first = results["meta"], earlier.get("meta", {})
     if earlier.get("config") != results["config"] or first.get("data_sha256") != meta["data_sha256"]:
-        return {}  # another run's folder: LifelongRun refuses its states with a clear error
+        return None
     resumed = first.get("resumed", []) + [{k: meta[k] for k in ("started_at", "git", "loadavg_start")}]
     meta.update(started_at=first.get("started_at"), git=first.get("git"), resumed=resumed)
     n = results["config"]["n_records"]
