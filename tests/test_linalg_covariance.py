@@ -1,4 +1,7 @@
 """Shared maths for weight-delta methods: closed-form updates, projections, key second moments."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,3 +75,28 @@ def test_self_sampled_corpus_is_reproducible(make_model, tokenizer):
     b = sample_corpus(model, tokenizer, n_texts=3, n_tokens=6, seed=3)
     assert a == b and a.source.startswith("model-sampled") and len(a.texts) >= 1
     assert sample_corpus(model, tokenizer, n_texts=3, n_tokens=6, seed=4).digest != a.digest
+
+
+def _benchmark(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_subspace_overlap_tells_orthogonal_packs_from_overlapping_ones():
+    overlap = _benchmark("delta_subspace").site_overlap
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(40, 12, generator=g, dtype=torch.float64)).Q
+    us = [torch.randn(7, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    orthogonal = overlap([(us[i], q[:, 4 * i:4 * i + 4] @ torch.randn(4, 4, generator=g, dtype=torch.float64))
+                          for i in range(3)])
+    assert orthogonal["ranks"] == orthogonal["span"] == 12 and orthogonal["d_in"] == 40
+    assert orthogonal["in_earlier"] < 1e-10 and orthogonal["cos"] < 1e-10
+    repeated = overlap([(us[0], q[:, :4]), (2 * us[0], q[:, :4]), (us[1], q[:, 4:8])])
+    assert repeated["ranks"] == 12 and repeated["span"] == 8
+    assert repeated["in_earlier"] == pytest.approx(1.0) and repeated["cos"] == pytest.approx(1.0)
+    # q has orthonormal columns, so |U q^T|_F = |U|_F
+    assert repeated["norm_first"] == pytest.approx(float(us[0].norm()))
+    assert repeated["norm_last"] == pytest.approx(float(us[1].norm()))
