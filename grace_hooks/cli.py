@@ -223,16 +223,16 @@ def _pack_row(path: Path) -> list[str]:
 @click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(path_type=Path))
 def ls_cmd(adapters: Path) -> None:
     """List the packs of ADAPTERS (headers only; no model is loaded)."""
-    from .packs import pack_dirs
+    from .packs import list_packs
 
     if not adapters.is_dir():
         click.echo(f"no packs: {adapters} is not a directory")
         return
-    paths = pack_dirs(adapters)
-    listed = {p.name for p in paths}
-    # Folders that look like packs but lack their header are listed too, marked as broken.
-    strays = sorted(p for p in adapters.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in listed)
-    rows = [_pack_row(p) for p in paths] + [[p.name, "!corrupt", "-", "-", "-", "error: edit_pack.json is missing"] for p in strays]
+    try:
+        paths = list_packs(adapters)
+    except GraceHooksError:  # a broken entry: list every entry, each with what is wrong with it
+        paths = sorted(p for p in adapters.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.is_symlink()))
+    rows = [_pack_row(p) for p in paths]
     if not rows:
         click.echo(f"no packs in {adapters}")
         return
@@ -242,7 +242,8 @@ def ls_cmd(adapters: Path) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
     bad = sum(r[1] == "!corrupt" for r in rows)
     if bad:
-        click.echo(f"{bad} pack(s) could not be read; they are skipped or refused when loading.", err=True)
+        click.echo(f"{bad} pack(s) could not be read; loading this folder fails until they are mended or removed.",
+                   err=True)
 
 
 @main.command("rm")
@@ -300,13 +301,13 @@ def squash_cmd(names: tuple[str, ...], into: str, adapters: Path) -> None:
     """Merge the chain of packs NAMES (oldest first) into one pack INTO with the same outputs, in
     place of them (methods that can squash: comeba_hk)."""
     from .methods import get_method
-    from .packs import load_pack, pack_dirs, save_pack, validate_pack_name
+    from .packs import delete_pack_dir, list_packs, load_pack, save_pack, validate_pack_name
 
     into = validate_pack_name(into)
     for n in names:
         if not (adapters / validate_pack_name(n)).is_dir():
             raise PackError(f"no pack named {n!r} in {adapters}")
-    order = [p.name for p in pack_dirs(adapters) if p.name in set(names)]
+    order = [p.name for p in list_packs(adapters) if p.name in set(names)]
     if order != list(names) or len(set(names)) != len(names):
         raise PackError(f"give the chain oldest first, each pack once: {order}")
     if into not in names and (adapters / into).exists():
@@ -316,7 +317,7 @@ def squash_cmd(names: tuple[str, ...], into: str, adapters: Path) -> None:
     save_pack(merged, adapters, name=into, overwrite=into in names)
     for n in names:
         if n != into:
-            shutil.rmtree(adapters / n)
+            delete_pack_dir(n, adapters)
     click.echo(f"squashed {len(names)} packs ({merged.n_edits} edits) into {into}: "
                f"{sum(p.nbytes for p in packs):,} -> {merged.nbytes:,} bytes")
 

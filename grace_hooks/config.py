@@ -14,11 +14,23 @@ def option(default: Any, help: str, choices: tuple | None = None) -> Any:  # noq
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
+def _typed(name: str, value: Any, args: tuple) -> Any:
+    """A non-string value checked against the field's types (an int is a float; a bool is no number)."""
+    for t in args:
+        if (t is type(None) and value is None) or (t is bool and isinstance(value, bool)) \
+                or (t is int and type(value) is int):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    raise ConfigError(f"config option {name!r}: {value!r} is a {type(value).__name__}, expected "
+                      f"{' or '.join(getattr(t, '__name__', str(t)) for t in args)}")
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Turn CLI strings into the field's type (``int | None`` accepts 'none')."""
-    if not isinstance(value, str):
-        return value
+    """Turn CLI strings into the field's type (``int | None`` accepts 'none'); check other values' types."""
     args = typing.get_args(hint) or (hint,)
+    if not isinstance(value, str):
+        return _typed(name, value, args)
     if type(None) in args and value.lower() in ("none", "null", ""):
         return None
     for t in args:

@@ -9,6 +9,10 @@ class EditRequestError(GraceHooksError, ValueError):
     """An edit request is malformed (empty target, subject missing from the prompt, ...)."""
 
 
+class EditError(GraceHooksError):
+    """An edit could not be computed into a usable pack (e.g. its solve gave non-finite values)."""
+
+
 class PackError(GraceHooksError):
     """An edit pack on disk is missing, corrupt, truncated, of an unknown version or hostile."""
 

@@ -61,25 +61,27 @@ def zscores(m: torch.Tensor, valid: torch.Tensor, prior: tuple[torch.Tensor, ...
 
 
 class HookLayer:
-    """The hook layer of one site: its increments (oldest first), their sum, and the running
-    z-score statistics of the sequences being decoded."""
+    """The hook layer of one site: its increments (oldest first) and their sum. The running z-score
+    statistics of the sequences being decoded belong to the caller (one set per thread)."""
 
     def __init__(self, d_in: int, d_out: int) -> None:
         self.d_in, self.d_out = d_in, d_out
         self.increments: dict[str, HookIncrement] = {}
         self._combined: tuple[torch.Tensor, ...] | None = None
-        self._running: tuple | None = None  # (batch, positions seen, count, sum, sum of squares)
+        self.version = 0  # changes with every add / remove: running statistics from before no longer apply
 
     def __bool__(self) -> bool:
         return bool(self.increments)
 
     def add(self, pack_id: str, inc: HookIncrement) -> None:
         self.increments[pack_id] = inc
-        self._combined, self._running = None, None
+        self._combined = None
+        self.version += 1
 
     def remove(self, pack_id: str) -> None:
         if self.increments.pop(pack_id, None) is not None:
-            self._combined, self._running = None, None
+            self._combined = None
+            self.version += 1
 
     @property
     def alpha(self) -> float | None:
@@ -106,16 +108,15 @@ class HookLayer:
             return (x @ parts[1].to(x)) @ parts[0].to(x).T
         return x @ parts[0].to(x).T
 
-    def zscore_gate(self, change: torch.Tensor, valid: torch.Tensor, past: int) -> torch.Tensor:
+    def zscore_gate(self, change: torch.Tensor, valid: torch.Tensor, past: int,
+                    running: tuple | None = None) -> tuple[torch.Tensor, tuple]:
         """Where the z-score gate lets the hook output through, for ``change`` (batch, width, d_out).
-        ``past``: positions of these sequences processed by earlier calls (KV cache), whose statistics
-        were kept when the previous call of the same batch ended there."""
+        ``past``: positions of these sequences processed by earlier calls (KV cache); ``running``: the
+        statistics the previous call returned, used when it was the same batch and ended there.
+        Returns (fire, the statistics including this call)."""
         batch, width = valid.shape
-        run = self._running
-        prior = run[2:] if past > 0 and run is not None and run[0] == batch and run[1] == past else None
-        z, stats = zscores(change.norm(dim=-1), valid, prior)
-        self._running = (batch, past + width, *stats)
-        return z >= self.alpha
-
+        fits = running is not None and past > 0 and running[:3] == (self.version, batch, past)
+        z, stats = zscores(change.norm(dim=-1), valid, running[3:] if fits else None)
+        return z >= self.alpha, (self.version, batch, past + width, *stats)
 
 __all__ = ["HookIncrement", "HookLayer", "lowrank_is_smaller", "zscores"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,12 +11,13 @@ from typing import Any, Iterable, Iterator
 from . import __version__
 from .architectures import Site
 from .config import make_config
-from .errors import PackError
+from .errors import ArchitectureError, EditError, PackError
 from .health import site_health
 from .hooks import HookOwner
 from .loading import load_base
 from .methods import EditContext, get_method
-from .packs import BaseInfo, EditPack, base_fingerprint, check_base, load_pack, pack_dirs, save_pack, validate_pack_name
+from .packs import (BaseInfo, EditPack, base_fingerprint, check_base, delete_pack_dir, load_pack, reading, save_pack,
+                    validate_pack_name)
 from .requests import EditRequest, as_requests
 from .runtime import EditRuntime
 
@@ -76,32 +76,55 @@ class EditableModel:
             raise PackError(f"no pack named {name!r} is loaded; loaded: {list(self._packs)}")
         return self._packs[name]
 
-    def _apply(self, pack: EditPack) -> None:
+    def _validate(self, pack: EditPack) -> None:
+        """Check ``pack`` against the loaded packs and its method's schema on this model (nothing is applied)."""
         if pack.name in self._packs:
             raise PackError(f"a pack named {pack.name!r} is already loaded; remove it first or choose another name")
-        self._rank += 1
-        self._runtime.add_pack(pack.pack_id, self._rank, get_method(pack.method).contributions(pack))
-        self._packs[pack.name] = pack
+        twin = next((p.name for p in self._packs.values() if p.pack_id == pack.pack_id), None)
+        if twin is not None:
+            raise PackError(f"pack {pack.name!r} has the same pack_id as the loaded pack {twin!r}: one is a copy of the "
+                            "other, and loading both would tie their edits together (removing one would remove both). "
+                            "Keep one of them, or re-create the copy with grace-hooks edit")
+        try:
+            dims = {s: Site.parse(s).dims(self.base_model) for s in pack.sites}
+        except ArchitectureError as exc:
+            raise PackError(f"pack {pack.name!r} does not fit this model: {exc}") from None
+        get_method(pack.method).validate(pack, dims)
+
+    def _apply(self, pack: EditPack) -> None:
+        """Validate, then apply at every site or at none (a failure leaves the model as it was)."""
+        with self._runtime.lock:
+            self._validate(pack)
+            self._runtime.add_pack(pack.pack_id, self._rank + 1, get_method(pack.method).contributions(pack))
+            self._rank += 1
+            self._packs[pack.name] = pack
 
     def edit(self, requests: Iterable[EditRequest | dict], method: str = "grace", pack: str | None = None,
              **config_overrides) -> PackInfo:
-        """Compute an edit with ``method`` and apply it as a new pack (active at once)."""
+        """Compute an edit with ``method`` and apply it as a new pack (active at once). Forwards from
+        other threads wait while it is computed (they never see it half done)."""
         reqs = as_requests(requests)
         impl = get_method(method)
         cfg = make_config(impl.config_class, config_overrides)
         name = validate_pack_name(pack if pack is not None else f"{method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}")
-        if name in self._packs:
-            raise PackError(f"a pack named {name!r} is already loaded; choose another name")
-        with HookOwner().scoped() as scope:
-            ctx = EditContext(self.base_model, self.tokenizer, self._runtime, scope)
-            computed = impl.compute(ctx, reqs, cfg)
-        new = EditPack(
-            name=name, method=method, config=vars(cfg), sites=computed.sites,
-            base=BaseInfo(self.name, self.base_model.config.model_type, self._fingerprint(computed.sites)),
-            requests=[r.to_dict() for r in reqs], tensors=computed.tensors, state=computed.state,
-            metrics=computed.metrics, library_version=__version__,
-        )
-        self._apply(new)
+        with self._runtime.lock:
+            if name in self._packs:
+                raise PackError(f"a pack named {name!r} is already loaded; choose another name")
+            with HookOwner().scoped() as scope:
+                ctx = EditContext(self.base_model, self.tokenizer, self._runtime, scope)
+                computed = impl.compute(ctx, reqs, cfg)
+            new = EditPack(
+                name=name, method=method, config=vars(cfg), sites=computed.sites,
+                base=BaseInfo(self.name, self.base_model.config.model_type, self._fingerprint(computed.sites)),
+                requests=[r.to_dict() for r in reqs], tensors=computed.tensors, state=computed.state,
+                metrics=computed.metrics, library_version=__version__,
+            )
+            try:
+                self._validate(new)
+            except PackError as exc:
+                raise EditError(f"the {method} edit was computed but is not usable, so it was not applied: {exc}. "
+                                "Try other options (e.g. a lower learning rate or fewer requests per call)") from None
+            self._apply(new)
         return self._info(new)
 
     def _fingerprint(self, sites: list[str]) -> str:
@@ -117,25 +140,40 @@ class EditableModel:
         return save_pack(self.pack(name), directory, name=name, overwrite=overwrite)
 
     def load_pack(self, path: str | Path, force: bool = False) -> PackInfo:
+        """Read, validate and apply one pack folder; on any error the model is exactly as before."""
         pack = load_pack(path)
-        get_method(pack.method)  # unknown method -> clear error before anything is applied
         check_base(pack, self.base_model, self.name, force=force, actual=self._fingerprint(pack.sites))
         self._apply(pack)
         return self._info(pack)
 
     def load_adapters(self, directory: str | Path, force: bool = False, exclude: Iterable[str] = ()) -> list[PackInfo]:
-        """Load every pack in ``directory`` oldest first, except those named in ``exclude``."""
+        """Load every pack in ``directory`` oldest first, except those named in ``exclude``. All or
+        nothing: if one pack fails, the packs this call applied are removed again and the error says which."""
         directory = Path(directory)
         if not directory.is_dir():
             raise PackError(f"adapters directory {str(directory)!r} does not exist")
         skip = set(exclude)
-        return [self.load_pack(p, force=force) for p in pack_dirs(directory) if p.name not in skip]
+        with reading(directory) as paths:  # no writer renames a pack while it is read
+            packs = [load_pack(p) for p in paths if p.name not in skip]
+        for pack in packs:
+            check_base(pack, self.base_model, self.name, force=force, actual=self._fingerprint(pack.sites))
+        applied: list[str] = []
+        try:
+            for pack in packs:
+                self._apply(pack)
+                applied.append(pack.name)
+        except BaseException:
+            for name in reversed(applied):
+                self.remove_pack(name)
+            raise
+        return [self._info(p) for p in packs]
 
     def remove_pack(self, name: str) -> None:
         """Rollback: the pack's effect is gone; outputs equal those before it was applied."""
-        pack = self.pack(name)
-        self._runtime.remove_pack(pack.pack_id)
-        del self._packs[name]
+        with self._runtime.lock:
+            pack = self.pack(name)
+            self._runtime.remove_pack(pack.pack_id)
+            del self._packs[name]
 
     def squash_packs(self, names: list[str], into: str) -> PackInfo:
         """Replace the loaded chain ``names`` (oldest first, in load order) by one pack ``into`` with
@@ -147,18 +185,17 @@ class EditableModel:
         new = get_method(packs[0].method).squash(packs, validate_pack_name(into))
         if into in self._packs and into not in names:
             raise PackError(f"a pack named {into!r} is already loaded; choose another name")
-        for n in names:
-            self.remove_pack(n)
-        self._apply(new)
+        with self._runtime.lock:
+            get_method(new.method).validate(new, {s: Site.parse(s).dims(self.base_model) for s in new.sites})
+            for n in names:
+                self.remove_pack(n)
+            self._apply(new)
         return self._info(new)
 
     @staticmethod
     def delete_pack(name: str, directory: str | Path) -> None:
-        """Remove a pack folder from disk."""
-        path = Path(directory) / validate_pack_name(name)
-        if not (path / "edit_pack.json").is_file():
-            raise PackError(f"no pack named {name!r} in {directory}")
-        shutil.rmtree(path)
+        """Remove a pack folder from disk (under the folder's lock; a crash never leaves half a pack)."""
+        delete_pack_dir(name, directory)
 
     def health(self, texts: Iterable[str] | None = None, max_tokens: int = 512) -> dict[str, dict[str, float]]:
         """Per site carrying weight deltas: |W0 + sum dW|_F / |W0|_F (global deltas, and all of them)

@@ -5,6 +5,7 @@ never unpickle anything (JSON and safetensors only).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -23,8 +24,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from .adapters_dir import aside, delete_dir, locked, recover, replace_dir
 from .architectures import Site
 from .errors import ArchitectureError, FingerprintMismatch, PackError, PackNameError
+from .pack_io import MAX_JSON_BYTES, MAX_TENSOR_BYTES, check_safetensors, parse_json, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +35,13 @@ FORMAT_VERSION = 1
 PACK_JSON = "edit_pack.json"
 PACK_TENSORS = "edit_pack.safetensors"
 PACK_CARD = "README.md"
-MAX_JSON_BYTES = 64 * 2**20
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 _CONFIG_ESSENTIALS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "intermediate_size")
 
 
 def validate_pack_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise PackNameError(
             f"invalid pack name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter "
             "or digit (no '/', no '..', no absolute paths)"
@@ -128,100 +131,127 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def _is_complete(path: Path) -> bool:
+    """Whether a folder holds a whole pack (its header parses and its tensors match the checksum)."""
+    try:
+        read_files(path)
+        return True
+    except PackError:
+        return False
+
+
 def save_pack(pack: EditPack, directory: str | Path, name: str | None = None, overwrite: bool = False) -> Path:
-    """Write ``pack`` to ``directory/name`` atomically; an existing pack is kept unless ``overwrite``."""
+    """Write ``pack`` to ``directory/name`` atomically, under the folder's lock; an existing pack is
+    kept unless ``overwrite``. A crash at any point leaves the old pack or the new one (see adapters_dir)."""
     name = validate_pack_name(name or pack.name)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / name
-    if final.exists() and not overwrite:
-        raise PackError(f"a pack named {name!r} already exists in {directory}; pass overwrite=True to replace it")
-    tmp = directory / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    old = None
-    try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in pack.tensors.items()}
-        blob = st_save(tensors, metadata={"format": "grace_hooks.edit_pack", "format_version": str(FORMAT_VERSION), "method": pack.method})
-        header = pack.header() | {"tensors_sha256": hashlib.sha256(blob).hexdigest()}
-        _fsync_write(tmp / PACK_TENSORS, blob)
-        _fsync_write(tmp / PACK_JSON, json.dumps(header, indent=1, default=str).encode())
-        _fsync_write(tmp / PACK_CARD, _card(pack).encode())
-        if final.exists():
-            old = directory / f".{name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not final.exists():
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in pack.tensors.items()}
+    blob = st_save(tensors, metadata={"format": "grace_hooks.edit_pack", "format_version": str(FORMAT_VERSION), "method": pack.method})
+    header = pack.header() | {"tensors_sha256": hashlib.sha256(blob).hexdigest()}
+    with locked(directory, create=True):
+        recover(directory, _is_complete)
+        final = directory / name
+        if final.exists() and not overwrite:
+            raise PackError(f"a pack named {name!r} already exists in {directory}; pass overwrite=True to replace it")
+        tmp = aside(final, "tmp")
+        tmp.mkdir()
+        try:
+            _fsync_write(tmp / PACK_TENSORS, blob)
+            _fsync_write(tmp / PACK_JSON, json.dumps(header, indent=1, default=str).encode())
+            _fsync_write(tmp / PACK_CARD, _card(pack).encode())
+            replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("saved pack %s (%d edits) to %s", name, pack.n_edits, final)
     return final
+
+
+def _require(cond: bool, where: Path, what: str) -> None:
+    if not cond:
+        raise PackError(f"{where}: {what}; the pack is corrupt or was not written by grace_hooks")
+
+
+def check_header(header: Any, jpath: Path) -> dict[str, Any]:
+    """The fields of ``edit_pack.json`` with their types checked (methods check their own parts)."""
+    _require(isinstance(header, dict), jpath, "must hold a JSON object")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PackError(
+            f"{jpath.parent.name}: unknown pack format_version {version!r}; this grace_hooks reads version {FORMAT_VERSION}. "
+            "Upgrade grace_hooks or re-export the pack."
+        )
+    missing = [k for k in ("method", "method_config", "sites", "base_model", "requests", "tensors_sha256") if k not in header]
+    _require(not missing, jpath, f"lacks required fields {missing}")
+    _require(isinstance(header["method"], str), jpath, "'method' must be a method name (a string)")
+    _require(isinstance(header["method_config"], dict), jpath, "'method_config' must be an object of options")
+    sites = header["sites"]
+    _require(isinstance(sites, list) and sites and all(isinstance(s, str) for s in sites) and len(set(sites)) == len(sites),
+             jpath, "'sites' must be a non-empty list of distinct site names")
+    for s in sites:
+        try:
+            Site.parse(s)
+        except ArchitectureError as exc:
+            raise PackError(f"{jpath}: {exc}") from None
+    base = header["base_model"]
+    _require(isinstance(base, dict) and all(isinstance(base.get(k), str) for k in ("name", "model_type", "fingerprint")),
+             jpath, "'base_model' must give name, model_type and fingerprint as strings")
+    requests = header["requests"]
+    _require(isinstance(requests, list) and all(isinstance(r, dict) for r in requests), jpath,
+             "'requests' must be a list of edit-request objects")
+    _require(isinstance(header["tensors_sha256"], str), jpath, "'tensors_sha256' must be a hex string")
+    for key in ("state", "metrics"):
+        _require(isinstance(header.get(key, {}), dict), jpath, f"'{key}' must be an object")
+    for key in ("pack_id", "created_at", "library_version"):
+        _require(isinstance(header.get(key, ""), str), jpath, f"'{key}' must be a string")
+    _require(_ID_RE.fullmatch(header.get("pack_id") or "0") is not None, jpath, "'pack_id' must be 1-64 letters, digits or '-'")
+    return header
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
     """Parse and check ``edit_pack.json`` (no tensors read)."""
     path = Path(path)
     jpath = path / PACK_JSON
-    if not jpath.is_file():
-        raise PackError(f"{path} is not an edit pack: {PACK_JSON} is missing")
-    if jpath.stat().st_size > MAX_JSON_BYTES:
-        raise PackError(f"{jpath} is larger than {MAX_JSON_BYTES} bytes; refusing to parse it")
-    try:
-        header = json.loads(jpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PackError(f"{jpath} is not valid JSON ({exc}); the pack is corrupt") from exc
-    if not isinstance(header, dict):
-        raise PackError(f"{jpath} must hold a JSON object")
-    version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise PackError(
-            f"{path.name}: unknown pack format_version {version!r}; this grace_hooks reads version {FORMAT_VERSION}. "
-            "Upgrade grace_hooks or re-export the pack."
-        )
-    missing = [k for k in ("method", "method_config", "sites", "base_model", "requests", "tensors_sha256") if k not in header]
-    if missing:
-        raise PackError(f"{jpath} lacks required fields {missing}")
-    if not isinstance(header["sites"], list) or not all(isinstance(s, str) for s in header["sites"]):
-        raise PackError(f"{jpath}: 'sites' must be a list of site names")
-    for s in header["sites"]:
-        try:
-            Site.parse(s)
-        except ArchitectureError as exc:
-            raise PackError(f"{jpath}: {exc}") from exc
-    return header
+    if path.is_symlink():
+        raise PackError(f"{path} is a symbolic link; a pack must be a folder inside the adapters folder (copy it in)")
+    if not jpath.exists() and not jpath.is_symlink():
+        raise PackError(f"{path} is not an edit pack: {PACK_JSON} is missing (remove the folder or move it out of the "
+                        "adapters folder)")
+    return check_header(parse_json(read_bounded(jpath, MAX_JSON_BYTES, "pack header"), jpath), jpath)
 
 
-def load_pack(path: str | Path) -> EditPack:
-    """Read and validate a pack folder. The folder name is the pack's name."""
-    path = Path(path)
-    name = validate_pack_name(path.name)
+def read_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A pack folder's header and tensors, every size, checksum and dtype checked before use."""
     header = read_header(path)
     tpath = path / PACK_TENSORS
-    if not tpath.is_file():
-        raise PackError(f"pack {name!r}: {PACK_TENSORS} is missing; the pack is incomplete")
-    blob = tpath.read_bytes()
+    blob = read_bounded(tpath, MAX_TENSOR_BYTES, "pack's tensors")
     if hashlib.sha256(blob).hexdigest() != header["tensors_sha256"]:
-        raise PackError(f"pack {name!r}: {PACK_TENSORS} does not match its checksum (truncated or modified)")
+        raise PackError(f"pack {path.name!r}: {PACK_TENSORS} does not match its checksum (truncated or modified)")
+    check_safetensors(blob, tpath)
     try:
         tensors = st_load(blob)
     except (SafetensorError, ValueError) as exc:
-        raise PackError(f"pack {name!r}: {PACK_TENSORS} is not a valid safetensors file ({exc})") from exc
+        raise PackError(f"pack {path.name!r}: {PACK_TENSORS} is not a valid safetensors file ({exc})") from exc
+    return header, tensors
+
+
+def load_pack(path: str | Path) -> EditPack:
+    """Read and validate a pack folder (its files; the method checks its own schema when the pack
+    is applied). The folder name is the pack's name."""
+    path = Path(path)
+    name = validate_pack_name(path.name)
+    header, tensors = read_files(path)
     sites = set(header["sites"])
     stray = [k for k in tensors if k.split("/", 1)[0] not in sites]
     if stray:
         raise PackError(f"pack {name!r}: tensors {stray[:3]} do not belong to any of its sites {sorted(sites)}")
     base = header["base_model"]
-    if not isinstance(base, dict) or not {"name", "model_type", "fingerprint"} <= set(base):
-        raise PackError(f"pack {name!r}: base_model must give name, model_type and fingerprint")
     return EditPack(
         name=name, method=header["method"], config=header["method_config"], sites=header["sites"],
         base=BaseInfo(**{k: base[k] for k in ("name", "model_type", "fingerprint")}), requests=header["requests"],
         tensors=tensors, state=header.get("state", {}), metrics=header.get("metrics", {}),
-        pack_id=str(header.get("pack_id") or uuid.uuid4().hex), created_at=str(header.get("created_at", "")),
-        library_version=str(header.get("library_version", "")),
+        pack_id=header.get("pack_id") or uuid.uuid4().hex, created_at=header.get("created_at", ""),
+        library_version=header.get("library_version", ""),
     )
 
 
@@ -241,16 +271,44 @@ def check_base(pack: EditPack, model: nn.Module, model_name: str, force: bool = 
 
 
 def pack_dirs(directory: str | Path) -> list[Path]:
-    """Pack folders in ``directory``, oldest first (by created_at, then name)."""
+    """Pack folders in ``directory``, oldest first (by created_at, then name). Call it under the
+    folder's lock. Hidden entries (leftovers of saves, the lock) are skipped; any other entry that
+    is not a pack folder (a stray folder, a symlink, a folder without a readable header) is an error,
+    so that nothing meant as a pack is silently left out."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     found = []
     for p in directory.iterdir():
-        if p.is_dir() and not p.name.startswith(".") and (p / PACK_JSON).is_file():
-            try:
-                created = str(json.loads((p / PACK_JSON).read_text(encoding="utf-8")).get("created_at", ""))
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                created = ""  # load_pack will report the corruption
-            found.append((created, p.name, p))
+        if p.name.startswith(".") or (p.is_file() and not p.is_symlink()):
+            continue
+        validate_pack_name(p.name)
+        header = read_header(p)  # a symlink or a folder without a readable header is refused here
+        found.append((header.get("created_at", ""), p.name, p))
     return [p for _, _, p in sorted(found)]
+
+
+@contextlib.contextmanager
+def reading(directory: str | Path) -> Iterator[list[Path]]:
+    """The pack folders of ``directory`` (:func:`pack_dirs`), with the folder's lock held inside the
+    block, after interrupted saves were finished or undone (a read-only folder: as it is)."""
+    with locked(Path(directory)) as held:
+        if held:
+            recover(Path(directory), _is_complete)
+        yield pack_dirs(directory)
+
+
+def list_packs(directory: str | Path) -> list[Path]:
+    """:func:`pack_dirs` after interrupted saves were finished or undone."""
+    with reading(directory) as paths:
+        return paths
+
+
+def delete_pack_dir(name: str, directory: str | Path) -> None:
+    """Remove a pack folder from disk, under the folder's lock."""
+    directory = Path(directory)
+    with locked(directory):
+        path = directory / validate_pack_name(name)
+        if not path.is_dir() or path.is_symlink() or not (path / PACK_JSON).is_file():
+            raise PackError(f"no pack named {name!r} in {directory}")
+        delete_dir(path)

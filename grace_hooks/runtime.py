@@ -8,6 +8,7 @@ to the base model's.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from .architectures import Site
+from .errors import PackError
+from .forward_context import ForwardContext, ThreadContexts, cache_length, forward_mask, positions
 from .hook_layer import HookIncrement, HookLayer
 from .hooks import HookOwner
 from .router import NO_KEY, KeyRouter
@@ -90,6 +93,10 @@ class SiteRuntime:
         return set(self.ids) | set(self.deltas) | set(self.hook_layer.increments)
 
     def add(self, pack_id: str, rank: int, c: SiteContribution) -> None:
+        for target_pack, key_index, _ in c.shrink:  # checked before anything is added
+            if target_pack in self.ids and not 0 <= key_index < len(self.ids[target_pack]):
+                raise PackError(f"a pack shrinks key {key_index} of an earlier pack at {self.site.name}, which has "
+                                f"{len(self.ids[target_pack])} keys there; the pack is corrupt or made on another stack")
         if c.keys is not None:
             n = len(c.keys)
             ids = self.router.add(c.keys.detach().float().cpu().numpy(), c.radii.detach().float().cpu().numpy(), rank, c.last_only)
@@ -123,17 +130,19 @@ class SiteRuntime:
         pack_id = self.owner[key_id]
         return pack_id, int(key_id - self.ids[pack_id][0])
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, is_last: torch.Tensor, past: int = 0,
-              hook_everywhere: bool = False, trace: list | None = None) -> torch.Tensor | None:
-        """The site output with every loaded pack applied (None: unchanged). In order: global
-        deltas; the hook layer where its gate fires; routed deltas; replacement values."""
+    def apply(self, x: torch.Tensor, y: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """The site output with every loaded pack applied (None: unchanged), for the forward that
+        ``ctx`` describes. In order: global deltas; the hook layer where its gate fires; routed
+        deltas; replacement values."""
+        valid, is_last, past = positions(ctx, x)
+        trace = ctx.trace
         out = None
         for d in self.deltas.values():  # global deltas act on every position
             if not d.routed:
                 out = (y if out is None else out) + (x @ d.V.to(x)) @ d.U.to(x).T
         width = x.shape[-2] if x.dim() > 1 else 1
         flat_x = x.reshape(-1, x.shape[-1])
-        fire, change = self._hook_gate(x, valid, past, hook_everywhere)
+        fire, change = self._hook_gate(x, valid, past, ctx)
         if trace is not None and change is not None and bool(fire.any()):  # z-score fires (no key behind them)
             fired_rows = fire.nonzero().squeeze(1).cpu().numpy()
             trace.append((self.site.name, fired_rows, width, np.full(len(fired_rows), _ZSCORE_ID)))
@@ -172,81 +181,81 @@ class SiteRuntime:
             flat[replace_rows] = self.values[replace_ids].to(flat)
         return flat.reshape(y.shape)
 
-    def _hook_gate(self, x: torch.Tensor, valid: torch.Tensor, past: int, everywhere: bool):
+    def _hook_gate(self, x: torch.Tensor, valid: torch.Tensor, past: int, ctx: ForwardContext):
         """(flat positions where the hook layer's z-score gate fires or None, its change at every
-        position when the gate needed it or None). ``everywhere``: at every real position."""
+        position when the gate needed it or None). With ``ctx.hook_everywhere``: every real position."""
         hl = self.hook_layer
         if not hl:
             return None, None
-        if everywhere:
+        if ctx.hook_everywhere:
             return valid.reshape(-1), None
         if hl.alpha is None:
             return None, None
         width = x.shape[-2] if x.dim() > 1 else 1
         change = hl.change(x)
-        fire = hl.zscore_gate(change.reshape(-1, width, change.shape[-1]), valid.reshape(-1, width), past)
+        name = self.site.name
+        fire, ctx.running[name] = hl.zscore_gate(change.reshape(-1, width, change.shape[-1]), valid.reshape(-1, width),
+                                                 past, ctx.running.get(name))
         return fire.reshape(-1), change
 
 
-def _cache_length(kwargs: dict) -> int:
-    """How many positions the KV cache handed to a forward already holds (0 without one)."""
-    cache = kwargs.get("past_key_values")
-    if cache is not None and hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    start = kwargs.get("cache_position")
-    return int(start.reshape(-1)[0]) if isinstance(start, torch.Tensor) and start.numel() else 0
-
-
 class EditRuntime:
-    """Every site runtime of one model, plus the per-forward context (which positions are real)."""
+    """Every site runtime of one model, plus the per-forward context (which positions are real).
+
+    Thread safety: each thread has its own :class:`~grace_hooks.forward_context.ForwardContext`, and
+    one re-entrant lock is held by every model forward while packs are loaded and by every change to
+    the loaded packs, so a forward never sees a pack half added or half removed, and forwards from
+    several threads run one at a time (their KV-cached generations interleave step by step, each
+    with its own statistics)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.hooks = HookOwner()
         self.sites: dict[str, SiteRuntime] = {}
-        self.enabled = True
-        self._mask: torch.Tensor | None = None
-        self._cache_start = 0  # positions already in the forward's KV cache, when no attention mask says so
-        self.hook_everywhere = False  # hook layers act at every real position (set while an edit is solved)
+        self.lock = threading.RLock()
+        self._contexts = ThreadContexts()
         self._context_handles: list = []
-        self._trace: list | None = None
         self.memo: dict = {}  # per-model results that methods reuse across edits (context prefixes, C0, ...)
 
     # --- per-forward context ---
-    def _capture_mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            mask = args[1]
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self._cache_start = _cache_length(kwargs)
+    @property
+    def context(self) -> ForwardContext:
+        """The calling thread's forward context."""
+        return self._contexts.get()
 
-    def _clear_mask(self, module, args, output):
-        self._mask, self._cache_start = None, 0
+    @property
+    def enabled(self) -> bool:
+        return self.context.enabled
+
+    def _enter_forward(self, module, args, kwargs):
+        self.lock.acquire()
+        ctx = self.context
+        ctx.depth += 1
+        ctx.mask, ctx.cache_start = forward_mask(args, kwargs), cache_length(args, kwargs)
+
+    def _leave_forward(self, module, args, output):
+        ctx = self.context
+        if ctx.depth == 0:  # a hook registered before ours failed, so ours never entered
+            return
+        ctx.depth -= 1
+        ctx.mask, ctx.cache_start = None, 0
+        self.lock.release()
 
     @contextlib.contextmanager
-    def attention_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
-        """Which positions are real, for blocks run directly rather than through the model's forward
-        (whose own call would record its ``attention_mask``), e.g. by :class:`~grace_hooks.replay.LayerReplay`."""
-        previous, self._mask = self._mask, mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    def _setting(self, attr: str, value) -> Iterator[None]:
+        """The calling thread's context has ``attr = value`` inside the block (restored after)."""
+        ctx = self.context
+        previous = getattr(ctx, attr)
+        setattr(ctx, attr, value)
         try:
             yield
         finally:
-            self._mask = previous
+            setattr(ctx, attr, previous)
 
-    def _positions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(valid, is_last, past): masks of shape x.shape[:-1] (padding is not valid; is_last marks the
-        last real position of each row in this call, with a KV cache: of the new positions) and how
-        many positions of these sequences earlier calls processed (the KV cache's length)."""
-        lead = x.shape[:-1]
-        batch, width = (1, lead[0]) if len(lead) == 1 else lead
-        mask = self._mask
-        if mask is not None and mask.shape[0] == batch and mask.shape[1] >= width:
-            valid, past = mask[:, -width:].to(x.device).bool(), mask.shape[1] - width
-        else:
-            valid, past = torch.ones(batch, width, dtype=torch.bool, device=x.device), self._cache_start
-        pos = torch.arange(width, device=x.device).expand(batch, width)
-        last = torch.where(valid, pos, -1).max(dim=1, keepdim=True).values
-        return valid.reshape(lead), (pos == last).reshape(lead), past
+    def attention_mask(self, mask: torch.Tensor | None) -> contextlib.AbstractContextManager:
+        """Which positions are real, for blocks run directly rather than through the model's forward
+        (whose own call would record its ``attention_mask``), e.g. by :class:`~grace_hooks.replay.LayerReplay`."""
+        return self._setting("mask", mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
 
     # --- packs ---
     def site(self, site: Site) -> SiteRuntime:
@@ -254,10 +263,10 @@ class EditRuntime:
             module = site.module(self.model)
             d_in, d_out = site.dims(self.model)
             rt = SiteRuntime(site, module, d_in, d_out)
-            if not self.sites:  # first site: start capturing the attention mask of each forward
+            if not self.sites:  # first site: record the context of each forward (and hold the lock through it)
                 self._context_handles = [
-                    self.hooks.pre_forward(self.model, self._capture_mask, with_kwargs=True),
-                    self.hooks.forward(self.model, self._clear_mask, always_call=True),
+                    self.hooks.pre_forward(self.model, self._enter_forward, with_kwargs=True),
+                    self.hooks.forward(self.model, self._leave_forward, always_call=True),
                 ]
             self.sites[site.name] = rt
             rt.handle = self.hooks.forward(module, self._site_hook(rt))
@@ -265,19 +274,29 @@ class EditRuntime:
 
     def _site_hook(self, rt: SiteRuntime):
         def hook(module, args, output):
-            if not self.enabled:
-                return None
-            x = args[0]
-            valid, is_last, past = self._positions(x)
-            return rt.apply(x, output, valid, is_last, past, self.hook_everywhere, self._trace)
+            ctx = self.context
+            return rt.apply(args[0], output, ctx) if ctx.enabled else None
 
         return hook
 
     def add_pack(self, pack_id: str, rank: int, contributions: dict[str, SiteContribution]) -> None:
-        for name, c in contributions.items():
-            self.site(Site.parse(name)).add(pack_id, rank, c)
+        """Apply a pack at all its sites, or at none: if any site fails, the ones done are undone
+        and the runtime is exactly as before (no site, hook or router key of the pack is left)."""
+        with self.lock:
+            if any(pack_id in rt.packs for rt in self.sites.values()):
+                raise ValueError(f"pack id {pack_id} is already applied")
+            try:
+                for name, c in contributions.items():
+                    self.site(Site.parse(name)).add(pack_id, rank, c)
+            except BaseException:
+                self.remove_pack(pack_id)
+                raise
 
     def remove_pack(self, pack_id: str) -> None:
+        with self.lock:
+            self._remove(pack_id)
+
+    def _remove(self, pack_id: str) -> None:
         for name, rt in list(self.sites.items()):
             if pack_id in rt.packs:
                 rt.remove(pack_id)
@@ -302,23 +321,14 @@ class EditRuntime:
         finally:
             self.remove_pack(pack_id)
 
-    @contextlib.contextmanager
-    def hook_layers_everywhere(self) -> Iterator[None]:
+    def hook_layers_everywhere(self) -> contextlib.AbstractContextManager:
         """Hook layers act at every real position inside the block, whatever their gate (COMEBA-HK
         measures keys and residuals through the hook layers this way while it solves a batch)."""
-        previous, self.hook_everywhere = self.hook_everywhere, True
-        try:
-            yield
-        finally:
-            self.hook_everywhere = previous
+        return self._setting("hook_everywhere", True)
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
+    def disabled(self) -> contextlib.AbstractContextManager:
+        """The pure base model inside the block (for the calling thread)."""
+        return self._setting("enabled", False)
 
     @contextlib.contextmanager
     def tracing(self) -> Iterator[list[tuple[str, int, int, str, int]]]:
@@ -327,11 +337,10 @@ class EditRuntime:
         the z-score gate let a hook layer through, the pack is ZSCORE_GATE and the key index -1."""
         raw: list = []
         resolved: list[tuple[str, int, int, str, int]] = []
-        previous, self._trace = self._trace, raw
         try:
-            yield resolved
+            with self._setting("trace", raw):
+                yield resolved
         finally:
-            self._trace = previous
             for site, flat, width, ids in raw:
                 rt = self.sites.get(site)
                 for f, key_id in zip(flat.tolist(), ids.tolist()):
@@ -340,6 +349,7 @@ class EditRuntime:
                         resolved.append((site, f // width, f % width, owner[0], owner[1]))
 
     def close(self) -> None:
-        self.hooks.remove_all()
-        self.sites.clear()
-        self._context_handles = []
+        with self.lock:
+            self.hooks.remove_all()
+            self.sites.clear()
+            self._context_handles = []

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from grace_hooks.cli import main
 from grace_hooks.packs import PACK_JSON, PACK_TENSORS, read_header
+from grace_hooks.adapters_dir import LOCK_NAME
 
 SENTENCES = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -105,7 +106,7 @@ def test_edit_loads_existing_packs_and_limit(adapters, tiny_model, requests_file
     assert res.exit_code == 0, res.output
     assert "1 pack(s): facts" in res.stderr  # the folder's packs were active while editing
     assert "edits:   1" in res.stdout
-    assert sorted(p.name for p in adapters.iterdir()) == ["facts", "more"]
+    assert sorted(p.name for p in adapters.iterdir() if p.name != LOCK_NAME) == ["facts", "more"]
 
 
 def test_edit_refuses_existing_name_then_overwrites(adapters, tiny_model, requests_file):
@@ -154,7 +155,7 @@ def test_edit_reads_other_layouts(tmp_path, tiny_model):
     zsre.write_text(json.dumps([{"src": "The capital of Japan is", "subject": "Japan", "alt": "Rome", "answers": ["Tokyo"]}]))
     res = run("edit", "--requests", zsre, "--adapters", tmp_path / "ad", "--model", tiny_model, "--set", "n_iter=5")
     assert res.exit_code == 0, res.output
-    (name,) = [p.name for p in (tmp_path / "ad").iterdir()]
+    (name,) = [p.name for p in (tmp_path / "ad").iterdir() if p.name != LOCK_NAME]
     assert name.startswith("grace-")
     assert read_header(tmp_path / "ad" / name)["requests"][0]["target_new"] == "Rome"
 

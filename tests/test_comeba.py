@@ -13,6 +13,7 @@ from grace_hooks.linalg import preservation_matrix
 from grace_hooks.methods import get_method
 from grace_hooks.methods.comeba.squash import squash_packs
 from grace_hooks.runtime import ZSCORE_GATE
+from grace_hooks.adapters_dir import LOCK_NAME
 
 GATES = ("router", "zscore")
 # three batches of one chain: the second and third edit other subjects
@@ -53,15 +54,18 @@ def test_cached_tokens_are_scored_against_every_earlier_position():
     seq = torch.tensor([[0.1, 0.3, 0.2, 0.1, 2.0, 0.2, 5.0]])
     change = torch.zeros(1, 7, 3)
     change[..., 0] = seq
-    fired_prompt = layer.zscore_gate(change[:, :5], torch.ones(1, 5, dtype=torch.bool), past=0)
+    fired_prompt, running = layer.zscore_gate(change[:, :5], torch.ones(1, 5, dtype=torch.bool), past=0)
     full, _ = zscores(seq[:, :5], torch.ones(1, 5, dtype=torch.bool))
     assert torch.equal(fired_prompt, full >= 1.0)
     for t in (5, 6):  # one new token per call, as with a KV cache
-        fired = layer.zscore_gate(change[:, t:t + 1], torch.ones(1, 1, dtype=torch.bool), past=t)
+        fired, running = layer.zscore_gate(change[:, t:t + 1], torch.ones(1, 1, dtype=torch.bool), past=t, running=running)
         z_all, _ = zscores(seq[:, :t + 1], torch.ones(1, t + 1, dtype=torch.bool))
         assert bool(fired[0, 0]) == bool(z_all[0, t] >= 1.0)
     # a call that does not continue the kept sequence starts afresh (the lone token cannot fire)
-    assert not layer.zscore_gate(change[:, 6:7], torch.ones(1, 1, dtype=torch.bool), past=3).any()
+    assert not layer.zscore_gate(change[:, 6:7], torch.ones(1, 1, dtype=torch.bool), past=3, running=running)[0].any()
+    # nor one whose statistics were kept before the hook layer changed
+    layer.add("q", HookIncrement(keys=torch.zeros(1, 4), dense=torch.zeros(3, 4), alpha=1.0))
+    assert not layer.zscore_gate(change[:, 6:7], torch.ones(1, 1, dtype=torch.bool), past=7, running=running)[0].any()
 
 
 def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
@@ -71,8 +75,9 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
     enc = tokenizer(DELTA_REQUESTS[0].text, return_tensors="pt")
     out = em.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     ids, mask = enc.input_ids, enc.attention_mask
-    for rt in em._runtime.sites.values():  # every position fed so far entered the statistics (the last token is never fed)
-        assert int(rt.hook_layer._running[2][0]) == out.shape[1] - 1
+    running = em._runtime.context.running  # per site: (version, batch, positions seen, count, sum, sum of squares)
+    for name in em._runtime.sites:  # every position fed so far entered the statistics (the last token is never fed)
+        assert int(running[name][3][0]) == out.shape[1] - 1
     with torch.no_grad():
         step = em(input_ids=ids, attention_mask=mask, use_cache=True)
         tokens = []
@@ -82,8 +87,8 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             step = em(input_ids=nxt, attention_mask=mask, past_key_values=step.past_key_values, use_cache=True)
     assert out[0, ids.shape[1]:].tolist() == tokens
-    for rt in em._runtime.sites.values():
-        assert int(rt.hook_layer._running[2][0]) == ids.shape[1] + 4
+    for name in em._runtime.sites:
+        assert int(running[name][3][0]) == ids.shape[1] + 4
 
 
 # ---------------------------------------------------------------------------- accumulation
@@ -201,7 +206,7 @@ def test_squash_cli_replaces_the_chain_on_disk(make_model, tokenizer, tmp_path, 
         em.save_pack(name, tmp_path)
     run = CliRunner().invoke(main, ["squash", "b0", "b1", "b2", "--into", "merged", "--adapters", str(tmp_path)])
     assert run.exit_code == 0, run.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != LOCK_NAME) == ["merged"]
     fresh = EditableModel(make_model("llama"), tokenizer, name="tiny")
     fresh.load_adapters(tmp_path)
     assert _same(last_logits(fresh, tokenizer, PROBES), chain)

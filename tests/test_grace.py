@@ -71,7 +71,7 @@ def test_exception_in_user_forward_leaves_only_pack_hooks(make_model, tokenizer)
     hooks = count_hooks(em.base_model)
     with pytest.raises(Exception):
         em(input_ids=torch.tensor([[10_000]]))  # out-of-vocabulary id fails inside forward
-    assert count_hooks(em.base_model) == hooks and em._runtime._mask is None
+    assert count_hooks(em.base_model) == hooks and em._runtime.context.mask is None
     base = last_logits(em.base_model, tokenizer, UNRELATED[:1])  # still routed correctly afterwards
     with em.disabled():
         assert torch.equal(last_logits(em, tokenizer, UNRELATED[:1])[0], base[0])

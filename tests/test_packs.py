@@ -11,6 +11,7 @@ from grace_hooks import EditableModel, EditRequest
 from grace_hooks.errors import EditRequestError, FingerprintMismatch, PackError, PackNameError
 from grace_hooks.hooks import count_hooks
 from grace_hooks import packs as packs_mod
+from grace_hooks.adapters_dir import LOCK_NAME
 from grace_hooks.packs import PACK_JSON, PACK_TENSORS, load_pack
 
 
@@ -130,7 +131,7 @@ def test_interrupted_save_keeps_old_pack(saved, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         em.save_pack("facts", tmp_path, overwrite=True)
     assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
-    assert sorted(os.listdir(tmp_path)) == ["facts"]  # no temporary folder left behind
+    assert sorted(os.listdir(tmp_path)) == [LOCK_NAME, "facts"]  # no temporary folder left behind
 
 
 def test_unknown_config_option_is_explained(saved):

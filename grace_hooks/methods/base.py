@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from ..architectures import Site
-from ..errors import ConfigError
+from ..config import make_config
+from ..errors import ConfigError, PackError
 from ..hooks import HookOwner, frozen_parameters
+from ..pack_schema import TensorSpec, site_problems
 from ..packs import EditPack
 from ..requests import EditRequest
 from ..runtime import EditRuntime, SiteContribution
@@ -68,7 +70,34 @@ class EditMethod(ABC):
 
     @abstractmethod
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
-        """What a stored pack places at each of its sites."""
+        """What a stored pack places at each of its sites (called only on a pack that passed :meth:`validate`)."""
+
+    @abstractmethod
+    def site_layouts(self, config: Any) -> list[dict[str, TensorSpec]]:
+        """The tensors a pack made with ``config`` holds at each site: one or more alternative layouts."""
+
+    def check_state(self, pack: EditPack, config: Any) -> list[str]:
+        """Problems with the method's own entries in ``pack.state`` (what ``contributions`` reads)."""
+        return []
+
+    def validate(self, pack: EditPack, dims: dict[str, tuple[int, int]]) -> Any:
+        """Check a pack against this method's schema before anything of it is applied: its config
+        as this method's typed config, each site's tensors (names, shapes against the site's
+        ``(d_in, d_out)`` in ``dims``, finite values, sane radii) and its state. Returns the config;
+        raises :class:`PackError` listing every problem found."""
+        try:
+            config = make_config(self.config_class, base=pack.config)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise PackError(f"pack {pack.name!r}: its method_config is not a valid {self.name} config ({exc})") from None
+        problems = [f"{site}: {p}" for site in pack.sites
+                    for p in site_problems(pack.site_tensors(site), self.site_layouts(config),
+                                           {"d_in": dims[site][0], "d_out": dims[site][1]})]
+        problems += self.check_state(pack, config)
+        if problems:
+            raise PackError(f"pack {pack.name!r} does not hold what a {self.name!r} pack holds: " + "; ".join(problems[:8])
+                            + ("; ..." if len(problems) > 8 else "") + ". The pack is corrupt, or was relabelled or "
+                            "made by another version; re-create it from its requests (grace-hooks edit)")
+        return config
 
     def squash(self, packs: list[EditPack], name: str) -> EditPack:
         """One pack with the same effect as the chain ``packs`` (methods with the "squash" capability)."""

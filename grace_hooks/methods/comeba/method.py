@@ -22,6 +22,7 @@ from ...errors import PackError
 from ...hook_layer import lowrank_is_smaller, zscores
 from ...hooks import forward_until
 from ...linalg import preservation_matrix
+from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
 from ...runtime import SiteContribution, SiteRuntime
@@ -104,6 +105,13 @@ class ComebaHK(DeltaMethod):
             alphas[site.name] = float(torch.tensor(min(before, lowest), dtype=torch.float32))  # as the pack stores it
             pending[site.name] = replace(pending[site.name], hook=replace(pending[site.name].hook, alpha=alphas[site.name]))
         return alphas
+
+    def site_layouts(self, config: ComebaConfig) -> list[dict[str, TensorSpec]]:
+        """The absorbed keys, the increment low-rank (U, V) or dense, and the gate's own tensors."""
+        gate = self.route_layout() if config.gate == "router" else {"alpha": TensorSpec((1,))}
+        keys = {"keys": TensorSpec(("m", "d_in"))}
+        return [keys | {"U": TensorSpec(("d_out", "r")), "V": TensorSpec(("d_in", "r"))} | gate,
+                keys | {"dense": TensorSpec(("d_out", "d_in"))} | gate]
 
     @staticmethod
     def _contribution(t: dict[str, torch.Tensor], routed: bool) -> SiteContribution:

@@ -21,6 +21,7 @@ import torch
 from ...architectures import Site, arch_spec, num_layers
 from ...covariance import Corpus, SecondMoment, cached_sample_corpus, model_digest, second_moments, site_inputs
 from ...linalg import LowRank, closed_form_update
+from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
 from ...runtime import LowRankDelta, SiteContribution, SiteRuntime
@@ -173,6 +174,15 @@ class DeltaMethod(EditMethod):
             probe = self.corpus_probe(ctx, sites, cfg)[site.name]
             radii = torch.minimum(radii, cfg.corpus_margin * torch.cdist(route_keys, probe).amin(1))
         return route_keys, radii
+
+    def site_layouts(self, config) -> list[dict[str, TensorSpec]]:
+        """U (d_out x r), V (d_in x r) and the edit keys; the router keys and radii when routed."""
+        layout = {"U": TensorSpec(("d_out", "r")), "V": TensorSpec(("d_in", "r")), "keys": TensorSpec(("m", "d_in"))}
+        return [layout | self.route_layout() if self.routes(config) else layout]
+
+    @staticmethod
+    def route_layout() -> dict[str, TensorSpec]:
+        return {"route_keys": TensorSpec(("k", "d_in")), "route_radii": TensorSpec(("k",))}
 
     @staticmethod
     def _contribution(t: dict[str, torch.Tensor], routed: bool) -> SiteContribution:

@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...architectures import Site, relative_layer
+from ...pack_schema import MAX_ABS, TensorSpec, is_finite_number
 from ...packs import EditPack
 from ...replay import LayerReplay
 from ...requests import EditRequest
@@ -145,6 +146,31 @@ class Grace(EditMethod):
         log.info("grace: %d requests, %d codebook entries, %d steps, %.0f%% teacher-forced success",
                  n_rows, len(book.entries), iters, 100 * float(correct.float().mean()))
         return values.detach().cpu().float(), iters, correct
+
+    def site_layouts(self, config: GraceConfig) -> list[dict[str, TensorSpec]]:
+        return [{"keys": TensorSpec(("n", "d_in")), "radii": TensorSpec(("n",)),
+                 "values": TensorSpec(("n", "d_out"))}]
+
+    def check_state(self, pack: EditPack, config: GraceConfig) -> list[str]:
+        """Labels (one string per key) and radius shrinks of earlier packs' keys, well typed."""
+        state, problems = pack.state, []
+        labels = state.get("labels", {})
+        if not isinstance(labels, dict):
+            return ["state.labels must map each site to its keys' labels"]
+        for site, names in labels.items():
+            n = len(pack.site_tensors(site).get("keys", ()))
+            if site not in pack.sites or not isinstance(names, list) or len(names) != n \
+                    or not all(isinstance(x, str) for x in names):
+                problems.append(f"state.labels[{site!r}] must list one string per key of a site of the pack ({n})")
+        shrink = state.get("shrink", [])
+        if not isinstance(shrink, list):
+            return problems + ["state.shrink must be a list"]
+        for s in shrink:
+            if not (isinstance(s, dict) and s.get("site") in pack.sites and isinstance(s.get("pack_id"), str)
+                    and type(s.get("key")) is int and s["key"] >= 0 and is_finite_number(s.get("radius"), -MAX_ABS, MAX_ABS)):
+                problems.append(f"state.shrink entry {str(s)[:80]} must give a site of the pack, an earlier pack_id, "
+                                "a key index >= 0 and a finite radius")
+        return problems
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
         out = {}

@@ -1,0 +1,87 @@
+"""What the site hooks need to know about the forward they run in, kept per thread.
+
+A site hook sees only its module's input. Which positions are real (padding is not), which one is
+the last, and how many positions of the same sequences earlier calls already fed (a KV cache) come
+from the model's own forward call, recorded by a pre-forward hook on the model. That record lives
+in a :class:`ForwardContext` per thread, so two threads running forwards through one model (a
+server answering two requests) never read each other's mask, cache length, trace or z-score
+statistics.
+
+Release-independence: transformers renamed the forward's ``past_key_values`` to ``cache`` (5.24)
+and stopped passing ``cache_position`` from ``generate``, so the cache length is read from
+whichever argument holds a cache object (anything with ``get_seq_length``), whatever its name.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    """The per-thread state of the edit runtime's hooks."""
+
+    mask: torch.Tensor | None = None  # (batch, past + width) attention mask of the running forward, if 2-D
+    cache_start: int = 0  # positions already in the forward's KV cache, when no attention mask says so
+    enabled: bool = True  # False inside ``EditRuntime.disabled()``: the pure base model
+    hook_everywhere: bool = False  # hook layers act at every real position (while an edit is solved)
+    trace: list | None = None  # router hits are recorded here inside ``EditRuntime.tracing()``
+    running: dict[str, tuple] = field(default_factory=dict)  # site -> z-score statistics of the sequences being decoded
+    depth: int = 0  # model forwards entered by this thread and not yet left (each holds the runtime's lock once)
+
+
+class ThreadContexts:
+    """One :class:`ForwardContext` per thread, made on first use."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self) -> ForwardContext:
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self._local.ctx = ForwardContext()
+        return ctx
+
+
+def _is_cache(value: Any) -> bool:
+    return hasattr(value, "get_seq_length") and callable(value.get_seq_length)
+
+
+def cache_length(args: tuple, kwargs: dict) -> int:
+    """How many positions the KV cache handed to a forward already holds (0 without one). The cache
+    is found by what it is, not by the argument's name, which moved between transformers releases."""
+    for value in (kwargs.get("cache"), kwargs.get("past_key_values"), *kwargs.values(), *args):
+        if _is_cache(value):
+            return int(value.get_seq_length())
+    start = kwargs.get("cache_position")
+    return int(start.reshape(-1)[0]) if isinstance(start, torch.Tensor) and start.numel() else 0
+
+
+def forward_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The 2-D attention mask of a model forward (keyword, or second positional argument), else None."""
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        mask = args[1]
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def positions(ctx: ForwardContext, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(valid, is_last, past) for a site input ``x``: masks of shape x.shape[:-1] (padding is not
+    valid; is_last marks the last real position of each row in this call, with a KV cache: of the
+    new positions) and how many positions of these sequences earlier calls processed."""
+    lead = x.shape[:-1]
+    batch, width = (1, lead[0]) if len(lead) == 1 else lead
+    mask = ctx.mask
+    if mask is not None and mask.shape[0] == batch and mask.shape[1] >= width:
+        valid, past = mask[:, -width:].to(x.device).bool(), mask.shape[1] - width
+    else:
+        valid, past = torch.ones(batch, width, dtype=torch.bool, device=x.device), ctx.cache_start
+    pos = torch.arange(width, device=x.device).expand(batch, width)
+    last = torch.where(valid, pos, -1).max(dim=1, keepdim=True).values
+    return valid.reshape(lead), (pos == last).reshape(lead), past
+
+
+__all__ = ["ForwardContext", "ThreadContexts", "cache_length", "forward_mask", "positions"]
