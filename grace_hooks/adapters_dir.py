@@ -36,10 +36,11 @@ def _writable(directory: Path) -> bool:
 
 
 @contextlib.contextmanager
-def locked(directory: Path, timeout: float = LOCK_TIMEOUT_S, create: bool = False) -> Iterator[bool]:
+def locked(directory: Path, timeout: float | None = None, create: bool = False) -> Iterator[bool]:
     """Hold the folder's lock inside the block (yields whether it is held: a read-only folder is
-    read without it). ``create``: make the folder first (writers)."""
+    read without it). ``timeout``: seconds to wait (default LOCK_TIMEOUT_S). ``create``: make the folder first (writers)."""
     directory = Path(directory)
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
     if create:
         directory.mkdir(parents=True, exist_ok=True)
     if not directory.is_dir() or not _writable(directory):
