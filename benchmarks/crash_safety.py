@@ -2,7 +2,8 @@
 """Crash and concurrency loops on an adapters folder (issue: reliability).
 
 1. kill -9: a writer process overwrites pack ``facts`` with pack A or B in a loop and is killed
-   with SIGKILL at a random moment; the next reader (``list_packs``: under the folder's lock it
+   with SIGKILL at a random moment (a second loop widens the moment between the two renames of an
+   overwrite to 50 ms, so that kills land there too); the next reader (``list_packs``: under the folder's lock it
    finishes or undoes the interrupted save) must find ``facts`` whole, equal to A or B, and no
    ``.tmp-*`` / ``.old-*`` leftover after it.
 2. concurrent writers: two processes save ``facts`` at the same moment, 20 times each; neither may
@@ -39,9 +40,22 @@ def make_sources(folder: Path) -> None:
         em.save_pack(name, folder)
 
 
-def child(sources: Path, adapters: Path, rounds: int, overwrite: bool) -> None:
-    """Save A and B in turn as ``facts`` (``rounds`` < 0: until killed); says 'ready' first."""
+def child(sources: Path, adapters: Path, rounds: int, overwrite: bool, widen_gap: bool = False) -> None:
+    """Save A and B in turn as ``facts`` (``rounds`` < 0: until killed); says 'ready' first.
+    ``widen_gap``: wait 50 ms after moving the old pack aside, so kills land between the two renames."""
+    import os
+
     from grace_hooks.errors import PackError
+
+    if widen_gap:
+        rename = os.replace
+
+        def slow_replace(src, dst):
+            rename(src, dst)
+            if ".old-" in str(dst):
+                time.sleep(0.05)
+
+        os.replace = slow_replace
     from grace_hooks.packs import load_pack, save_pack
 
     packs = [load_pack(sources / "A"), load_pack(sources / "B")]
@@ -56,8 +70,9 @@ def child(sources: Path, adapters: Path, rounds: int, overwrite: bool) -> None:
     print(f"refused {refused}", flush=True)
 
 
-def spawn(sources: Path, adapters: Path, rounds: int, overwrite: bool = True) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--child", str(sources), str(adapters), str(rounds), str(int(overwrite))],
+def spawn(sources: Path, adapters: Path, rounds: int, overwrite: bool = True, widen_gap: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--child", str(sources), str(adapters), str(rounds), str(int(overwrite)),
+                             str(int(widen_gap))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -65,25 +80,29 @@ def leftovers(adapters: Path) -> list[str]:
     return [p.name for p in adapters.iterdir() if p.name.startswith(".") and p.name != ".grace_hooks.lock"]
 
 
-def kill_loop(sources: Path, root: Path, rounds: int, rng: random.Random) -> dict:
+def kill_loop(sources: Path, root: Path, rounds: int, rng: random.Random, widen_gap: bool = False) -> dict:
     from grace_hooks.packs import list_packs, load_pack
 
     ids = {load_pack(sources / n).pack_id: n for n in ("A", "B")}
-    counts = {"rounds": rounds, "left_leftovers_at_kill": 0, "whole_after_recovery": 0, "leftovers_after_recovery": 0,
-              "missing_or_broken": 0, "recovery_actions": 0}
-    adapters = root / "kill"
+    counts = {"rounds": rounds, "left_leftovers_at_kill": 0, "no_pack_at_kill": 0, "finished_overwrite": 0,
+              "restored_old": 0, "removed_leftovers": 0, "whole_after_recovery": 0, "leftovers_after_recovery": 0,
+              "missing_or_broken": 0}
+    adapters = root / f"kill-{int(widen_gap)}"
     for r in range(rounds):
-        proc = spawn(sources, adapters, -1)
+        proc = spawn(sources, adapters, -1, widen_gap=widen_gap)
         proc.stdout.readline()  # 'ready': imports done, saving starts now
         time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         counts["left_leftovers_at_kill"] += bool(leftovers(adapters))
+        counts["no_pack_at_kill"] += not (adapters / "facts").exists()
         try:
             from grace_hooks.adapters_dir import recover
             from grace_hooks.packs import _is_complete  # what list_packs runs first, counted here
 
-            counts["recovery_actions"] += len(recover(adapters, _is_complete))
+            for line in recover(adapters, _is_complete):
+                kind = "finished_overwrite" if "finished" in line else "restored_old" if "restored" in line else "removed_leftovers"
+                counts[kind] += 1
             names = [p.name for p in list_packs(adapters)]
             pack = load_pack(adapters / "facts")
             ok = names == ["facts"] and pack.pack_id in ids
@@ -118,7 +137,7 @@ def writer_rounds(sources: Path, root: Path, rounds: int, overwrite: bool) -> di
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])))
+        child(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])), bool(int(sys.argv[6])))
         return
     logging.basicConfig(level=logging.ERROR)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,6 +150,7 @@ def main() -> None:
         root = Path(tmp)
         make_sources(root / "sources")
         result = {"kill_loop": kill_loop(root / "sources", root, args.kills, random.Random(args.seed)),
+                  "kill_loop_gap_widened": kill_loop(root / "sources", root, args.kills, random.Random(args.seed), True),
                   "writers_overwrite": writer_rounds(root / "sources", root, args.writer_rounds, True),
                   "writers_no_overwrite": writer_rounds(root / "sources", root, args.writer_rounds, False)}
     print(json.dumps(result, indent=1))
