@@ -51,26 +51,46 @@ def activations_at_subject(model, tokenizer, module, requests: Sequence[EditRequ
                            which: str = "input") -> torch.Tensor:
     """(n_prefixes, n_requests, d): ``module``'s input (or output hidden states) at the last subject
     token of ``prefix + request.text``, for every prefix, with whatever hooks are on the model."""
+    return activations_at_subject_of({"m": module}, model, tokenizer, requests, prefixes, which)["m"]
+
+
+def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequence[EditRequest], prefixes: Sequence[str],
+                              which: str = "input", batch_size: int | None = None) -> dict:
+    """:func:`activations_at_subject` for several modules from the same forwards (each forward stops
+    after the deepest of them): name -> (n_prefixes, n_requests, d). ``batch_size``: requests per
+    forward (None: all at once)."""
     side, tokenizer.padding_side = tokenizer.padding_side, "right"  # positions must not shift
     device = next(model.parameters()).device
-    out = []
+    order = {m: i for i, m in enumerate(model.modules())}
+    deepest = max(modules.values(), key=lambda m: order[m])
+    out: dict = {name: [] for name in modules}
+    step = batch_size or max(1, len(requests))
 
-    def grab(m, a, o):
-        t = a[0] if which == "input" else (o[0] if isinstance(o, (tuple, list)) else o)
-        grabbed.append(t.detach())
+    def grab(name):
+        def hook(m, a, o):
+            t = a[0] if which == "input" else (o[0] if isinstance(o, (tuple, list)) else o)
+            grabbed[name] = t.detach()
+        return hook
 
     try:
         for prefix in prefixes:
-            idx = torch.tensor(lookup_positions(tokenizer, requests, prefix))
-            enc = tokenizer([prefix + r.text for r in requests], return_tensors="pt", padding=True).to(device)
-            grabbed: list[torch.Tensor] = []
-            with HookOwner().scoped() as scope, torch.inference_mode():
-                scope.forward(module, grab)
-                forward_until(model, module, **enc)
-            out.append(grabbed[0][torch.arange(len(requests)), idx.to(grabbed[0].device)].float().cpu())
+            parts: dict = {name: [] for name in modules}
+            for lo in range(0, len(requests), step):
+                chunk = requests[lo:lo + step]
+                idx = torch.tensor(lookup_positions(tokenizer, chunk, prefix))
+                enc = tokenizer([prefix + r.text for r in chunk], return_tensors="pt", padding=True).to(device)
+                grabbed: dict = {}
+                with HookOwner().scoped() as scope, torch.inference_mode():
+                    for name, module in modules.items():
+                        scope.forward(module, grab(name))
+                    forward_until(model, deepest, **enc)
+                for name, t in grabbed.items():
+                    parts[name].append(t[torch.arange(len(chunk)), idx.to(t.device)].float().cpu())
+            for name in modules:
+                out[name].append(torch.cat(parts[name]))
     finally:
         tokenizer.padding_side = side
-    return torch.stack(out)
+    return {name: torch.stack(v) for name, v in out.items()}
 
 
 def subject_keys(model, tokenizer, site: Site, requests: Sequence[EditRequest], prefixes: Sequence[str]) -> torch.Tensor:

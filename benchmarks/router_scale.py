@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""The router alone, at scale (issue 16, part 1): keys and radii of N edits, then who they fire on.
+
+The keys and radii are the ones a routed weight-delta pack stores (the same code: the method's
+sites, ``activations_at_subject_of`` for the keys, ``DeltaMethod._routing`` for the radii), added
+to one ``KeyRouter`` per site in batches of ``--batch`` (rank = batch, as sequential packs). No
+target vector is computed, so 10,000 edits take minutes. Measured, as the runtime routes:
+
+- recall: share of rephrase prompts with a position in scope of a key of their own edit (at any site);
+- wrong_edit: share of rephrase prompts where some position's winning key is another edit's;
+- false_fire_locality: share of locality prompts with any position in scope at any site;
+- false_fire_tokens: share of generic-text tokens in scope at any site (text sampled from the model
+  with another seed than the C0 corpus, texts naming an edited subject left out);
+- us_per_token: router query time per token per site (one thread), bytes_per_key: router memory.
+
+Rephrase and locality prompts are a fixed sample of ``--eval`` records. A recall / false-fire
+curve over ``--scales`` (the radius scale) is written beside the JSON as a PNG.
+
+    python benchmarks/router_scale.py --data ../shared/data/counterfact-train.json --n 1000 --json OUT.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from grace_hooks import EditableModel
+from grace_hooks.config import make_config
+from grace_hooks.covariance import cached_sample_corpus, model_digest
+from grace_hooks.hooks import HookOwner, forward_until
+from grace_hooks.methods import EditContext, get_method
+from grace_hooks.requests import read_requests
+from grace_hooks.router import NO_KEY, KeyRouter
+from grace_hooks.subject_keys import activations_at_subject_of, context_prefixes
+
+log = logging.getLogger("router_scale")
+
+
+def inputs_by_prompt(model, tokenizer, modules: dict, texts: list[str], batch_size: int = 32, max_length: int = 128):
+    """name -> (tokens, d) site inputs at every real position of ``texts``, and (tokens,) the text of each."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    order = {m: i for i, m in enumerate(model.modules())}
+    deepest = max(modules.values(), key=lambda m: order[m])
+    out = {name: [] for name in modules}
+    owner = []
+    try:
+        for lo in tqdm(range(0, len(texts), batch_size), desc="site inputs", leave=False):
+            enc = tokenizer(texts[lo:lo + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            real = enc.attention_mask.bool()
+            grabbed = {}
+            with HookOwner().scoped() as scope, torch.inference_mode():
+                for name, module in modules.items():
+                    scope.forward(module, lambda m, a, o, name=name: grabbed.__setitem__(name, a[0]))
+                forward_until(model, deepest, **enc)
+            for name, t in grabbed.items():
+                out[name].append(t[real].float())
+            owner.append((torch.arange(lo, lo + real.shape[0])[:, None].expand_as(real))[real])
+    finally:
+        tokenizer.padding_side = side
+    return {name: torch.cat(v).numpy() for name, v in out.items()}, torch.cat(owner).numpy()
+
+
+def generic_texts(model, tokenizer, n_tokens: int, subjects: list[str]) -> list[str]:
+    """Model-sampled texts (seed 1; C0's corpus uses seed 0) with no edited subject, >= n_tokens tokens."""
+    lowered = [s.lower() for s in subjects]
+    texts = cached_sample_corpus(model, tokenizer, model_digest(model), n_texts=max(8, n_tokens // 100), n_tokens=128, seed=1).texts
+    keep = [t for t in texts if not any(s in t.lower() for s in lowered)]
+    return keep
+
+
+def router_for(keys: np.ndarray, radii: np.ndarray, ranks: np.ndarray) -> KeyRouter:
+    router = KeyRouter(keys.shape[1])
+    for rank in np.unique(ranks):
+        rows = ranks == rank
+        router.add(keys[rows], radii[rows], int(rank))
+    return router
+
+
+def measure(router: KeyRouter, owner_of_key: np.ndarray, queries: dict, timing: bool = False) -> dict:
+    """Per-query-set winners of one site: id of the winning key's edit per token (-1: none)."""
+    out = {}
+    for part, (x, _) in queries.items():
+        start = time.perf_counter()
+        ids = router.assign(x)
+        if timing and part == "generic":
+            out["us_per_token"] = 1e6 * (time.perf_counter() - start) / max(1, len(x))
+        out[part] = np.where(ids == NO_KEY, -1, owner_of_key[np.maximum(ids, 0)])
+    return out
+
+
+def summarise(per_site: list[dict], queries: dict, own: np.ndarray) -> dict:
+    """Across sites, as the runtime routes (a prompt is touched where any site fires)."""
+    reph_tokens = queries["rephrase"][1]
+    n_reph = len(own)
+    hit_own = np.zeros(n_reph, bool)
+    hit_other = np.zeros(n_reph, bool)
+    for site in per_site:
+        w = site["rephrase"]
+        own_tok = own[reph_tokens]
+        np.logical_or.at(hit_own, reph_tokens, w == own_tok)
+        np.logical_or.at(hit_other, reph_tokens, (w != -1) & (w != own_tok))
+    loc_tokens = queries["locality"][1]
+    fired_loc = np.zeros(int(loc_tokens.max()) + 1 if len(loc_tokens) else 0, bool)
+    fired_tok = np.zeros(len(queries["generic"][0]), bool)
+    for site in per_site:
+        np.logical_or.at(fired_loc, loc_tokens, site["locality"] != -1)
+        fired_tok |= site["generic"] != -1
+    return {"recall": float(hit_own.mean()), "wrong_edit": float(hit_other.mean()),
+            "false_fire_locality": float(fired_loc.mean()), "false_fire_tokens": float(fired_tok.mean())}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="CounterFact records (EasyEdit layout)")
+    ap.add_argument("--n", type=int, required=True, help="edits (the first N records)")
+    ap.add_argument("--method", default="memit", help="a routed weight-delta method (memit, encore, oedit)")
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=100, help="edits per pack (router rank)")
+    ap.add_argument("--eval", type=int, default=500, help="rephrase / locality prompts measured (a fixed sample of the N)")
+    ap.add_argument("--generic-tokens", type=int, default=20_000)
+    ap.add_argument("--scales", default="0.5,0.8,1.1,1.5,2.0", help="radius scales for the curve (the default rule's is 1.1)")
+    ap.add_argument("--set", action="append", default=[], help="method option key=value")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    em = EditableModel.from_pretrained(args.model)
+    model, tok = em.base_model, em.tokenizer
+    impl = get_method(args.method)
+    cfg = make_config(impl.config_class, {"mode": "routed", **dict(s.split("=", 1) for s in args.set)})
+    requests = read_requests(args.data, limit=args.n)
+    if len(requests) < args.n:
+        raise SystemExit(f"{args.data} holds {len(requests)} records, fewer than --n {args.n}")
+    sites = impl.sites(model, cfg)
+    modules = {s.name: s.module(model) for s in sites}
+    ctx = EditContext(model, tok, em._runtime, HookOwner())
+    prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=em._runtime.memo)[: 1 + cfg.n_prefixes]
+
+    t0 = time.perf_counter()
+    samples = activations_at_subject_of(modules, model, tok, requests, prefixes, batch_size=64)
+    key_seconds = time.perf_counter() - t0
+    sample = sorted(random.Random(0).sample(range(args.n), min(args.eval, args.n)))
+    reph = [requests[i].rephrase_prompt for i in sample]
+    loc = [requests[i].locality_prompt for i in sample]
+    generic = generic_texts(model, tok, args.generic_tokens, [r.subject for r in requests])
+    queries_by_site = {}
+    for part, texts in (("rephrase", reph), ("locality", loc), ("generic", generic)):
+        x, owner = inputs_by_prompt(model, tok, modules, texts)
+        for name in modules:
+            queries_by_site.setdefault(name, {})[part] = (x[name], owner)
+    n_generic = len(queries_by_site[sites[0].name]["generic"][0])
+    own = np.array(sample)
+
+    curve = []
+    for scale in [float(s) for s in args.scales.split(",")]:
+        scaled = replace(cfg, radius_scale=scale)
+        per_site, us, bytes_per_key = [], [], 0
+        for site in sites:
+            s = samples[site.name]
+            route_keys, radii = impl._routing(ctx, sites, site, s, s.mean(0), scaled)
+            owners = np.tile(np.arange(args.n), 1 + s.shape[0])  # mean keys, then prefix-major samples
+            router = router_for(route_keys.numpy(), radii.numpy(), owners // args.batch)
+            got = measure(router, owners, queries_by_site[site.name], timing=True)
+            us.append(got.pop("us_per_token"))
+            per_site.append(got)
+            bytes_per_key = route_keys.shape[1] * 4 + 4 * 2 + 8 + 8 + 2  # vector, radius (base, effective), rank, id, flags
+        row = {"scale": scale, **summarise(per_site, queries_by_site[sites[0].name], own),
+               "us_per_token": float(np.median(us)), "bytes_per_key": bytes_per_key}
+        curve.append(row)
+        print(json.dumps(row))
+    default = min(curve, key=lambda r: abs(r["scale"] - cfg.radius_scale))
+    result = {"n": args.n, **{k: default[k] for k in ("recall", "wrong_edit", "false_fire_locality", "false_fire_tokens",
+                                                     "us_per_token", "bytes_per_key")},
+              "rule": "radius_scale x spread, >= 5% of |k|, <= corpus_margin x distance to the nearest probe token",
+              "method": args.method, "sites": [s.name for s in sites], "keys_per_site": args.n * (1 + len(prefixes)),
+              "radius_scale": default["scale"], "eval_prompts": len(sample), "generic_tokens": n_generic,
+              "key_seconds": round(key_seconds, 1), "curve": curve, "data": str(args.data), "model": args.model}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    plot(curve, args.json.with_suffix(".png"), args.n)
+    print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=1))
+
+
+def plot(curve: list[dict], path: Path, n: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for key, label in (("false_fire_locality", "locality prompts"), ("false_fire_tokens", "generic tokens")):
+        ax.plot([100 * r[key] for r in curve], [100 * r["recall"] for r in curve], marker="o", label=label)
+    for r in curve:
+        ax.annotate(f"{r['scale']:g}", (100 * r["false_fire_locality"], 100 * r["recall"]), fontsize=7)
+    ax.set_xlabel("false fire (%)")
+    ax.set_ylabel("paraphrase recall (%)")
+    ax.set_title(f"router at {n} edits (labels: radius scale)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
