@@ -76,42 +76,49 @@ def generic_texts(model, tokenizer, n_tokens: int, subjects: list[str]) -> list[
     return keep
 
 
-def router_for(keys: np.ndarray, radii: np.ndarray, ranks: np.ndarray) -> KeyRouter:
+def router_for(keys: np.ndarray, radii: np.ndarray, owners: np.ndarray, batch: int) -> tuple[KeyRouter, np.ndarray]:
+    """A router holding ``keys`` added pack by pack (edits ``batch`` at a time, rank = pack), and
+    the edit of each router id."""
+    ranks = owners // batch
+    order = np.argsort(ranks, kind="stable")  # router ids are given in the order keys are added
     router = KeyRouter(keys.shape[1])
     for rank in np.unique(ranks):
-        rows = ranks == rank
+        rows = order[ranks[order] == rank]
         router.add(keys[rows], radii[rows], int(rank))
-    return router
+    return router, owners[order]
 
 
-def measure(router: KeyRouter, owner_of_key: np.ndarray, queries: dict, timing: bool = False) -> dict:
-    """Per-query-set winners of one site: id of the winning key's edit per token (-1: none)."""
+def measure(router: KeyRouter, owner_of_key: np.ndarray, queries: dict, own: np.ndarray) -> dict:
+    """For one site: per token of each query set, the edit whose key wins (-1: none); for rephrase
+    tokens also whether a key of the prompt's own edit covers it; the query time per generic token."""
     out = {}
-    for part, (x, _) in queries.items():
+    for part, (x, prompt) in queries.items():
         start = time.perf_counter()
         ids = router.assign(x)
-        if timing and part == "generic":
+        if part == "generic":
             out["us_per_token"] = 1e6 * (time.perf_counter() - start) / max(1, len(x))
         out[part] = np.where(ids == NO_KEY, -1, owner_of_key[np.maximum(ids, 0)])
+        if part == "rephrase":
+            q, k, _ = router.in_scope(x)
+            covered = np.zeros(len(x), bool)
+            covered[q[owner_of_key[k] == own[prompt[q]]]] = True
+            out["own_in_scope"] = covered
     return out
 
 
 def summarise(per_site: list[dict], queries: dict, own: np.ndarray) -> dict:
     """Across sites, as the runtime routes (a prompt is touched where any site fires)."""
-    reph_tokens = queries["rephrase"][1]
-    n_reph = len(own)
-    hit_own = np.zeros(n_reph, bool)
-    hit_other = np.zeros(n_reph, bool)
-    for site in per_site:
-        w = site["rephrase"]
-        own_tok = own[reph_tokens]
-        np.logical_or.at(hit_own, reph_tokens, w == own_tok)
-        np.logical_or.at(hit_other, reph_tokens, (w != -1) & (w != own_tok))
-    loc_tokens = queries["locality"][1]
-    fired_loc = np.zeros(int(loc_tokens.max()) + 1 if len(loc_tokens) else 0, bool)
+    reph_prompt = queries["rephrase"][1]
+    hit_own = np.zeros(len(own), bool)
+    hit_other = np.zeros(len(own), bool)
+    loc_prompt = queries["locality"][1]
+    fired_loc = np.zeros(len(own), bool)
     fired_tok = np.zeros(len(queries["generic"][0]), bool)
     for site in per_site:
-        np.logical_or.at(fired_loc, loc_tokens, site["locality"] != -1)
+        w = site["rephrase"]
+        np.logical_or.at(hit_own, reph_prompt, site["own_in_scope"])
+        np.logical_or.at(hit_other, reph_prompt, (w != -1) & (w != own[reph_prompt]))
+        np.logical_or.at(fired_loc, loc_prompt, site["locality"] != -1)
         fired_tok |= site["generic"] != -1
     return {"recall": float(hit_own.mean()), "wrong_edit": float(hit_other.mean()),
             "false_fire_locality": float(fired_loc.mean()), "false_fire_tokens": float(fired_tok.mean())}
@@ -169,8 +176,8 @@ def main() -> None:
             s = samples[site.name]
             route_keys, radii = impl._routing(ctx, sites, site, s, s.mean(0), scaled)
             owners = np.tile(np.arange(args.n), 1 + s.shape[0])  # mean keys, then prefix-major samples
-            router = router_for(route_keys.numpy(), radii.numpy(), owners // args.batch)
-            got = measure(router, owners, queries_by_site[site.name], timing=True)
+            router, owner_of_key = router_for(route_keys.numpy(), radii.numpy(), owners, args.batch)
+            got = measure(router, owner_of_key, queries_by_site[site.name], own)
             us.append(got.pop("us_per_token"))
             per_site.append(got)
             bytes_per_key = route_keys.shape[1] * 4 + 4 * 2 + 8 + 8 + 2  # vector, radius (base, effective), rank, id, flags

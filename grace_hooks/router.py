@@ -99,11 +99,12 @@ class KeyRouter:
         dist2, ids = self._index.search(queries, 1)
         return np.sqrt(np.maximum(dist2[:, 0], 0)), ids[:, 0]
 
-    def assign(self, queries: np.ndarray, is_last: np.ndarray | None = None) -> np.ndarray:
-        """Id of the key covering each query, or NO_KEY. One exact range search for all queries."""
+    def in_scope(self, queries: np.ndarray, is_last: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every (query index, key id, squared distance) with the query inside the key's radius. One
+        exact range search for all queries."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if len(self) == 0 or len(queries) == 0:
-            return np.full(len(queries), NO_KEY, dtype=np.int64)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         r2 = self._radius.astype(np.float64) ** 2
         search_r2 = float(r2[self._alive].max()) * (1 + 1e-5) + 1e-6
         lims, dist2, ids = self._index.range_search(queries, search_r2)
@@ -111,8 +112,12 @@ class KeyRouter:
         ok = dist2 <= r2[ids]
         if is_last is not None:
             ok &= ~self._last_only[ids] | np.asarray(is_last, dtype=bool)[query_idx]
-        return _choose(query_idx[ok], dist2[ok], ids[ok], self._rank, len(queries))
+        return query_idx[ok], ids[ok], dist2[ok]
 
+    def assign(self, queries: np.ndarray, is_last: np.ndarray | None = None) -> np.ndarray:
+        """Id of the key covering each query (the newest-ranked, then the nearest), or NO_KEY."""
+        query_idx, ids, dist2 = self.in_scope(queries, is_last)
+        return _choose(query_idx, dist2, ids, self._rank, len(queries))
 
 def exact_assign(queries: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """Reference router in pure torch: same rule as :meth:`KeyRouter.assign` (index into ``keys``)."""
