@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .architectures import Site
 from .hooks import HookOwner, forward_until
@@ -72,10 +73,12 @@ def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequenc
             grabbed[name] = t.detach()
         return hook
 
+    bar = tqdm(total=len(prefixes) * -(-len(requests) // step), desc="subject keys", leave=False, disable=None)
     try:
         for prefix in prefixes:
             parts: dict = {name: [] for name in modules}
             for lo in range(0, len(requests), step):
+                bar.update()
                 chunk = requests[lo:lo + step]
                 idx = torch.tensor(lookup_positions(tokenizer, chunk, prefix))
                 enc = tokenizer([prefix + r.text for r in chunk], return_tensors="pt", padding=True).to(device)
@@ -89,6 +92,7 @@ def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequenc
             for name in modules:
                 out[name].append(torch.cat(parts[name]))
     finally:
+        bar.close()
         tokenizer.padding_side = side
     return {name: torch.stack(v) for name, v in out.items()}
 
