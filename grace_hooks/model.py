@@ -120,11 +120,10 @@ class EditableModel:
                 metrics=computed.metrics, library_version=__version__,
             )
             try:
-                self._validate(new)
+                self._apply(new)  # validated like a pack read from disk: a non-finite solve is refused here
             except PackError as exc:
                 raise EditError(f"the {method} edit was computed but is not usable, so it was not applied: {exc}. "
                                 "Try other options (e.g. a lower learning rate or fewer requests per call)") from None
-            self._apply(new)
         return self._info(new)
 
     def _fingerprint(self, sites: list[str]) -> str:
