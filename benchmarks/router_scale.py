@@ -13,7 +13,9 @@ target vector is computed, so 10,000 edits take minutes. Measured, as the runtim
   with another seed than the C0 corpus, texts naming an edited subject left out);
 - us_per_token: router query time per token per site (one thread), bytes_per_key: router memory.
 
-Rephrase and locality prompts are a fixed sample of ``--eval`` records. A recall / false-fire
+Rephrase and locality prompts are a fixed sample of ``--eval`` records. Each curve point also
+measures a candidate rule on the same winners (``agree``): a position is in scope of an edit only
+where that edit wins at k or more of the sites. A recall / false-fire
 curve over ``--scales`` (the radius scale) is written beside the JSON as a PNG.
 
     python benchmarks/router_scale.py --data ../shared/data/counterfact-train.json --n 1000 --json OUT.json
@@ -124,6 +126,28 @@ def summarise(per_site: list[dict], queries: dict, own: np.ndarray) -> dict:
             "false_fire_locality": float(fired_loc.mean()), "false_fire_tokens": float(fired_tok.mean())}
 
 
+def agreeing(winners: np.ndarray, k: int) -> np.ndarray:
+    """(sites, tokens) winners -> the same, with -1 where fewer than ``k`` sites name that edit."""
+    count = (winners[:, None, :] == winners[None, :, :]).sum(0)
+    return np.where((winners != -1) & (count >= k), winners, -1)
+
+
+def summarise_agreement(per_site: list[dict], queries: dict, own: np.ndarray, k: int) -> dict:
+    """A candidate rule (issue 16 part 2), measured on the same winners: a position is in scope of an
+    edit only where that edit wins at ``k`` or more of the sites (recall: the own edit so wins)."""
+    reph_prompt, loc_prompt = queries["rephrase"][1], queries["locality"][1]
+    reph = agreeing(np.stack([s["rephrase"] for s in per_site]), k)
+    loc = agreeing(np.stack([s["locality"] for s in per_site]), k)
+    gen = agreeing(np.stack([s["generic"] for s in per_site]), k)
+    hit_own, hit_other, fired_loc = (np.zeros(len(own), bool) for _ in range(3))
+    mine = own[reph_prompt]
+    np.logical_or.at(hit_own, reph_prompt, (reph == mine).any(0))
+    np.logical_or.at(hit_other, reph_prompt, ((reph != -1) & (reph != mine)).any(0))
+    np.logical_or.at(fired_loc, loc_prompt, (loc != -1).any(0))
+    return {"recall": float(hit_own.mean()), "wrong_edit": float(hit_other.mean()),
+            "false_fire_locality": float(fired_loc.mean()), "false_fire_tokens": float((gen != -1).any(0).mean())}
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,8 +205,10 @@ def main() -> None:
             us.append(got.pop("us_per_token"))
             per_site.append(got)
             bytes_per_key = route_keys.shape[1] * 4 + 4 * 2 + 8 + 8 + 2  # vector, radius (base, effective), rank, id, flags
-        row = {"scale": scale, **summarise(per_site, queries_by_site[sites[0].name], own),
-               "us_per_token": float(np.median(us)), "bytes_per_key": bytes_per_key}
+        first = queries_by_site[sites[0].name]
+        row = {"scale": scale, **summarise(per_site, first, own),
+               "us_per_token": float(np.median(us)), "bytes_per_key": bytes_per_key,
+               "agree": {k: summarise_agreement(per_site, first, own, k) for k in range(2, len(sites) + 1)}}
         curve.append(row)
         print(json.dumps(row))
     default = min(curve, key=lambda r: abs(r["scale"] - cfg.radius_scale))

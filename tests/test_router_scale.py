@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_cli import _build_tiny_model
@@ -40,3 +41,13 @@ def test_router_scale_writes_the_fixed_interface(tmp_path, monkeypatch):
         assert 0.0 <= result[key] <= 1.0
     assert result["us_per_token"] > 0 and result["bytes_per_key"] > 4 * 64
     assert [c["scale"] for c in result["curve"]] == [0.5, 1.1] and out.with_suffix(".png").is_file()
+    assert result["curve"][0]["agree"] == {}  # one site: no agreement rule to measure
+
+
+def test_agreement_keeps_only_edits_that_win_at_k_sites():
+    spec = importlib.util.spec_from_file_location("router_scale", Path(__file__).resolve().parents[1] / "benchmarks" / "router_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    winners = np.array([[3, -1, 7, 2], [3, 5, 7, -1], [1, 5, 7, -1]])  # 3 sites x 4 tokens
+    assert module.agreeing(winners, 2).tolist() == [[3, -1, 7, -1], [3, 5, 7, -1], [-1, 5, 7, -1]]
+    assert module.agreeing(winners, 3).tolist() == [[-1, -1, 7, -1]] * 3
