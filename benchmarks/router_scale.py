@@ -70,11 +70,17 @@ def inputs_by_prompt(model, tokenizer, modules: dict, texts: list[str], batch_si
     return {name: torch.cat(v).numpy() for name, v in out.items()}, torch.cat(owner).numpy()
 
 
-def generic_texts(model, tokenizer, n_tokens: int, subjects: list[str]) -> list[str]:
-    """Model-sampled texts (seed 1; C0's corpus uses seed 0) with no edited subject, >= n_tokens tokens."""
+def generic_texts(model, tokenizer, n_tokens: int, subjects: list[str], max_rounds: int = 8) -> list[str]:
+    """Model-sampled texts with no edited subject, at least ``n_tokens`` tokens of them: sampled with
+    seeds 1, 2, ... (C0's corpus uses seed 0) until enough remain after the subject filter."""
     lowered = [s.lower() for s in subjects]
-    texts = cached_sample_corpus(model, tokenizer, model_digest(model), n_texts=max(8, n_tokens // 100), n_tokens=128, seed=1).texts
-    keep = [t for t in texts if not any(s in t.lower() for s in lowered)]
+    keep: list[str] = []
+    for seed in range(1, max_rounds + 1):
+        texts = cached_sample_corpus(model, tokenizer, model_digest(model), n_texts=max(8, n_tokens // 100), n_tokens=128,
+                                     seed=seed).texts
+        keep += [t for t in texts if not any(s in t.lower() for s in lowered)]
+        if sum(len(tokenizer(t).input_ids) for t in keep) >= n_tokens:
+            break
     return keep
 
 
