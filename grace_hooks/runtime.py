@@ -223,10 +223,6 @@ class EditRuntime:
         """The calling thread's forward context."""
         return self._contexts.get()
 
-    @property
-    def enabled(self) -> bool:
-        return self.context.enabled
-
     def _enter_forward(self, module, args, kwargs):
         self.lock.acquire()
         ctx = self.context

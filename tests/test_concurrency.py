@@ -81,7 +81,6 @@ def test_writers_to_one_folder_take_turns(two_versions):
 def test_a_writer_that_cannot_get_the_lock_gets_a_clear_error(two_versions, monkeypatch):
     adapters, new_copy, old, new = two_versions
     monkeypatch.setattr(adapters_dir, "LOCK_TIMEOUT_S", 0.2)
-    holder = threading.Thread(target=lambda: None)
     with FileLock(str(adapters / LOCK_NAME)):  # another writer holds it (a FileLock of another thread or process)
         result = []
         holder = threading.Thread(target=lambda: result.append(_try_save(new_copy, adapters)))
