@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
@@ -88,7 +90,7 @@ def kill_loop(sources: Path, root: Path, rounds: int, rng: random.Random, widen_
               "restored_old": 0, "removed_leftovers": 0, "whole_after_recovery": 0, "leftovers_after_recovery": 0,
               "missing_or_broken": 0}
     adapters = root / f"kill-{int(widen_gap)}"
-    for r in range(rounds):
+    for r in tqdm(range(rounds), desc=f"kill -9 loop{' (gap widened)' if widen_gap else ''}"):
         proc = spawn(sources, adapters, -1, widen_gap=widen_gap)
         proc.stdout.readline()  # 'ready': imports done, saving starts now
         time.sleep(rng.uniform(0.0, 0.3))
@@ -118,7 +120,7 @@ def writer_rounds(sources: Path, root: Path, rounds: int, overwrite: bool) -> di
     from grace_hooks.packs import list_packs, load_pack
 
     counts = {"rounds": rounds, "saves_per_writer": 20, "writer_failures": 0, "refused_cleanly": 0, "whole_at_end": 0}
-    for r in range(rounds):
+    for r in tqdm(range(rounds), desc=f"two writers, overwrite={overwrite}"):
         adapters = root / f"writers-{int(overwrite)}-{r}"
         procs = [spawn(sources, adapters, 20, overwrite) for _ in range(2)]
         outs = [p.communicate() for p in procs]
