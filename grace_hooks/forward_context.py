@@ -17,7 +17,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+from .spans import MAX_SPAN, NO_TOKEN
 
 
 @dataclass
@@ -30,6 +33,8 @@ class ForwardContext:
     hook_everywhere: bool = False  # hook layers act at every real position (while an edit is solved)
     trace: list | None = None  # router hits are recorded here inside ``EditRuntime.tracing()``
     running: dict[str, tuple] = field(default_factory=dict)  # site -> z-score statistics of the sequences being decoded
+    tokens: np.ndarray | None = None  # (batch, history + width) token ids for subject spans; None: not known
+    seen: dict[str, list[set]] = field(default_factory=dict)  # site -> per row, 'seen'-anchored keys already met
     depth: int = 0  # model forwards entered by this thread and not yet left (each holds the runtime's lock once)
 
 
@@ -68,6 +73,34 @@ def forward_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
+def forward_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The token ids of a model forward (keyword, or first positional argument), else None
+    (a forward on ``inputs_embeds`` gives the span anchors nothing to read)."""
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+        ids = args[0]
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() not in (1, 2):
+        return None
+    return ids if ids.dim() == 2 else ids[None]
+
+
+def track_tokens(ctx: ForwardContext, ids: torch.Tensor | None, mask: torch.Tensor | None, past: int) -> None:
+    """Record the token ids a forward feeds (padding as NO_TOKEN), after the last MAX_SPAN - 1 tokens
+    of the same sequences when a cache continues them, so a span may cross forwards."""
+    if ids is None:
+        ctx.tokens = None
+        return
+    t = ids.detach().cpu().numpy().astype(np.int64)
+    if mask is not None and mask.shape[0] == t.shape[0] and mask.shape[1] >= t.shape[1]:
+        t = np.where(mask[:, -t.shape[1]:].detach().cpu().numpy().astype(bool), t, NO_TOKEN)
+    previous = ctx.tokens
+    if past > 0 and previous is not None and len(previous) == len(t):
+        t = np.concatenate([previous[:, -(MAX_SPAN - 1):], t], axis=1)
+    else:
+        ctx.seen = {}
+    ctx.tokens = t
+
+
 def positions(ctx: ForwardContext, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(valid, is_last, past) for a site input ``x``: masks of shape x.shape[:-1] (padding is not
     valid; is_last marks the last real position of each row in this call, with a KV cache: of the
@@ -84,4 +117,4 @@ def positions(ctx: ForwardContext, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return valid.reshape(lead), (pos == last).reshape(lead), past
 
 
-__all__ = ["ForwardContext", "ThreadContexts", "cache_length", "forward_mask", "positions"]
+__all__ = ["ForwardContext", "ThreadContexts", "cache_length", "forward_ids", "forward_mask", "positions", "track_tokens"]

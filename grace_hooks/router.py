@@ -2,8 +2,11 @@
 
 One :class:`KeyRouter` per site holds the keys of every loaded pack in a FAISS ``IndexIDMap2``
 over an exact flat L2 index, so ids are stable and removable. Each key has its own radius; a
-query is in scope of a key when their Euclidean distance is <= the radius. Where several keys
-cover a query the key of the newest pack wins (highest ``rank``), then the nearest.
+query is in scope of a key when their Euclidean distance is <= the radius, and, for a key that
+carries subject spans (:mod:`grace_hooks.spans`), when the text holds its subject there too: such
+keys are tested only at the positions their spans allow, so their cost does not grow with the
+number of keys. Where several keys cover a query the key of the newest pack wins (highest
+``rank``), then the nearest.
 :func:`exact_assign` is the pure-torch reference the tests compare against.
 """
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import torch
+
+from .spans import SpanIndex
 
 NO_KEY = -1
 
@@ -40,12 +45,16 @@ class KeyRouter:
         self._rank = np.zeros(0, dtype=np.int64)
         self._last_only = np.zeros(0, dtype=bool)
         self._alive = np.zeros(0, dtype=bool)
+        self._anchored = np.zeros(0, dtype=bool)  # keys with subject spans (tested only where they allow)
+        self.spans = SpanIndex()
         self._overrides: dict[int, dict[object, float]] = {}  # id -> {owner: shrunk radius}
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
-    def add(self, keys: np.ndarray, radii: np.ndarray, rank: int, last_only: bool = False) -> np.ndarray:
+    def add(self, keys: np.ndarray, radii: np.ndarray, rank: int, last_only: bool = False,
+            spans: list[list[list[int]]] | None = None, anchor: str = "end") -> np.ndarray:
+        """Add keys (ids returned). ``spans``: per key, the token spans that anchor it (None: none)."""
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must be (n, {self.dim}), got {keys.shape}")
@@ -58,6 +67,9 @@ class KeyRouter:
         self._rank = np.concatenate([self._rank, np.full(n, rank, dtype=np.int64)])
         self._last_only = np.concatenate([self._last_only, np.full(n, last_only, dtype=bool)])
         self._alive = np.concatenate([self._alive, np.ones(n, dtype=bool)])
+        self._anchored = np.concatenate([self._anchored, np.full(n, spans is not None, dtype=bool)])
+        if spans is not None:
+            self.spans.add(ids, spans, anchor)
         if n:
             self._index.add_with_ids(keys, ids)
         return ids
@@ -67,6 +79,7 @@ class KeyRouter:
         if len(ids):
             self._index.remove_ids(ids)
             self._alive[ids] = False
+            self.spans.remove(ids)
             for key_id in ids.tolist():
                 self._overrides.pop(key_id, None)
 
@@ -99,24 +112,40 @@ class KeyRouter:
         dist2, ids = self._index.search(queries, 1)
         return np.sqrt(np.maximum(dist2[:, 0], 0)), ids[:, 0]
 
-    def in_scope(self, queries: np.ndarray, is_last: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every (query index, key id, squared distance) with the query inside the key's radius. One
-        exact range search for all queries."""
+    def in_scope(self, queries: np.ndarray, is_last: np.ndarray | None = None,
+                 candidates: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every (query index, key id, squared distance) with the query inside the key's radius. Keys
+        without spans: one exact range search for all queries. Keys with spans: only the (query
+        index, key id) pairs of ``candidates`` (what their spans allow; none when it is None)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         if len(self) == 0 or len(queries) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+            return empty
         r2 = self._radius.astype(np.float64) ** 2
-        search_r2 = float(r2[self._alive].max()) * (1 + 1e-5) + 1e-6
-        lims, dist2, ids = self._index.range_search(queries, search_r2)
-        query_idx = np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64))
+        free = self._alive & ~self._anchored
+        query_idx, ids, dist2 = empty
+        if free.any():
+            search_r2 = float(r2[free].max()) * (1 + 1e-5) + 1e-6
+            lims, dist2, ids = self._index.range_search(queries, search_r2)
+            query_idx = np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64))
+            keep = ~self._anchored[ids]
+            query_idx, ids, dist2 = query_idx[keep], ids[keep], dist2[keep]
+        if candidates is not None and len(candidates[0]):
+            q, k = candidates
+            live = self._alive[k]
+            q, k = q[live], k[live]
+            d2 = ((queries[q].astype(np.float64) - self._index.reconstruct_batch(k).astype(np.float64)) ** 2).sum(1)
+            query_idx, ids = np.concatenate([query_idx, q]), np.concatenate([ids, k])
+            dist2 = np.concatenate([dist2.astype(np.float64), d2])
         ok = dist2 <= r2[ids]
         if is_last is not None:
             ok &= ~self._last_only[ids] | np.asarray(is_last, dtype=bool)[query_idx]
         return query_idx[ok], ids[ok], dist2[ok]
 
-    def assign(self, queries: np.ndarray, is_last: np.ndarray | None = None) -> np.ndarray:
+    def assign(self, queries: np.ndarray, is_last: np.ndarray | None = None,
+               candidates: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Id of the key covering each query (the newest-ranked, then the nearest), or NO_KEY."""
-        query_idx, ids, dist2 = self.in_scope(queries, is_last)
+        query_idx, ids, dist2 = self.in_scope(queries, is_last, candidates)
         return _choose(query_idx, dist2, ids, self._rank, len(queries))
 
 def exact_assign(queries: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:

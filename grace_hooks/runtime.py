@@ -18,7 +18,7 @@ from torch import nn
 
 from .architectures import Site
 from .errors import PackError
-from .forward_context import ForwardContext, ThreadContexts, cache_length, forward_mask, positions
+from .forward_context import ForwardContext, ThreadContexts, cache_length, forward_ids, forward_mask, positions, track_tokens
 from .hook_layer import HookIncrement, HookLayer
 from .hooks import HookOwner
 from .router import NO_KEY, KeyRouter
@@ -51,6 +51,8 @@ class SiteContribution:
     hook: HookIncrement | None = None
     labels: list[str] = field(default_factory=list)  # what each key stands for (GRACE's conflict rule)
     last_only: bool = False  # keys match only the last real position of a forward call
+    spans: list[list[list[int]]] | None = None  # per key, its subject's token spans (None: the key alone decides)
+    anchor: str = "end"  # where a span must end: at the position ('end') or at or before it ('seen')
     shrink: list[tuple[str, int, float]] = field(default_factory=list)  # (earlier pack id, key index, radius)
 
 
@@ -99,7 +101,8 @@ class SiteRuntime:
                                 f"{len(self.ids[target_pack])} keys there; the pack is corrupt or made on another stack")
         if c.keys is not None:
             n = len(c.keys)
-            ids = self.router.add(c.keys.detach().float().cpu().numpy(), c.radii.detach().float().cpu().numpy(), rank, c.last_only)
+            ids = self.router.add(c.keys.detach().float().cpu().numpy(), c.radii.detach().float().cpu().numpy(), rank,
+                                  c.last_only, c.spans, c.anchor)
             rows = c.values.detach().float().cpu() if c.values is not None else torch.zeros(n, self._values[0].shape[1])
             self._values.append(rows)
             self._replaces.append(torch.full((n,), c.values is not None))
@@ -149,7 +152,8 @@ class SiteRuntime:
         replace_rows, replace_ids, delta_rows, owners = None, None, None, None
         rows = valid.reshape(-1).nonzero().squeeze(1)
         if len(self.router) and len(rows):
-            ids = self.router.assign(flat_x[rows].detach().float().cpu().numpy(), is_last.reshape(-1)[rows].cpu().numpy())
+            ids = self.router.assign(flat_x[rows].detach().float().cpu().numpy(), is_last.reshape(-1)[rows].cpu().numpy(),
+                                     self._span_candidates(ctx, rows, len(flat_x), width))
             hit = ids != NO_KEY
             if hit.any():
                 hit_rows, hit_ids = rows[torch.from_numpy(hit).to(rows.device)], torch.from_numpy(ids[hit])
@@ -180,6 +184,19 @@ class SiteRuntime:
                 flat[sel] = flat[sel] + (flat_x[sel] @ d.V.to(x)) @ d.U.to(x).T
             flat[replace_rows] = self.values[replace_ids].to(flat)
         return flat.reshape(y.shape)
+
+    def _span_candidates(self, ctx: ForwardContext, rows: torch.Tensor, n_flat: int, width: int):
+        """(index into ``rows``, key id) pairs that subject spans allow in this forward, or None (no
+        key has spans, or the forward's tokens are unknown: then keys with spans cannot fire)."""
+        tokens = ctx.tokens
+        if not len(self.router.spans) or tokens is None or tokens.shape[0] * width != n_flat or tokens.shape[1] < width:
+            return None
+        seen = ctx.seen.setdefault(self.site.name, [set() for _ in range(len(tokens))])
+        flat, key_ids = self.router.spans.candidates(tokens, width, seen)
+        index = np.full(n_flat, -1, dtype=np.int64)
+        index[rows.cpu().numpy()] = np.arange(len(rows))
+        q = index[flat]
+        return q[q >= 0], key_ids[q >= 0]
 
     def _hook_gate(self, x: torch.Tensor, valid: torch.Tensor, past: int, ctx: ForwardContext):
         """(flat positions where the hook layer's z-score gate fires or None, its change at every
@@ -228,6 +245,9 @@ class EditRuntime:
         ctx = self.context
         ctx.depth += 1
         ctx.mask, ctx.cache_start = forward_mask(args, kwargs), cache_length(args, kwargs)
+        ids = forward_ids(args, kwargs)
+        past = ctx.mask.shape[1] - ids.shape[1] if ctx.mask is not None and ids is not None else ctx.cache_start
+        track_tokens(ctx, ids, ctx.mask, past)
 
     def _leave_forward(self, module, args, output):
         ctx = self.context
@@ -248,10 +268,20 @@ class EditRuntime:
         finally:
             setattr(ctx, attr, previous)
 
-    def attention_mask(self, mask: torch.Tensor | None) -> contextlib.AbstractContextManager:
-        """Which positions are real, for blocks run directly rather than through the model's forward
-        (whose own call would record its ``attention_mask``), e.g. by :class:`~grace_hooks.replay.LayerReplay`."""
-        return self._setting("mask", mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+    @contextlib.contextmanager
+    def attention_mask(self, mask: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> Iterator[None]:
+        """Which positions are real (and, given ``input_ids``, which tokens they hold, for subject
+        spans), for blocks run directly rather than through the model's forward (whose own call
+        would record them), e.g. by :class:`~grace_hooks.replay.LayerReplay`."""
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        ctx = self.context
+        tokens, seen = ctx.tokens, ctx.seen
+        track_tokens(ctx, input_ids, mask, 0)
+        try:
+            with self._setting("mask", mask):
+                yield
+        finally:
+            ctx.tokens, ctx.seen = tokens, seen
 
     # --- packs ---
     def site(self, site: Site) -> SiteRuntime:

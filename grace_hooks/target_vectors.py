@@ -81,8 +81,8 @@ class _Rows:
     def __init__(self, model, layer, batch: EditBatch, owner: torch.Tensor, real_positions, cached_prefix=True,
                  _replay=None):
         self.batch, self.owner = batch, owner  # owner[row] = request index within the chunk
-        self.real_positions = real_positions or (lambda mask: contextlib.nullcontext())
-        with self.real_positions(batch.attention_mask):
+        self.real_positions = real_positions or (lambda mask, input_ids=None: contextlib.nullcontext())
+        with self.real_positions(batch.attention_mask, batch.input_ids):
             self.replay = _replay or LayerReplay(model, layer + 1, batch.input_ids, batch.attention_mask,
                                                  start=int(batch.key_pos.min()) if cached_prefix else 0,
                                                  position_ids=batch.position_ids())
@@ -96,12 +96,12 @@ class _Rows:
         rows, cols = self.key_columns()
         offset = torch.zeros_like(self.replay.hidden_in, dtype=delta.dtype)
         offset = offset.index_put((rows.to(delta.device), cols.to(delta.device)), delta[self.owner.to(delta.device)])
-        with self.real_positions(self.batch.attention_mask):
+        with self.real_positions(self.batch.attention_mask, self.batch.input_ids):
             return self.replay.logits(self.index if index is None else index, offset=offset)
 
     def select(self, rows: torch.Tensor, renumber: torch.Tensor) -> "_Rows":
         batch = self.batch.rows(rows)
-        with self.real_positions(batch.attention_mask):
+        with self.real_positions(batch.attention_mask, batch.input_ids):
             replay = self.replay.select(rows)
         return _Rows(None, None, batch, renumber[self.owner[rows]], self.real_positions, _replay=replay)
 

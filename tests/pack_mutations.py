@@ -107,7 +107,7 @@ def mutate_state(rng, folder, ctx):
     elif choice == 1:
         header["state"]["labels"] = {site: random_json(rng)}
     else:
-        header["state"][rng.choice(["shrink", "labels", "key_requests", "mode"])] = random_json(rng)
+        header["state"][rng.choice(["shrink", "labels", "key_requests", "mode", "subject_spans"])] = random_json(rng)
     write(folder, header)
 
 

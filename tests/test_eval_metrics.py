@@ -8,6 +8,7 @@ import torch
 
 from conftest import TINY_REQUESTS
 from grace_hooks import EditableModel, EditRequest
+from grace_hooks.eval.generation import mentions
 from grace_hooks.eval import (MethodSpec, PackEditor, counterfact_metrics, generation_success, greedy, perplexity,
                               score_pairs, score_records)
 from grace_hooks.eval.metrics import retention
@@ -115,6 +116,22 @@ def test_generation_success_batched_equals_one_at_a_time(make_model, tokenizer):
     assert generation_success(em, reqs, batch_size=3) == [True] * len(reqs)
     wrong = [EditRequest(prompt=r.prompt, subject=r.subject, target_new="zzz") for r in reqs]
     assert generation_success(em, wrong) == [False] * len(reqs)
+
+
+def test_paraphrase_generation_checks_the_start_and_the_mentions(make_model, tokenizer):
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    prompt = "the capital of narnia is"
+    words = greedy(em, prompt, 3).split()
+    first, later = EditRequest(prompt=prompt, subject="narnia", target_new=words[0]), \
+        EditRequest(prompt=prompt, subject="narnia", target_new=words[-1])
+    for r in (first, later):
+        object.__setattr__(r, "rephrase_prompt", prompt)
+    starts, said = generation_success(em, [first, later], part="rephrase", extra_tokens=2)
+    assert said == [True, True] and starts[0] and starts[1] == (words[-1] == words[0])
+
+
+def test_mentions_wants_whole_words():
+    assert mentions(" playing the Piano.", "piano") and not mentions(" pianos", "piano") and mentions("Rome", " rome ")
 
 
 def test_router_recall_and_false_fire(make_model, tokenizer):

@@ -85,3 +85,15 @@ def test_pack_bytes_and_metadata(make_model, tokenizer):
     d_in, d_out = 128, 64
     assert info.n_edits == 3 and info.nbytes == 3 * (d_in + d_out + 1) * 4
     assert em.pack("p").base.model_type == "llama" and em.pack("p").requests[0]["target_new"] == "tokyo"
+
+
+@pytest.mark.parametrize("scope", ["span", "key"])
+def test_span_scope_keeps_a_wide_key_to_texts_that_name_its_subject(make_model, tokenizer, scope):
+    em = _em(make_model, tokenizer)
+    other = "the capital of gondor is"
+    base = last_logits(em, tokenizer, [other])[0]
+    em.edit([EditRequest(prompt=NARNIA, subject="narnia", target_new="tokyo")], method="grace", pack="p",
+            eps_init=1e4, scope=scope)  # a radius that covers every input
+    assert next_token(em, tokenizer, NARNIA.format("narnia")) == tokenizer.convert_tokens_to_ids("tokyo")
+    unchanged = torch.equal(last_logits(em, tokenizer, [other])[0], base)
+    assert unchanged == (scope == "span")  # 'narnia' is not in the other prompt: only the span rule sees it

@@ -127,6 +127,19 @@ def test_routed_pack_with_bad_route_keys_at_its_third_site_changes_nothing(em, t
     _rejects(em, tokenizer, path, "route_keys has size 125 on axis 1")
 
 
+@pytest.mark.parametrize("method", ["memit", "grace"])
+@pytest.mark.parametrize("spans, match", [("drop a request", "subject_spans"), ("negative id", "subject_spans"),
+                                          ("not a list", "subject_spans")])
+def test_bad_subject_spans_are_refused(em, tokenizer, tmp_path, method, spans, match):
+    path = _save(em, tmp_path, method, "s", **({"mode": "routed", "layers": "0-2"} if method == "memit" else {}))
+    header, _ = read(path)
+    good = header["state"]["subject_spans"]
+    header["state"]["subject_spans"] = {"drop a request": good[:-1], "negative id": [[[-1]]] + good[1:],
+                                        "not a list": "alice"}[spans]
+    write(path, header)
+    _rejects(em, tokenizer, path, match)
+
+
 def test_a_site_that_fails_while_applied_is_rolled_back(em, tokenizer, tmp_path, monkeypatch):
     """Loading is a transaction even past validation: a failure at the third site undoes the first two."""
     path = _save(em, tmp_path, "memit", "d", mode="routed", layers="0-2")

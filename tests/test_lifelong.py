@@ -79,6 +79,8 @@ def test_resume_refuses_other_settings(make_model, tokenizer, tmp_path):
 def test_grace_run_keeps_unrelated_inputs_identical(make_model, tokenizer, tmp_path):
     last = _run(make_model, tokenizer, tmp_path)["checkpoints"][-1]
     assert last["ES"] == 1.0 and last["ERR"] == 1.0 and last["generation_success"] == 1.0
+    # greedy on the paraphrases: a continuation that starts with the target mentions it (whole words here)
+    assert 0.0 <= last["generation_success_rephrase"] <= last["generation_mentions_rephrase"] <= 1.0
     assert last["bit_identical_text"] == 1.0 and last["perplexity_ratio"] == 1.0 and last["false_fire_text"] == 0.0
 
 

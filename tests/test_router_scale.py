@@ -21,7 +21,8 @@ def _records(path: Path) -> Path:
     return path
 
 
-def test_router_scale_writes_the_fixed_interface(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scope, scales, keys_per_edit, scale", [("key", "0.5,1.1", 3, 1.1), ("span", "0.5,3.0", 1, 3.0)])
+def test_router_scale_writes_the_fixed_interface(tmp_path, monkeypatch, scope, scales, keys_per_edit, scale):
     spec = importlib.util.spec_from_file_location("router_scale", Path(__file__).resolve().parents[1] / "benchmarks" / "router_scale.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -30,17 +31,19 @@ def test_router_scale_writes_the_fixed_interface(tmp_path, monkeypatch):
     out = tmp_path / "out.json"
     monkeypatch.setattr(sys, "argv", ["router_scale.py", "--data", str(_records(tmp_path / "cf.json")), "--n", "6",
                                       "--model", str(model), "--json", str(out), "--batch", "2", "--generic-tokens", "100",
-                                      "--scales", "0.5,1.1", "--set", "corpus_texts=4", "--set", "corpus_tokens=16",
+                                      "--scales", scales, "--set", f"scope={scope}", "--set", "corpus_texts=4", "--set", "corpus_tokens=16",
                                       "--set", "corpus_probe=32", "--set", "corpus_margin=0", "--set", "n_prefixes=1", "--set", "prefix_tokens=3"])
     module.main()
     result = json.loads(out.read_text())
     assert {"n", "recall", "wrong_edit", "false_fire_locality", "false_fire_tokens", "us_per_token", "bytes_per_key"} <= set(result)
-    assert result["n"] == 6 and result["keys_per_site"] == 6 * 3 and result["radius_scale"] == 1.1
+    assert result["n"] == 6 and result["keys_per_site"] == 6 * keys_per_edit and result["radius_scale"] == scale
     assert result["recall"] == 1.0  # each rephrase is its own prompt: its bare-prompt key matches exactly
     for key in ("wrong_edit", "false_fire_locality", "false_fire_tokens"):
         assert 0.0 <= result[key] <= 1.0
     assert result["us_per_token"] > 0 and result["bytes_per_key"] > 4 * 64
-    assert [c["scale"] for c in result["curve"]] == [0.5, 1.1] and out.with_suffix(".png").is_file()
+    assert [c["scale"] for c in result["curve"]] == [float(x) for x in scales.split(",")] and out.with_suffix(".png").is_file()
+    if scope == "span":  # no locality prompt or generic token holds a subject's tokens
+        assert result["false_fire_locality"] == result["false_fire_tokens"] == 0.0
     assert result["curve"][0]["agree"] == {}  # one site: no agreement rule to measure
 
 

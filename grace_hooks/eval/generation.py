@@ -1,6 +1,7 @@
 """Greedy decoding for evaluation: batched (left-padded) success checks and timed generation."""
 from __future__ import annotations
 
+import re
 import time
 from typing import Sequence
 
@@ -10,6 +11,12 @@ import torch
 def reaches(answer: str, target: str) -> bool:
     """Whether a continuation starts with ``target`` (surrounding spaces ignored)."""
     return answer.strip().startswith(target.strip())
+
+
+def mentions(answer: str, target: str) -> bool:
+    """Whether ``target`` occurs in a continuation as whole words (case ignored): the looser check
+    for paraphrases, whose natural continuation may lead up to the answer ("playing the piano")."""
+    return re.search(r"(?<!\w)" + re.escape(target.strip().lower()) + r"(?!\w)", answer.lower()) is not None
 
 
 def _pad_id(tok) -> int:

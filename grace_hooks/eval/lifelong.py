@@ -37,6 +37,7 @@ from .runinfo import dir_bytes, median, p90, peak_rss_mib
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+PARAPHRASE_EXTRA_TOKENS = 10  # greedy tokens past the target's length in which a paraphrase may mention it
 
 
 @dataclass
@@ -185,17 +186,21 @@ class LifelongRun:
             base.append(self.base.scores[key])
         return _concat(edited), _concat(base)
 
-    def _generation(self, editor: Editor, idx: list[int]) -> tuple[list[bool], list[bool]]:
+    def _generation(self, editor: Editor, idx: list[int], part: str = "prompt", extra_tokens: int = 0):
+        """Greedy generation success on each record's prompt (or its paraphrase), edited and base;
+        with ``extra_tokens``, each is a (starts with the target, mentions it) pair of lists."""
         edited, base = [], []
         for s in range(0, len(idx), self.cfg.eval_batch):
             chunk = tuple(idx[s:s + self.cfg.eval_batch])
             reqs = [self.requests[i] for i in chunk]
-            edited += generation_success(self.model, reqs, len(chunk))
-            if chunk not in self.base.generation:
+            edited.append(generation_success(self.model, reqs, len(chunk), part, extra_tokens))
+            if (part, chunk) not in self.base.generation:
                 with editor.disabled():
-                    self.base.generation[chunk] = generation_success(self.model, reqs, len(chunk))
-            base += self.base.generation[chunk]
-        return edited, base
+                    self.base.generation[part, chunk] = generation_success(self.model, reqs, len(chunk), part, extra_tokens)
+            base.append(self.base.generation[part, chunk])
+        if extra_tokens:
+            return tuple([sum((c[i] for c in runs), []) for i in (0, 1)] for runs in (edited, base))
+        return sum(edited, []), sum(base, [])
 
     def _checkpoint(self, editor: Editor, state: dict, m: int) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -218,6 +223,10 @@ class LifelongRun:
         ck.update({k: v for k, v in counterfact_metrics(s_edited, s_base, serves).items() if not k.startswith("ES")})
         gen, gen_base = self._generation(editor, sample)
         ck["generation_success"], ck["generation_success_base"] = float(np.mean(gen)), float(np.mean(gen_base))
+        if all(self.requests[i].rephrase_prompt for i in sample):  # greedy on the paraphrase: starts with / mentions the target
+            (starts, said), (starts_base, said_base) = self._generation(editor, sample, "rephrase", PARAPHRASE_EXTRA_TOKENS)
+            ck["generation_success_rephrase"], ck["generation_success_rephrase_base"] = float(np.mean(starts)), float(np.mean(starts_base))
+            ck["generation_mentions_rephrase"], ck["generation_mentions_rephrase_base"] = float(np.mean(said)), float(np.mean(said_base))
         ck.update(self._health(editor))
         ck.update(self._speed(editor, m))
         ck.update(self._costs(editor, state, m))

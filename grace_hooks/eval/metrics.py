@@ -27,7 +27,7 @@ import torch
 from ..hooks import HookOwner
 from ..requests import EditRequest
 from ..tokens import build_pair_batch, score_targets, scored_positions, target_text
-from .generation import greedy_batch, reaches
+from .generation import greedy_batch, mentions, reaches
 
 PARTS = ("prompt", "rephrase", "locality")  # which prompt of a record a score is about
 Hit = tuple[str, str, int]  # (site, pack name, key index)
@@ -176,12 +176,17 @@ def counterfact_metrics(edited: dict[str, PairScores], base: dict[str, PairScore
     return m
 
 
-def generation_success(model, requests: Sequence[EditRequest], batch_size: int = 16) -> list[bool]:
-    """Greedy decoding of each prompt starts with its new target (as many tokens as the target has)."""
+def generation_success(model, requests: Sequence[EditRequest], batch_size: int = 16, part: str = "prompt",
+                       extra_tokens: int = 0) -> list[bool] | tuple[list[bool], list[bool]]:
+    """Greedy decoding of each prompt (``part`` 'rephrase': of its paraphrase) starts with its new
+    target (as many tokens as the target has). With ``extra_tokens``, that many more are decoded and
+    also returned: whether the target occurs anywhere in them (:func:`mentions`)."""
     tok = model.tokenizer
-    lengths = [len(tok(target_text(r.text, r.target_new), add_special_tokens=False)["input_ids"]) for r in requests]
-    answers = greedy_batch(model, [r.text for r in requests], lengths, batch_size)
-    return [reaches(a, r.target_new) for a, r in zip(answers, requests)]
+    prompts = [r.text if part == "prompt" else r.rephrase_prompt for r in requests]
+    lengths = [len(tok(target_text(p, r.target_new), add_special_tokens=False)["input_ids"]) for p, r in zip(prompts, requests)]
+    answers = greedy_batch(model, prompts, [n + extra_tokens for n in lengths], batch_size)
+    starts = [reaches(a, r.target_new) for a, r in zip(answers, requests)]  # greedy: the first tokens are the same
+    return (starts, [mentions(a, r.target_new) for a, r in zip(answers, requests)]) if extra_tokens else starts
 
 
 @dataclass

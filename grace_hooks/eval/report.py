@@ -7,7 +7,9 @@ from typing import Any, Sequence
 # column label, checkpoint key, format ("%" share, "x" ratio, "s" seconds, "n" number)
 COLUMNS: list[tuple[str, str, str]] = [
     ("ES", "ES", "%"), ("PS", "PS", "%"), ("NS", "NS", "%"), ("NS base", "NS_base", "%"),
-    ("gen. success", "generation_success", "%"), ("ERR", "ERR", "%"),
+    ("gen. success", "generation_success", "%"), ("gen. success (paraphrase)", "generation_success_rephrase", "%"),
+    ("gen. mentions (paraphrase)", "generation_mentions_rephrase", "%"),
+    ("ERR", "ERR", "%"),
     ("reliability", "reliability", "%"), ("generality", "generality", "%"), ("locality", "locality", "%"),
     ("ppl ratio", "perplexity_ratio", "x"), ("bit-identical", "bit_identical", "%"),
     ("W norm growth", "weight_norm_ratio_max", "x"), ("act. drift", "activation_drift_max", "x"),
@@ -53,7 +55,8 @@ def final_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def checkpoint_table(res: dict[str, Any]) -> str:
-    cols = [c for c in COLUMNS if c[1] in ("ES", "PS", "NS", "generation_success", "ERR", "bit_identical",
+    cols = [c for c in COLUMNS if c[1] in ("ES", "PS", "NS", "generation_success", "generation_success_rephrase",
+                                           "generation_mentions_rephrase", "ERR", "bit_identical",
                                            "perplexity_ratio", "weight_norm_ratio_max", "seconds_per_edit_median",
                                            "time_ratio_to_base")]
     cols.append(("sample", "sample_size", "n"))

@@ -114,15 +114,12 @@ class ComebaHK(DeltaMethod):
                 keys | {"dense": TensorSpec(("d_out", "d_in"))} | gate]
 
     @staticmethod
-    def _contribution(t: dict[str, torch.Tensor], routed: bool) -> SiteContribution:
-        """A site's tensors as a hook-layer increment, routed by its router keys when it has them."""
+    def _contribution(t: dict[str, torch.Tensor], routed: bool, spans=None) -> SiteContribution:
+        """A site's tensors as a hook-layer increment, routed by its router keys (and their subject
+        spans) when it has them."""
         if routed:
-            return SiteContribution(keys=t["route_keys"], radii=t["route_radii"], hook=hook_increment(t))
+            return SiteContribution(keys=t["route_keys"], radii=t["route_radii"], hook=hook_increment(t), spans=spans)
         return SiteContribution(hook=hook_increment(t))
-
-    def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
-        routed = pack.config.get("gate") == "router"
-        return {site: self._contribution(pack.site_tensors(site), routed) for site in pack.sites}
 
     def squash(self, packs: list[EditPack], name: str) -> EditPack:
         if any(p.method != self.name for p in packs):

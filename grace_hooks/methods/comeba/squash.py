@@ -75,6 +75,10 @@ def squash_packs(packs: list[EditPack], name: str) -> EditPack:
                 joined.setdefault(site, []).extend([[i + offset for i in o] for o in owners])
             offset += p.n_edits
         state["key_requests"] = joined
+    if all("subject_spans" in p.state for p in packs):  # one list per request, in the joined order
+        state["subject_spans"] = [s for p in packs for s in p.state["subject_spans"]]
+    else:  # a chain mixing scopes: its keys decide alone
+        state.pop("subject_spans", None)
     return EditPack(
         name=name, method=last.method, config=dict(last.config), sites=list(last.sites), base=last.base,
         requests=[r for p in packs for r in p.requests], tensors=tensors, state=state,

@@ -4,9 +4,12 @@ from dataclasses import dataclass, fields
 
 from ...config import option
 from ...errors import ConfigError
+from ...spans import SCOPE_HELP, SCOPES
 from ...target_vectors import TargetVectorConfig
 
 MODES = ("global", "routed")
+# tuned on CounterFact train (1,000 edits), checked on val (benchmarks/RESULTS.md, issue 16)
+SPAN_RADIUS_SCALE, KEY_RADIUS_SCALE = 3.0, 1.1
 LLAMA3_MOM2_WEIGHT, LLAMA3_D_IN = 15000.0, 14336  # ENCORE's hparams/ENCORE/llama3-8b.json, down_proj input width
 
 
@@ -19,11 +22,13 @@ class SolveConfig(TargetVectorConfig):
     layers: str | None = option(None, "edited blocks, e.g. '3-7' or '3,4,5'; None = 5 consecutive blocks centred near "
                                       "a sixth of the depth (3-7 of 30), as MEMIT/ENCORE edit 4-8 of Llama3-8B's 32")
     point: str = option("mlp_out", "hook point inside each block (see architectures.ARCHITECTURES)")
-    radius_scale: float = option(1.1, "with router keys: the router holds each request's mean key and its context-prefixed "
-                                      "samples, each with this times the key's spread (largest sample-to-mean "
-                                      "distance) as radius, at least 5% of its norm")
-    corpus_margin: float = option(0.9, "with router keys: a radius is also at most this times the key's distance to the nearest "
-                                       "of corpus_probe tokens of the C0 corpus, so generic text stays out of scope (0 = off)")
+    scope: str = option("span", SCOPE_HELP, SCOPES)
+    radius_scale: float | None = option(None, "with router keys: a key's radius is this times its spread (largest distance "
+                                              "of a context-prefixed sample to the mean key), at least 5% of its norm; "
+                                              "None = 3.0 with scope 'span' (one mean key per request), 1.1 with 'key' "
+                                              "(the mean key and each sample)")
+    corpus_margin: float = option(0.9, "with router keys and scope 'key': a radius is also at most this times the key's "
+                                       "distance to the nearest of corpus_probe tokens of the C0 corpus (0 = off)")
     corpus_probe: int = option(4096, "with router keys: corpus tokens whose site inputs bound the radii")
     mom2_weight: float | None = option(None, "lambda, the weight of C0; None = 15000 x d_in / 14336: MEMIT/ENCORE's "
                                              "Llama3-8B value scaled to the site's input width (E[k^T C0^-1 k] = d_in, "
@@ -35,6 +40,11 @@ class SolveConfig(TargetVectorConfig):
     max_tokens: int = option(100_000, "at most this many key vectors in C0")
     n_prefixes: int = option(5, "model-written context prefixes besides the bare prompt (MEMIT: 5, of 10 tokens)")
     prefix_tokens: int = option(10, "length of each model-written context prefix (MEMIT: 10)")
+    def route_radius_scale(self) -> float:
+        if self.radius_scale is not None:
+            return self.radius_scale
+        return SPAN_RADIUS_SCALE if self.scope == "span" else KEY_RADIUS_SCALE
+
     def target_config(self) -> TargetVectorConfig:
         return TargetVectorConfig(**{f.name: getattr(self, f.name) for f in fields(TargetVectorConfig)})
 

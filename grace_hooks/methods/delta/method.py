@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 from ...architectures import Site, arch_spec, num_layers
+from ...config import make_config
 from ...covariance import Corpus, SecondMoment, cached_sample_corpus, model_digest, second_moments, site_inputs
 from ...linalg import LowRank, closed_form_update
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
 from ...runtime import LowRankDelta, SiteContribution, SiteRuntime
+from ...spans import key_spans, request_spans, span_state_problems
 from ...subject_keys import activations_at_subject, context_prefixes
 from ...target_vectors import target_vectors
 from ..base import ComputedEdit, EditContext, EditMethod
@@ -119,6 +121,7 @@ class DeltaMethod(EditMethod):
         tensors: dict[str, torch.Tensor] = {}
         layer_metrics = {}
         routed = self.routes(cfg)
+        route_state = self._route_state(ctx, requests, sites, cfg, 1 + len(prefixes)) if routed else {}
         for i, site in enumerate(sites):
             with ctx.runtime.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
                 samples = activations_at_subject(model, tok, site.module(model), requests, prefixes)  # (P, n, d_in)
@@ -136,7 +139,7 @@ class DeltaMethod(EditMethod):
                 tensors.update({f"{n}/route_keys": route_keys.float().contiguous(),
                                 f"{n}/route_radii": route_radii.float().contiguous()})
             staged[n] = self._contribution({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}/")},
-                                           routed)
+                                           routed, key_spans(route_state, n) if routed else None)
             layer_metrics[n] = {"residual_norm": float(residual.norm(dim=1).mean()),
                                 "delta_norm": float(torch.linalg.matrix_norm(update.dense()))}
         with ctx.runtime.staged(staged), self.solving(ctx, cfg):  # how far the whole update carries the bare prompts towards z
@@ -155,21 +158,32 @@ class DeltaMethod(EditMethod):
         log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z",
                  self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"], 100 * metrics["z_reached_mean"])
         state = {"mode": "routed" if routed else "global", "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
-        if routed:  # router key -> the request it serves (router recall)
-            owners = [[i % len(requests)] for i in range(len(requests) * (1 + len(prefixes)))]
-            state["key_requests"] = {s.name: owners for s in sites}
+        state.update(route_state)
         return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, metrics=metrics)
+
+    @staticmethod
+    def _route_state(ctx: EditContext, requests: list[EditRequest], sites: list[Site], cfg, n_samples: int) -> dict:
+        """``key_requests`` (router key -> the request it serves: recall, spans) and, with scope
+        'span', ``subject_spans`` (the token spans of each request's subject)."""
+        n = len(requests)
+        if cfg.scope == "span":
+            return {"key_requests": {s.name: [[i] for i in range(n)] for s in sites},
+                    "subject_spans": request_spans(ctx.tokenizer, requests)}
+        return {"key_requests": {s.name: [[i % n] for i in range(n * n_samples)] for s in sites}}
 
     def _routing(self, ctx: EditContext, sites: list[Site], site: Site, samples: torch.Tensor, keys: torch.Tensor,
                  cfg: DeltaConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router keys of each request: its mean key and each prefixed sample (the bare prompt among
-        them), with radius scale x the spread, at least 5% of the key's norm (the same prompt in
-        another batch differs by rounding) and at most corpus_margin x the distance to the
-        nearest probed corpus token (generic text stays out of scope)."""
+        """Router keys of each request and their radii: scale x the spread, at least 5% of the key's
+        norm (the same prompt in another batch differs by rounding). Scope 'span': the mean key alone
+        (the subject's tokens already say where it may fire). Scope 'key': the mean key and each
+        prefixed sample (the bare prompt among them), each radius also at most corpus_margin x the
+        distance to the nearest probed corpus token (generic text stays out of scope)."""
         spread = (samples - keys).norm(dim=-1).amax(0)  # (n,)
-        route_keys = torch.cat([keys, samples.reshape(-1, keys.shape[1])])  # mean keys, then prefix-major samples
         base = torch.maximum(spread, MIN_RELATIVE_RADIUS * keys.norm(dim=-1))
-        radii = cfg.radius_scale * base.repeat(1 + samples.shape[0])
+        if cfg.scope == "span":
+            return keys.clone(), cfg.route_radius_scale() * base
+        route_keys = torch.cat([keys, samples.reshape(-1, keys.shape[1])])  # mean keys, then prefix-major samples
+        radii = cfg.route_radius_scale() * base.repeat(1 + samples.shape[0])
         if cfg.corpus_margin > 0:
             probe = self.corpus_probe(ctx, sites, cfg)[site.name]
             radii = torch.minimum(radii, cfg.corpus_margin * torch.cdist(route_keys, probe).amin(1))
@@ -184,17 +198,25 @@ class DeltaMethod(EditMethod):
     def route_layout() -> dict[str, TensorSpec]:
         return {"route_keys": TensorSpec(("k", "d_in")), "route_radii": TensorSpec(("k",))}
 
+    def check_state(self, pack: EditPack, config) -> list[str]:
+        if not self.routes(config):
+            return []
+        keys = {site: len(pack.site_tensors(site).get("route_keys", ())) for site in pack.sites}
+        return span_state_problems(pack.state, pack.n_edits, keys)
+
     @staticmethod
-    def _contribution(t: dict[str, torch.Tensor], routed: bool) -> SiteContribution:
-        """A site's tensors (U, V, keys; route_keys, route_radii when routed) as a contribution."""
+    def _contribution(t: dict[str, torch.Tensor], routed: bool, spans=None) -> SiteContribution:
+        """A site's tensors (U, V, keys; route_keys, route_radii when routed) as a contribution;
+        ``spans``: per router key, its subject's token spans (None: the key alone decides)."""
         delta = LowRankDelta(t["U"], t["V"], routed=routed, keys=t["keys"])
         if routed:  # the router keys route the delta (no replacement values)
-            return SiteContribution(keys=t["route_keys"], radii=t["route_radii"], values=None, delta=delta)
+            return SiteContribution(keys=t["route_keys"], radii=t["route_radii"], values=None, delta=delta, spans=spans)
         return SiteContribution(delta=delta)
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
-        routed = pack.config.get("mode", "global") == "routed"
-        return {site: self._contribution(pack.site_tensors(site), routed) for site in pack.sites}
+        routed = self.routes(make_config(self.config_class, base=pack.config))
+        return {site: self._contribution(pack.site_tensors(site), routed, key_spans(pack.state, site) if routed else None)
+                for site in pack.sites}
 
 
 def loaded_factors(loaded: SiteRuntime | None, part: str) -> torch.Tensor | None:

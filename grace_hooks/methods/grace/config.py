@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import option
+from ...spans import SCOPE_HELP, SCOPES
 from ...tokens import KEY_POSITIONS
 
 # GRACE edits a late layer: GPT2-XL block 35 of 48 in the paper's code.
@@ -16,6 +17,7 @@ class GraceConfig:
     key: str = option("prompt_last", "token whose site input is the key: the paper's last prompt token, or the last subject token", KEY_POSITIONS)
     eps_init: float = option(1.0, "radius (Euclidean) of a new key: GRACE's epsilon_init")
     replacement: str = option("in_scope", "'in_scope': every position whose own input is within a key's radius; 'last': only the last real position of each forward (the paper's query token)", ("in_scope", "last"))
+    scope: str = option("span", SCOPE_HELP + "; a GRACE key's subject must occur at or before the position", SCOPES)
     value_init: str = option("cold", "'cold': uniform random (the paper's default); 'warm': the site's current output at the key", ("cold", "warm"))
     lr: float = option(1.0, "Adam learning rate for the values (paper: 1.0)")
     n_iter: int = option(100, "most Adam steps (paper: 100); stops once every target token is the argmax")

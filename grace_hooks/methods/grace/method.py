@@ -13,6 +13,7 @@ from ...replay import LayerReplay
 from ...requests import EditRequest
 from ...router import NO_KEY, exact_assign
 from ...runtime import SiteContribution
+from ...spans import key_spans, request_spans, span_state_problems
 from ...tokens import EditBatch, build_edit_batch, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod, register
 from .codebook import Codebook
@@ -69,6 +70,8 @@ class Grace(EditMethod):
             "key_requests": {n: [list(map(int, e.requests)) for e in book.entries]},  # which requests each key serves
             "shrink": [{"site": n, "pack_id": p, "key": k, "radius": r} for (p, k), r in book.shrinks.items()],
         }
+        if cfg.scope == "span":  # a key fires only once its subject has occurred in the sequence
+            state["subject_spans"] = request_spans(ctx.tokenizer, requests)
         metrics = {
             "teacher_forced_success": float(correct.float().mean()),
             "iterations": iters,
@@ -117,7 +120,7 @@ class Grace(EditMethod):
             scope.forward(site.module(ctx.model), replace)
             bar = tqdm(range(cfg.n_iter + 1), desc=f"grace: training {len(book.entries)} values", leave=False, disable=None)
             for iters in bar:
-                with ctx.runtime.attention_mask(part.attention_mask):  # blocks below the site run once
+                with ctx.runtime.attention_mask(part.attention_mask, part.input_ids):  # blocks below the site run once
                     logits = replay.logits(index)
                 scores = score_targets(logits, scored)
                 correct[live], nll[live] = scores.correct.cpu(), scores.nll.detach().float().cpu()
@@ -170,7 +173,8 @@ class Grace(EditMethod):
                     and type(s.get("key")) is int and s["key"] >= 0 and is_finite_number(s.get("radius"), -MAX_ABS, MAX_ABS)):
                 problems.append(f"state.shrink entry {str(s)[:80]} must give a site of the pack, an earlier pack_id, "
                                 "a key index >= 0 and a finite radius")
-        return problems
+        keys = {site: len(pack.site_tensors(site).get("keys", ())) for site in pack.sites}
+        return problems + span_state_problems(state, pack.n_edits, keys)
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
         out = {}
@@ -181,5 +185,6 @@ class Grace(EditMethod):
             out[site] = SiteContribution(
                 keys=t["keys"], radii=t["radii"], values=t["values"],
                 labels=pack.state.get("labels", {}).get(site, []), last_only=last_only, shrink=shrink,
+                spans=key_spans(pack.state, site), anchor="seen",
             )
         return out

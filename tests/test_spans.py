@@ -1,0 +1,117 @@
+"""Subject spans (issue 16): a key with spans fires only where its subject's tokens are in the text."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import UNRELATED, last_logits
+from grace_hooks import EditableModel
+from grace_hooks.architectures import Site
+from grace_hooks.router import NO_KEY, KeyRouter
+from grace_hooks.runtime import LowRankDelta, SiteContribution
+from grace_hooks.spans import NO_TOKEN, SpanIndex, span_state_problems, subject_spans
+
+SUBJECT = [7, 8]  # token ids of a two-token subject
+
+
+def _index(anchor: str) -> SpanIndex:
+    index = SpanIndex()
+    index.add(np.array([0, 1]), [[SUBJECT], [[9]]], anchor)
+    return index
+
+
+def test_end_anchor_allows_only_the_position_where_the_span_ends():
+    tokens = np.array([[1, 7, 8, 5, 7, 3], [7, 2, 8, 9, NO_TOKEN, NO_TOKEN]])
+    flat, ids = _index("end").candidates(tokens, 6, [set(), set()])
+    assert sorted(zip(flat.tolist(), ids.tolist())) == [(2, 0), (6 + 3, 1)]  # [7, 8] ends at 2; 9 at row 1's 3
+
+
+def test_seen_anchor_allows_every_position_from_the_span_on_and_is_carried_across_calls():
+    index, seen = _index("seen"), [set()]
+    flat, ids = index.candidates(np.array([[1, 7, 8, 5]]), 4, seen)
+    assert sorted(flat[ids == 0].tolist()) == [2, 3] and seen == [{0}]
+    flat, ids = index.candidates(np.array([[1, 7, 8, 5, 4]]), 1, seen)  # the next cached step
+    assert flat[ids == 0].tolist() == [0]
+
+
+def test_a_span_split_across_cached_forwards_still_matches():
+    index = _index("end")
+    first = index.candidates(np.array([[1, 7]]), 2, [set()])
+    second = index.candidates(np.array([[1, 7, 8]]), 1, [set()])  # history + the new token
+    assert len(first[0]) == 0 and second[0].tolist() == [0] and second[1].tolist() == [0]
+
+
+def test_padding_never_completes_a_span():
+    flat, _ = _index("end").candidates(np.array([[7, NO_TOKEN, 8]]), 3, [set()])
+    assert len(flat) == 0
+
+
+def test_removed_keys_leave_the_index():
+    index = _index("end")
+    index.remove(np.array([0]))
+    assert 0 not in index and 1 in index and index.lengths() == [1]
+
+
+def test_router_tests_spanned_keys_only_at_their_candidates():
+    router = KeyRouter(2)
+    router.add(np.zeros((1, 2), np.float32), np.array([100.0]), rank=1, spans=[[SUBJECT]])
+    router.add(np.full((1, 2), 5.0, np.float32), np.array([0.5]), rank=1)  # a key without spans
+    queries = np.array([[0.0, 0.0], [5.0, 5.0], [1.0, 1.0]], np.float32)
+    assert router.assign(queries).tolist() == [NO_KEY, 1, NO_KEY]  # the spanned key never fires without candidates
+    got = router.assign(queries, candidates=(np.array([0, 2]), np.array([0, 0])))
+    assert got.tolist() == [0, 1, 0]
+
+
+def test_subject_spans_give_both_tokenisations(tokenizer):
+    # the word-level test tokenizer splits on spaces, so both tokenisations are the same: one span
+    assert subject_spans(tokenizer, " alice speaks ") == [tokenizer("alice speaks", add_special_tokens=False).input_ids]
+
+
+@pytest.mark.parametrize("state, problem", [
+    ({"subject_spans": [[[1, 2]]], "key_requests": {"L1.mlp_out": [[0]]}}, None),
+    ({"subject_spans": [[[1, -2]]], "key_requests": {"L1.mlp_out": [[0]]}}, "subject_spans"),
+    ({"subject_spans": [[[]]], "key_requests": {"L1.mlp_out": [[0]]}}, "subject_spans"),
+    ({"subject_spans": [[[1]], [[2]]], "key_requests": {"L1.mlp_out": [[0]]}}, "subject_spans"),
+    ({"subject_spans": [[[1, 2]]], "key_requests": {"L1.mlp_out": [[3]]}}, "key_requests"),
+    ({"subject_spans": [[[1, 2]]], "key_requests": {"L1.mlp_out": [[0], [0]]}}, "key_requests"),
+])
+def test_span_state_is_checked(state, problem):
+    problems = span_state_problems(state, 1, {"L1.mlp_out": 1})
+    assert (problems == []) if problem is None else (len(problems) == 1 and problem in problems[0])
+
+
+def _site_outputs(em, tokenizer, site, text, step_by_step=False):
+    """The site's output at each position of ``text``, by one forward or token by token with a cache."""
+    out = []
+    h = site.module(em.base_model).register_forward_hook(lambda m, a, o: out.append(o[0].detach()))
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    try:
+        with torch.no_grad():
+            if not step_by_step:
+                em(input_ids=ids)
+            else:
+                cache = None
+                for t in range(ids.shape[1]):
+                    cache = em.base_model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).past_key_values
+    finally:
+        h.remove()
+    return torch.cat(out)
+
+
+def test_a_spanned_delta_acts_only_at_its_subject_even_with_a_huge_radius(make_model, tokenizer):
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    site = Site(1)
+    d_in, d_out = site.dims(em.base_model)
+    g = torch.Generator().manual_seed(0)
+    U, V = torch.randn(d_out, 2, generator=g), torch.randn(d_in, 2, generator=g)
+    spans = subject_spans(tokenizer, "alice speaks")
+    base = _site_outputs(em, tokenizer, site, "bob says alice speaks french")
+    base_unrelated = last_logits(em, tokenizer, UNRELATED + ["alice works for bob"])
+    em._runtime.add_pack("p", 1, {site.name: SiteContribution(keys=torch.zeros(1, d_in), radii=torch.tensor([1e6]),
+                                                              delta=LowRankDelta(U, V, routed=True), spans=[spans])})
+    got = _site_outputs(em, tokenizer, site, "bob says alice speaks french")
+    changed = (got != base).any(-1).nonzero().squeeze(1).tolist()
+    assert changed == [3]  # 'speaks', where the subject ends; the key alone would take every position
+    stepped = _site_outputs(em, tokenizer, site, "bob says alice speaks french", step_by_step=True)
+    assert torch.allclose(stepped, got, atol=1e-5)  # the span crosses cached forwards and still matches
+    for a, b in zip(last_logits(em, tokenizer, UNRELATED + ["alice works for bob"]), base_unrelated):
+        assert torch.equal(a, b)  # 'alice' without 'speaks' is not the subject
