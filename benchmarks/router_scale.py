@@ -46,7 +46,7 @@ from grace_hooks.subject_keys import activations_at_subject_of, context_prefixes
 
 log = logging.getLogger("router_scale")
 SUMMARY = ("recall", "wrong_edit", "false_fire_locality", "false_fire_tokens", "us_per_token", "bytes_per_key",
-           "false_fire_locality_no_subject")
+           "false_fire_locality_no_subject", "wrong_edit_no_other_subject")
 DEFAULT_SCALES = {"span": "1.1,1.5,2.0,3.0,5.0", "key": "0.5,0.8,1.1,1.5,2.0"}
 RULES = {"key": "radius_scale x spread, >= 5% of |k|, <= corpus_margin x distance to the nearest probe token; "
                 "mean key and each prefixed sample",
@@ -142,10 +142,11 @@ def measure(router: KeyRouter, owner_of_key: np.ndarray, queries: dict, own: np.
     return out
 
 
-def summarise(per_site: list[dict], queries: dict, own: np.ndarray, names_subject: np.ndarray) -> dict:
+def summarise(per_site: list[dict], queries: dict, own: np.ndarray, names_subject: np.ndarray,
+              names_other: np.ndarray) -> dict:
     """Across sites, as the runtime routes (a prompt is touched where any site fires). Locality
-    prompts that name an edited subject are legitimately in scope: the false fire on the others is
-    also given."""
+    prompts that name an edited subject are legitimately in scope, and so is another edit on a
+    rephrase prompt that names its subject: the rates on the prompts that name none are also given."""
     reph_prompt = queries["rephrase"][1]
     hit_own = np.zeros(len(own), bool)
     hit_other = np.zeros(len(own), bool)
@@ -160,7 +161,8 @@ def summarise(per_site: list[dict], queries: dict, own: np.ndarray, names_subjec
         fired_tok |= site["generic"] != -1
     return {"recall": float(hit_own.mean()), "wrong_edit": float(hit_other.mean()),
             "false_fire_locality": float(fired_loc.mean()), "false_fire_tokens": float(fired_tok.mean()),
-            "false_fire_locality_no_subject": float(fired_loc[~names_subject].mean())}
+            "false_fire_locality_no_subject": float(fired_loc[~names_subject].mean()),
+            "wrong_edit_no_other_subject": float(hit_other[~names_other].mean())}
 
 
 def agreeing(winners: np.ndarray, k: int) -> np.ndarray:
@@ -234,19 +236,22 @@ def main() -> None:
     own = np.array(sample)
     lowered = [r.subject.lower() for r in requests]
     names_subject = np.array([any(sub in t.lower() for sub in lowered) for t in loc])
+    names_other = np.array([any(sub in t.lower() for sub in lowered if sub != lowered[i])
+                            for i, t in zip(sample, reph)])
 
     results = {}
     for i, scope in enumerate(args.scopes.split(",") if args.scopes else [cfg.scope]):
         scoped = replace(cfg, scope=scope)
         spans = request_spans(tok, requests) if scope == "span" else None
         scales = (args.scales or DEFAULT_SCALES[scope]) if i == 0 else str(scoped.route_radius_scale())
-        curve = [curve_point(impl, ctx, sites, samples, queries_by_site, own, names_subject, spans,
+        curve = [curve_point(impl, ctx, sites, samples, queries_by_site, own, (names_subject, names_other), spans,
                              replace(scoped, radius_scale=float(scale)), args) for scale in scales.split(",")]
         default = min(curve, key=lambda r: abs(r["scale"] - scoped.route_radius_scale()))
         results[scope] = {"n": args.n, **{k: default[k] for k in SUMMARY}, "scope": scope, "rule": RULES[scope],
                           "keys_per_site": default["keys_per_site"], "radius_scale": default["scale"], "curve": curve}
     first, *others = results.values()
-    result = {**first, "locality_naming_a_subject": int(names_subject.sum()), "method": args.method,
+    result = {**first, "locality_naming_a_subject": int(names_subject.sum()),
+              "rephrase_naming_another_subject": int(names_other.sum()), "method": args.method,
               "sites": [s.name for s in sites], "eval_prompts": len(sample), "generic_tokens": n_generic,
               "key_seconds": round(key_seconds, 1), "data": [str(p) for p in args.data], "model": args.model,
               "other_scopes": {r["scope"]: r for r in others}}
@@ -256,7 +261,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=1))
 
 
-def curve_point(impl, ctx, sites, samples, queries_by_site, own, names_subject, spans, cfg, args) -> dict:
+def curve_point(impl, ctx, sites, samples, queries_by_site, own, names, spans, cfg, args) -> dict:
     """The router of N edits under ``cfg`` (its scope and radius scale), measured at every site."""
     per_site, us = [], []
     for site in sites:
@@ -269,7 +274,7 @@ def curve_point(impl, ctx, sites, samples, queries_by_site, own, names_subject, 
         us.append(got.pop("us_per_token"))
         per_site.append(got)
     first = queries_by_site[sites[0].name]
-    row = {"scale": cfg.radius_scale, **summarise(per_site, first, own, names_subject),
+    row = {"scale": cfg.radius_scale, **summarise(per_site, first, own, *names),
            "us_per_token": float(np.median(us)), "keys_per_site": len(route_keys),
            "bytes_per_key": route_keys.shape[1] * 4 + 4 * 2 + 8 + 8 + 2,  # vector, radius (base, effective), rank, id, flags
            "agree": {k: summarise_agreement(per_site, first, own, k) for k in range(2, len(sites) + 1)}}

@@ -21,6 +21,7 @@ replay: the edit runtime's record of the real positions is set with ``EditRuntim
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -44,6 +45,11 @@ class _PastSlot:
 
 
 _PAST = _PastSlot()
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which the model's forward takes a KV cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _no_cache(value: Any) -> Any:
@@ -117,8 +123,12 @@ class LayerReplay:
         self.hidden_in: torch.Tensor = _state[2]  # input of block ``layer``, columns ``start:``
         self.prefix = _state[3]  # the cache of columns ``:start`` (None for a full replay)
 
-    def _forward(self, columns: slice, **kwargs) -> None:
+    def _forward(self, columns: slice, cache: Any = None, **kwargs) -> None:
+        """The model on ``columns``, continuing ``cache`` when one is given (under the argument name
+        this transformers release takes: ``cache`` from 5.24, ``past_key_values`` before)."""
         ids = self.input_ids[:, columns]
+        if cache is not None:
+            kwargs[cache_argument(self.model)] = cache
         # a forward that continues a cache takes the mask of every column, the cached ones included
         mask = self.attention_mask if self.attention_mask is None or columns.start else self.attention_mask[:, columns]
         if self.position_ids is not None:
@@ -158,14 +168,14 @@ class LayerReplay:
                 full.activate_past_recording()  # sliding-window layers keep every column until the crop
                 scope.pre_forward(blocks[self.layer], lambda m, a, k: grabbed.append(a[0] if a else k["hidden_states"]),
                                   with_kwargs=True)
-                self._forward(slice(0, None), past_key_values=full, use_cache=True)
+                self._forward(slice(0, None), cache=full, use_cache=True)
                 full.crop(self.start - self.input_ids.shape[1])  # a negative count: the columns removed
                 prefix = full
                 scope.remove_all()
             for i in range(self.layer, len(blocks)):  # prepend: the arguments as the parent passed them
                 scope.pre_forward(blocks[i], record(blocks[i]), with_kwargs=True, prepend=True)
             if self.start:  # the arguments of the blocks for the columns from ``start`` on, reading the cache
-                self._forward(slice(self.start, None), past_key_values=_fresh_cache(prefix), use_cache=True)
+                self._forward(slice(self.start, None), cache=_fresh_cache(prefix), use_cache=True)
                 hidden = [grabbed[0][:, self.start:].detach()]
             else:
                 self._forward(slice(0, None), use_cache=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import DELTA_REQUESTS, DELTA_TINY, UNRELATED, param_hash
+from conftest import DELTA_REQUESTS, DELTA_TINY, UNRELATED, last_logits, param_hash
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.architectures import Site
 from grace_hooks.cli import main
@@ -170,3 +170,22 @@ def test_bad_delta_config_is_refused(make_model, tokenizer, overrides, message):
     with pytest.raises(ConfigError, match=message):
         em.edit(DELTA_REQUESTS, method="memit", **overrides)
     assert em.packs == [] and count_hooks(em.base_model) == 0
+
+
+@pytest.mark.parametrize("scope", ["span", "key"])
+def test_routed_pack_keys_and_spans_follow_the_scope(make_model, tokenizer, scope):
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    em.edit(DELTA_REQUESTS, method="memit", pack="p", mode="routed", scope=scope, **DELTA_TINY)
+    pack = em.pack("p")
+    keys_per_request = 1 if scope == "span" else 2 + DELTA_TINY["n_prefixes"]  # key: the mean, the bare prompt, each prefix
+    for site in pack.sites:
+        assert len(pack.site_tensors(site)["route_keys"]) == keys_per_request * len(DELTA_REQUESTS)
+    if scope == "key":
+        assert "subject_spans" not in pack.state
+        return
+    assert pack.state["subject_spans"] == [[tokenizer(r.subject, add_special_tokens=False).input_ids] for r in DELTA_REQUESTS]
+    base = last_logits(EditableModel(make_model("llama"), tokenizer, name="base"), tokenizer, ["the capital of gondor"])[0]
+    assert torch.equal(last_logits(em, tokenizer, ["the capital of gondor"])[0], base)  # another subject: untouched
+    with em.routes() as hits, torch.no_grad():
+        em(**tokenizer("the capital of narnia", return_tensors="pt"))
+    assert {(pos, key) for _, _, pos, _, key in hits} == {(3, 0)}  # the subject's token, its own key only

@@ -6,6 +6,7 @@ import torch
 from conftest import UNRELATED, last_logits
 from grace_hooks import EditableModel
 from grace_hooks.architectures import Site
+from grace_hooks.replay import cache_argument
 from grace_hooks.router import NO_KEY, KeyRouter
 from grace_hooks.runtime import LowRankDelta, SiteContribution
 from grace_hooks.spans import NO_TOKEN, SpanIndex, span_state_problems, subject_spans
@@ -91,7 +92,8 @@ def _site_outputs(em, tokenizer, site, text, step_by_step=False):
             else:
                 cache = None
                 for t in range(ids.shape[1]):
-                    cache = em.base_model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).past_key_values
+                    out_t = em.base_model(input_ids=ids[:, t:t + 1], use_cache=True, **{cache_argument(em.base_model): cache})
+                    cache = out_t.past_key_values
     finally:
         h.remove()
     return torch.cat(out)
