@@ -145,8 +145,13 @@ class KeyRouter:
     def assign(self, queries: np.ndarray, is_last: np.ndarray | None = None,
                candidates: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Id of the key covering each query (the newest-ranked, then the nearest), or NO_KEY."""
+        return self.assign_all(queries, is_last, candidates)[0]
+
+    def assign_all(self, queries: np.ndarray, is_last: np.ndarray | None = None,
+                   candidates: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`assign`'s winners, and every (query index, key id) in scope behind them."""
         query_idx, ids, dist2 = self.in_scope(queries, is_last, candidates)
-        return _choose(query_idx, dist2, ids, self._rank, len(queries))
+        return _choose(query_idx, dist2, ids, self._rank, len(queries)), query_idx, ids
 
 def exact_assign(queries: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """Reference router in pure torch: same rule as :meth:`KeyRouter.assign` (index into ``keys``)."""

@@ -152,8 +152,9 @@ class SiteRuntime:
         replace_rows, replace_ids, delta_rows, owners = None, None, None, None
         rows = valid.reshape(-1).nonzero().squeeze(1)
         if len(self.router) and len(rows):
-            ids = self.router.assign(flat_x[rows].detach().float().cpu().numpy(), is_last.reshape(-1)[rows].cpu().numpy(),
-                                     self._span_candidates(ctx, rows, len(flat_x), width))
+            ids, pair_q, pair_k = self.router.assign_all(
+                flat_x[rows].detach().float().cpu().numpy(), is_last.reshape(-1)[rows].cpu().numpy(),
+                self._span_candidates(ctx, rows, len(flat_x), width))
             hit = ids != NO_KEY
             if hit.any():
                 hit_rows, hit_ids = rows[torch.from_numpy(hit).to(rows.device)], torch.from_numpy(ids[hit])
@@ -166,7 +167,8 @@ class SiteRuntime:
                 to_hook = torch.from_numpy(np.array([o in self.hook_layer.increments for o in owners], dtype=bool))
                 fire = fire.clone() if fire is not None else torch.zeros(len(flat_x), dtype=torch.bool, device=x.device)
                 fire[routed_rows[to_hook.to(routed_rows.device)]] = True
-                delta_rows, owners = routed_rows[~to_hook.to(routed_rows.device)], owners[~to_hook.numpy()]
+                q, owners = self._routed_deltas(ids, pair_q, pair_k)
+                delta_rows = rows[torch.from_numpy(q).to(rows.device)]
         fired = fire is not None and bool(fire.any())
         routed_hits = delta_rows is not None and (len(delta_rows) > 0 or len(replace_rows) > 0)
         if not fired and not routed_hits:
@@ -184,6 +186,20 @@ class SiteRuntime:
                 flat[sel] = flat[sel] + (flat_x[sel] @ d.V.to(x)) @ d.U.to(x).T
             flat[replace_rows] = self.values[replace_ids].to(flat)
         return flat.reshape(y.shape)
+
+    def _routed_deltas(self, winners: np.ndarray, pair_q: np.ndarray, pair_k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query index, pack id) of each routed delta to add: every pack with a key in scope of a
+        position adds its delta there once (two packs that edit one subject both act), except where
+        the winning key replaces the output."""
+        replaces = self.replaces.numpy()
+        replaced = np.zeros(len(winners), dtype=bool)
+        won = winners != NO_KEY
+        replaced[won] = replaces[winners[won]]
+        keep = ~replaces[pair_k] & ~replaced[pair_q]
+        pairs = {(int(q), self.owner[k]) for q, k in zip(pair_q[keep].tolist(), pair_k[keep].tolist())
+                 if self.owner[k] in self.deltas}
+        ordered = sorted(pairs)
+        return np.array([q for q, _ in ordered], dtype=np.int64), np.array([o for _, o in ordered], dtype=object)
 
     def _span_candidates(self, ctx: ForwardContext, rows: torch.Tensor, n_flat: int, width: int):
         """(index into ``rows``, key id) pairs that subject spans allow in this forward, or None (no

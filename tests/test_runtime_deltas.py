@@ -75,6 +75,27 @@ def test_routed_delta_acts_only_in_scope(make_model, tokenizer):
     assert hits and all(pack == "p" for _, _, _, pack, _ in hits)
 
 
+def test_two_packs_in_scope_at_one_position_both_add_their_deltas(make_model, tokenizer):
+    """Two packs that edit one subject (say, two relations of it) are both in scope there: both act."""
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    site = Site(1)
+    grabbed = []
+    h = site.module(em.base_model).register_forward_hook(lambda m, a, o: grabbed.append((a[0][0, -1].detach(), o[0, -1].detach())))
+    with torch.no_grad():
+        em(**tokenizer("alice speaks", return_tensors="pt"))
+    h.remove()
+    (x, y), deltas = grabbed[0], [_delta(site, em.base_model, seed=s) for s in (1, 2)]
+    for rank, (U, V) in enumerate(deltas, start=1):
+        em._runtime.add_pack(f"p{rank}", rank, {site.name: SiteContribution(keys=x[None], radii=torch.tensor([1e-3]),
+                                                                            delta=LowRankDelta(U, V, routed=True))})
+    out = []
+    h = site.module(em.base_model).register_forward_hook(lambda m, a, o: out.append(o[0, -1].detach()))
+    with torch.no_grad():
+        em(**tokenizer("alice speaks", return_tensors="pt"))
+    h.remove()
+    assert torch.allclose(out[0], y + sum((x @ V) @ U.T for U, V in deltas), atol=1e-5)
+
+
 def test_replacement_wins_over_a_routed_delta_at_the_same_position(make_model, tokenizer):
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     site = Site(1)
