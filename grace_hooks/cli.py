@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from .config import DEFAULT_METHOD
 from .errors import GraceHooksError, PackError
 from .eval.lifelong import LifelongConfig
 from .loading import DEFAULT_MODEL
@@ -122,7 +123,7 @@ def demo(model: str, adapters: Path, requests_file: Path | None) -> None:
 @main.command()
 @click.option("--requests", "requests_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="JSON list or JSON lines: native, CounterFact (EasyEdit), ROME or zsRE (MEND) layout.")
-@click.option("--method", default="grace", show_default=True, help="Edit method (see `grace-hooks methods`).")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Edit method (see `grace-hooks methods`).")
 @click.option("--adapters", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder of packs: its packs are loaded first, the new pack is saved there.")
 @click.option("--pack", "pack_name", default=None, help="Name of the new pack (default: <method>-<UTC time>).")

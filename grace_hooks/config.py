@@ -9,6 +9,10 @@ from .errors import ConfigError
 
 C = TypeVar("C")
 
+# What a user gets without naming a method: edits that reach paraphrases and questions (routed, so
+# unrelated text stays bit-identical), chosen from the measurements in benchmarks/RESULTS.md (issue 17).
+DEFAULT_METHOD = "encore"
+
 
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002 - mirrors argparse
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator
 
 from . import __version__
 from .architectures import Site
-from .config import make_config
+from .config import DEFAULT_METHOD, make_config
 from .errors import ArchitectureError, EditError, PackError
 from .health import site_health
 from .hooks import HookOwner
@@ -99,7 +99,7 @@ class EditableModel:
             self._rank += 1
             self._packs[pack.name] = pack
 
-    def edit(self, requests: Iterable[EditRequest | dict], method: str = "grace", pack: str | None = None,
+    def edit(self, requests: Iterable[EditRequest | dict], method: str = DEFAULT_METHOD, pack: str | None = None,
              **config_overrides) -> PackInfo:
         """Compute an edit with ``method`` and apply it as a new pack (active at once). Forwards from
         other threads wait while it is computed (they never see it half done)."""

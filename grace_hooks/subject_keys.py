@@ -82,6 +82,7 @@ def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequenc
                 chunk = requests[lo:lo + step]
                 idx = torch.tensor(lookup_positions(tokenizer, chunk, prefix))
                 enc = tokenizer([prefix + r.text for r in chunk], return_tensors="pt", padding=True).to(device)
+                enc = {k: v[:, : int(idx.max()) + 1] for k, v in enc.items()}  # causal: later tokens change nothing here
                 grabbed: dict = {}
                 with HookOwner().scoped() as scope, torch.inference_mode():
                     for name, module in modules.items():

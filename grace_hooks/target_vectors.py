@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import contextlib
+import math
 from typing import Sequence
 
 import torch
@@ -26,12 +27,15 @@ from .tokens import EditBatch, build_pair_batch, score_targets, scored_positions
 class TargetVectorConfig:
     lr: float = option(0.5, "Adam learning rate of delta (MEMIT's)")
     steps: int = option(25, "at most this many optimisation steps per request")
-    kl_factor: float = option(0.0625, "weight of the KL term on '{subject} is a'")
+    kl_factor: float = option(0.0625, "weight of the KL term on '{subject} is a' (0 = no KL prompts are run)")
     weight_decay: float = option(0.5, "weight of |delta| / |h|^2")
     clamp: float = option(0.75, "|delta| <= clamp * |h|")
     batch_size: int = option(8, "requests optimised together (one delta each); memory grows with it")
     stop: str = option("loss", "'loss': stop when the loss < 5e-2 (MEMIT); 'most_probable': stop once the target "
                        "is the argmax on every rewrite prompt (ENCORE)", choices=("loss", "most_probable"))
+    stop_prob: float = option(0.0, "with stop 'most_probable': also wait until every rewrite prompt gives each target token "
+                                   "at least this probability on average (geometric mean), a margin for what the spread "
+                                   "over blocks loses")
 
 
 @dataclass
@@ -119,33 +123,32 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
     owner = torch.arange(n).repeat_interleave(n_pref)
     rewrite = _Rows(model, layer, build_pair_batch(tokenizer, prompts, targets, lookups, device).aligned_keys(), owner,
                     real_positions, cached_prefix)
-    kl_reqs = [EditRequest(prompt="{} is a", subject=r.subject, target_new="x") for r in requests]
-    kl_batch = build_pair_batch(tokenizer, [k.text for k in kl_reqs], ["x"] * n,
-                                [lookup_positions(tokenizer, [k], "")[0] for k in kl_reqs], device).aligned_keys()
-    kl = _Rows(model, layer, kl_batch, torch.arange(n), real_positions, cached_prefix)
-    kl_index = (torch.arange(n, device=device), kl_batch.key_pos)  # MEMIT reads the KL logits at the subject token
+    kl = _KLTerm(model, tokenizer, layer, requests, device, real_positions, cached_prefix) if cfg.kl_factor else None
 
     bare = torch.arange(n) * n_pref
     key_rows, key_cols = rewrite.key_columns()
     h = rewrite.replay.hidden_in[key_rows[bare].to(device), key_cols[bare].to(device)].float()  # (n, d): the residual before the edit
     delta = torch.zeros_like(h, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    kl_init = torch.log_softmax(kl.logits(delta.detach(), kl_index).float(), -1)
+    if kl is not None:
+        kl.start(delta.detach())
+    min_logprob = math.log(cfg.stop_prob) if cfg.stop_prob > 0 else -math.inf
     steps = torch.zeros(n, dtype=torch.long)
     prob = torch.zeros(n)
     live = torch.ones(n, dtype=torch.bool)
-    rw, kr, ids = rewrite, kl, torch.arange(n)  # the rows of the live requests
+    rw, ids = rewrite, torch.arange(n)  # the rows of the live requests
     for step in range(1, cfg.steps + 1):
         d = delta[ids.to(device)]
         scores = score_targets(rw.logits(d), rw.scored)
-        kl_logp = torch.log_softmax(kr.logits(d, (kl_index[0][: len(ids)], kr.batch.key_pos)).float(), -1)
         m = len(ids)
         owner_rows = rw.owner.to(device)
         nll = torch.zeros(m, device=device).index_add(0, owner_rows, scores.nll) / n_pref
-        kl_term = (kl_logp.exp() * (kl_logp - kl_init[ids.to(device)])).sum(-1)  # KL(current || initial), as MEMIT
         hn = h[ids.to(device)].norm(dim=1)
-        loss = nll + cfg.kl_factor * kl_term + cfg.weight_decay * d.norm(dim=1) / hn ** 2
-        all_right = torch.zeros(m, device=device).index_add(0, owner_rows, (~scores.correct).float()) == 0
+        loss = nll + cfg.weight_decay * d.norm(dim=1) / hn ** 2
+        if kl is not None:
+            loss = loss + cfg.kl_factor * kl.divergence(d, ids)
+        short = ~scores.correct | (scores.nll.detach() > -min_logprob)  # a rewrite prompt not yet where the stop wants it
+        all_right = torch.zeros(m, device=device).index_add(0, owner_rows, short.float()) == 0
         with torch.no_grad():
             prob[ids] = (torch.zeros(m, device=device).index_add(0, owner_rows, torch.exp(-scores.nll)) / n_pref).cpu()
         steps[ids] = step
@@ -167,10 +170,39 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
             local = torch.full((m,), -1, dtype=torch.long)
             local[keep] = torch.arange(len(keep))
             rw = rw.select(torch.isin(rw.owner, keep).nonzero().squeeze(1), local)
-            kr = kr.select(keep, local)
+            if kl is not None:
+                kl.select(keep, local)
             ids = ids[keep]
     z = (h + delta.detach()).cpu()
     return [TargetVector(z=z[i], h=h[i].cpu(), steps=int(steps[i]), target_prob=float(prob[i])) for i in range(n)]
+
+
+class _KLTerm:
+    """MEMIT's KL term: the next-token distribution at the subject of "{subject} is a" should stay
+    what it was before the edit (keeps the subject's other properties)."""
+
+    def __init__(self, model, tokenizer, layer, requests, device, real_positions, cached_prefix):
+        n = len(requests)
+        prompts = [EditRequest(prompt="{} is a", subject=r.subject, target_new="x") for r in requests]
+        batch = build_pair_batch(tokenizer, [k.text for k in prompts], ["x"] * n,
+                                 [lookup_positions(tokenizer, [k], "")[0] for k in prompts], device).aligned_keys()
+        self.rows = _Rows(model, layer, batch, torch.arange(n), real_positions, cached_prefix)
+        self.device = device
+
+    def _logp(self, delta: torch.Tensor) -> torch.Tensor:
+        index = (torch.arange(len(self.rows.owner), device=self.device), self.rows.batch.key_pos)  # at the subject token
+        return torch.log_softmax(self.rows.logits(delta, index).float(), -1)
+
+    def start(self, delta: torch.Tensor) -> None:
+        self.initial = self._logp(delta)
+
+    def divergence(self, delta: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """KL(current || initial) per live request, as MEMIT."""
+        logp = self._logp(delta)
+        return (logp.exp() * (logp - self.initial[ids.to(self.device)])).sum(-1)
+
+    def select(self, keep: torch.Tensor, renumber: torch.Tensor) -> None:
+        self.rows = self.rows.select(keep, renumber)
 
 
 def block_width(model) -> int:

@@ -16,6 +16,8 @@ from grace_hooks.export import export_peft
 from grace_hooks.hooks import HookOwner, count_hooks
 from grace_hooks.methods import EditContext, get_method
 from grace_hooks.config import make_config
+from grace_hooks.methods.delta.config import EncoreConfig
+from grace_hooks.eval.metrics import score_pairs
 
 MORE = [EditRequest(prompt="the city of {}", subject="gondor", target_new="paris"),
         EditRequest(prompt="the language of {}", subject="carol", target_new="french")]
@@ -77,7 +79,9 @@ def test_encore_carries_earlier_keys_through_packs(make_model, tokenizer, tmp_pa
         t1 = {k: v.to(torch.float64) for k, v in p1.site_tensors(site).items()}
         t2 = {k: v.to(torch.float64) for k, v in p2.site_tensors(site).items()}
         K1, K2 = t1["keys"].T, t2["keys"].T
-        M = _c0(em, site, DELTA_TINY) + 1.0 * torch.eye(len(K1)) + K1 @ K1.T + K2 @ K2.T
+        lam = make_config(EncoreConfig, ENCORE_TINY).c0_weight(len(K1))  # routed: a tenth of mom2_weight
+        assert lam == pytest.approx(0.1)
+        M = lam * _c0(em, site, DELTA_TINY) + 1.0 * torch.eye(len(K1)) + K1 @ K1.T + K2 @ K2.T
         torch.testing.assert_close(M @ t2["V"], K2, rtol=1e-4, atol=1e-4)
     em.save_pack("p1", tmp_path)
     again = EditableModel(make_model("llama"), tokenizer, name="tiny-llama")
@@ -189,3 +193,35 @@ def test_routed_pack_keys_and_spans_follow_the_scope(make_model, tokenizer, scop
     with em.routes() as hits, torch.no_grad():
         em(**tokenizer("the capital of narnia", return_tensors="pt"))
     assert {(pos, key) for _, _, pos, _, key in hits} == {(3, 0)}  # the subject's token, its own key only
+
+
+def test_edit_reports_per_request_landing_and_phase_seconds(make_model, tokenizer, monkeypatch):
+    """Target vectors use target_prefixes of the context prefixes; the metrics say per request
+    whether the applied update makes the target the greedy continuation, and where the time went."""
+    import grace_hooks.methods.delta.method as delta_module
+
+    seen = []
+    real = delta_module.target_vectors
+
+    def spy(model, tok, layer, requests, prefixes, *args, **kwargs):
+        seen.append(len(prefixes))
+        return real(model, tok, layer, requests, prefixes, *args, **kwargs)
+
+    monkeypatch.setattr(delta_module, "target_vectors", spy)
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny-llama")
+    info = em.edit(DELTA_REQUESTS, method="encore", pack="p1", **{**ENCORE_TINY, "n_prefixes": 2, "target_prefixes": 1})
+    assert seen == [2]  # the bare prompt and one prefix
+    metrics = em.pack(info.name).metrics
+    assert len(metrics["landed"]) == len(DELTA_REQUESTS) and all(isinstance(x, bool) for x in metrics["landed"])
+    assert metrics["landed_share"] == sum(metrics["landed"]) / len(DELTA_REQUESTS)
+    assert {"target vectors", "keys and residuals", "solve", "check"} <= set(metrics["seconds"])
+    scores = score_pairs(em, [r.text for r in DELTA_REQUESTS], [r.target_new for r in DELTA_REQUESTS])
+    assert metrics["landed"] == [bool(a == 1.0) for a in scores.accuracy]  # what the applied pack really does
+
+
+def test_edit_without_a_method_uses_the_default(make_model, tokenizer):
+    from grace_hooks.config import DEFAULT_METHOD
+
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny-llama")
+    info = em.edit(DELTA_REQUESTS[:1], pack="p1", **DELTA_TINY)
+    assert info.method == DEFAULT_METHOD

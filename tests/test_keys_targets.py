@@ -123,3 +123,29 @@ def test_cached_prefix_is_exact_under_a_z_score_gate_below(make_model, tokenizer
     for a, b in zip(cached, run(False)):
         assert a.steps == b.steps
         torch.testing.assert_close(a.z, b.z, rtol=1e-4, atol=1e-4)
+
+
+def test_stop_prob_waits_for_a_margin_beyond_the_argmax(make_model, tokenizer):
+    """ENCORE's most-probable stop, with a margin: the target must also reach the asked probability."""
+    model = make_model("llama")
+    req, prefixes = TINY_REQUESTS[2], ["", "the sun . "]
+    plain = TargetVectorConfig(steps=80, stop="most_probable", lr=1.0, clamp=4.0)
+    bare = target_vector(model, tokenizer, 0, req, prefixes, plain)
+    margin = target_vector(model, tokenizer, 0, req, prefixes, TargetVectorConfig(**{**vars(plain), "stop_prob": 0.3}))
+    assert bare.steps < margin.steps < 80  # it went on after the argmax and then stopped on its own
+    assert margin.target_prob >= 0.3 > bare.target_prob
+
+
+def test_kl_factor_zero_runs_no_kl_prompts(make_model, tokenizer, monkeypatch):
+    import grace_hooks.target_vectors as tv_module
+
+    model = make_model("llama")
+    cfg = TargetVectorConfig(steps=5, lr=1.0)
+    with_kl = target_vector(model, tokenizer, 0, TINY_REQUESTS[2], [""], cfg)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the KL prompts were run although kl_factor is 0")
+
+    monkeypatch.setattr(tv_module, "_KLTerm", refuse)
+    without = target_vector(model, tokenizer, 0, TINY_REQUESTS[2], [""], TargetVectorConfig(**{**vars(cfg), "kl_factor": 0.0}))
+    assert without.steps >= 1 and not torch.equal(without.z, with_kl.z)

@@ -2,5 +2,6 @@
 from .base import EditContext, EditMethod, ComputedEdit, get_method, method_names, register
 
 from . import comeba, delta, grace  # noqa: F401,E402  (registers grace, memit, encore, oedit, comeba_hk)
+from ..config import DEFAULT_METHOD  # noqa: E402
 
-__all__ = ["EditContext", "EditMethod", "ComputedEdit", "get_method", "method_names", "register"]
+__all__ = ["DEFAULT_METHOD", "EditContext", "EditMethod", "ComputedEdit", "get_method", "method_names", "register"]

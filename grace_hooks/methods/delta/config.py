@@ -40,6 +40,13 @@ class SolveConfig(TargetVectorConfig):
     max_tokens: int = option(100_000, "at most this many key vectors in C0")
     n_prefixes: int = option(5, "model-written context prefixes besides the bare prompt (MEMIT: 5, of 10 tokens)")
     prefix_tokens: int = option(10, "length of each model-written context prefix (MEMIT: 10)")
+    target_prefixes: int | None = option(None, "context prefixes besides the bare prompt that target vectors are "
+                                               "optimised on (the keys and router radii still use n_prefixes); "
+                                               "None = n_prefixes, as MEMIT")
+
+    def target_prefix_count(self) -> int:
+        return self.n_prefixes if self.target_prefixes is None else min(self.target_prefixes, self.n_prefixes)
+
     def route_radius_scale(self) -> float:
         if self.radius_scale is not None:
             return self.radius_scale
@@ -85,8 +92,24 @@ class EncoreConfig(DeltaConfig):
 
     stop: str = option("most_probable", "target vectors: 'most_probable' (ENCORE: stop once the target is the argmax "
                                         "on every rewrite prompt) or 'loss' (MEMIT)", ("loss", "most_probable"))
+    # Tuned for routed edits on CounterFact train (benchmarks/RESULTS.md, issue 17); the paper's
+    # values (lr 0.5, stop_prob 0, target_prefixes 5, batch_size 8, routed_c0_fraction 1) remain options.
+    lr: float = option(1.0, "Adam learning rate of delta (ENCORE/MEMIT: 0.5; 1.0 stops in fewer steps)")
+    stop_prob: float = option(0.8, "a margin on the most-probable stop: every rewrite prompt must also give each target "
+                                   "token this probability on average (0 = ENCORE's bare argmax, whose edits often fall "
+                                   "short once spread over the blocks)")
+    target_prefixes: int | None = option(0, "context prefixes that target vectors are optimised on besides the bare prompt "
+                                            "(each costs as much as the bare prompt; the router keys still use n_prefixes); "
+                                            "None = n_prefixes, as the paper")
+    batch_size: int = option(64, "requests whose target vectors are optimised together")
+    routed_c0_fraction: float = option(0.1, "in routed mode, C0's weight is this fraction of mom2_weight's value: the router "
+                                            "already keeps other text out of scope, and a lighter C0 lets the update "
+                                            "reach z (1 = the paper's weight)")
     norm_lambda: float = option(20.0, "lambda_N on |dW|^2 (ENCORE's update_norm_lambda for Llama3-8B)")
     previous_edits: bool = option(True, "add sum K_p K_p^T of the keys of every loaded delta pack at the site")
+
+    def c0_weight(self, d_in: int) -> float:
+        return super().c0_weight(d_in) * (self.routed_c0_fraction if self.mode == "routed" else 1.0)
 
 
 @dataclass

@@ -28,6 +28,8 @@ from ...requests import EditRequest
 from ...runtime import LowRankDelta, SiteContribution, SiteRuntime
 from ...spans import key_spans, request_spans, span_state_problems
 from ...subject_keys import activations_at_subject, context_prefixes
+from ...timing import PhaseClock
+from ...tokens import build_edit_batch, score_targets, scored_positions
 from ...target_vectors import target_vectors
 from ..base import ComputedEdit, EditContext, EditMethod
 from .config import DeltaConfig
@@ -35,6 +37,7 @@ from .config import DeltaConfig
 log = logging.getLogger(__name__)
 
 MIN_RELATIVE_RADIUS = 0.05
+LANDED_BATCH = 16
 
 
 def _version(model) -> int:
@@ -109,11 +112,15 @@ class DeltaMethod(EditMethod):
     def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: DeltaConfig) -> ComputedEdit:
         model, tok = ctx.model, ctx.tokenizer
         sites = self.sites(model, cfg)
-        with ctx.runtime.disabled():  # the prefixes are the base model's own writing, made once per model
+        clock = PhaseClock()
+        with clock("context prefixes"), ctx.runtime.disabled():  # the base model's own writing, made once per model
             prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=ctx.runtime.memo)[: 1 + cfg.n_prefixes]
-        moments = self.second_moments(ctx, sites, cfg)
+        with clock("C0"):
+            moments = self.second_moments(ctx, sites, cfg)
         z_layer = sites[-1].layer
-        tvs = target_vectors(model, tok, z_layer, requests, prefixes, cfg.target_config(), ctx.runtime.attention_mask)
+        with clock("target vectors"):
+            tvs = target_vectors(model, tok, z_layer, requests, prefixes[: 1 + cfg.target_prefix_count()],
+                                 cfg.target_config(), ctx.runtime.attention_mask)
         z = torch.stack([tv.z for tv in tvs]).to(torch.float64)
         top = model.get_submodule(arch_spec(model).layers)[z_layer]
 
@@ -123,14 +130,15 @@ class DeltaMethod(EditMethod):
         routed = self.routes(cfg)
         route_state = self._route_state(ctx, requests, sites, cfg, 1 + len(prefixes)) if routed else {}
         for i, site in enumerate(sites):
-            with ctx.runtime.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
+            with clock("keys and residuals"), ctx.runtime.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
                 samples = activations_at_subject(model, tok, site.module(model), requests, prefixes)  # (P, n, d_in)
                 now = activations_at_subject(model, tok, top, requests, [""], which="output")[0]
             keys = samples.mean(0)
             residual = (z - now.to(torch.float64)) / (len(sites) - i)  # MEMIT: spread over the blocks left
             loaded = ctx.runtime.sites.get(site.name)
-            update = closed_form_update(residual.T, keys.T, self.preservation(moments[site.name].matrix, loaded, cfg),
-                                        self.constraint(loaded, cfg))
+            with clock("solve"):
+                update = closed_form_update(residual.T, keys.T, self.preservation(moments[site.name].matrix, loaded, cfg),
+                                            self.constraint(loaded, cfg))
             n = site.name
             tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
                             f"{n}/keys": keys.float().contiguous()})
@@ -142,24 +150,43 @@ class DeltaMethod(EditMethod):
                                            routed, key_spans(route_state, n) if routed else None)
             layer_metrics[n] = {"residual_norm": float(residual.norm(dim=1).mean()),
                                 "delta_norm": float(torch.linalg.matrix_norm(update.dense()))}
-        with ctx.runtime.staged(staged), self.solving(ctx, cfg):  # how far the whole update carries the bare prompts towards z
-            final = activations_at_subject(model, tok, top, requests, [""], which="output")[0].to(torch.float64)
-        start = torch.stack([tv.h for tv in tvs]).to(torch.float64)
-        reached = 1 - (z - final).norm(dim=1) / (z - start).norm(dim=1).clamp(min=1e-12)
+        with clock("check"):
+            with ctx.runtime.staged(staged), self.solving(ctx, cfg):  # how far the whole update carries the bare prompts towards z
+                final = activations_at_subject(model, tok, top, requests, [""], which="output")[0].to(torch.float64)
+            start = torch.stack([tv.h for tv in tvs]).to(torch.float64)
+            reached = 1 - (z - final).norm(dim=1) / (z - start).norm(dim=1).clamp(min=1e-12)
+            landed = self._landed(ctx, requests, staged, cfg)
         metrics = {
             "target_steps_mean": sum(tv.steps for tv in tvs) / len(tvs),
             "target_prob_mean": sum(tv.target_prob for tv in tvs) / len(tvs),
             "z_reached_mean": float(reached.mean()),
+            "landed": landed,  # per request: every target token is the argmax on its own prompt, update applied
+            "landed_share": sum(landed) / len(landed),
             "layers": layer_metrics,
             "c0": {s.name: {"count": moments[s.name].count, "corpus": moments[s.name].corpus_source,
                             "from_cache": moments[s.name].from_cache} for s in sites},
         }
-        metrics.update(self.finish(ctx, requests, sites, staged, tensors, cfg))
-        log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z",
-                 self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"], 100 * metrics["z_reached_mean"])
+        with clock("finish"):
+            metrics.update(self.finish(ctx, requests, sites, staged, tensors, cfg))
+        metrics["seconds"] = clock.report()
+        log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z, %d of %d landed",
+                 self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"],
+                 100 * metrics["z_reached_mean"], sum(landed), len(landed))
         state = {"mode": "routed" if routed else "global", "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
         state.update(route_state)
         return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, metrics=metrics)
+
+    def _landed(self, ctx: EditContext, requests: list[EditRequest], staged: dict[str, SiteContribution], cfg) -> list[bool]:
+        """Whether each request's target is the greedy continuation of its own prompt (teacher-forced:
+        every target token the argmax) with the whole update acting, as it will once applied."""
+        out: list[bool] = []
+        for lo in range(0, len(requests), LANDED_BATCH):  # logits over the whole vocabulary: a few rows at a time
+            batch = build_edit_batch(ctx.tokenizer, requests[lo:lo + LANDED_BATCH], device=ctx.device)
+            index, scored = scored_positions(batch)
+            with ctx.runtime.staged(staged), self.solving(ctx, cfg), torch.inference_mode():
+                logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            out += [bool(c) for c in score_targets(logits[index[0], index[1]], scored).correct]
+        return out
 
     @staticmethod
     def _route_state(ctx: EditContext, requests: list[EditRequest], sites: list[Site], cfg, n_samples: int) -> dict:
