@@ -73,7 +73,7 @@ def run(*args: str):
 def made_packs(tmp_path_factory, tiny_model, requests_file) -> Path:
     """An adapters folder holding pack 'facts' (2 edits), made once through the CLI."""
     adapters = tmp_path_factory.mktemp("made") / "adapters"
-    res = run("edit", "--requests", requests_file, "--adapters", adapters, "--pack", "facts", "--model", tiny_model)
+    res = run("edit", "--method", "grace", "--requests", requests_file, "--adapters", adapters, "--pack", "facts", "--model", tiny_model)
     assert res.exit_code == 0, res.output
     return adapters
 
@@ -89,7 +89,7 @@ def adapters(tmp_path, made_packs) -> Path:
 # ---------------------------------------------------------------------------- edit
 def test_edit_prints_pack_summary_and_writes_pack(tiny_model, requests_file, tmp_path):
     adapters = tmp_path / "ad"
-    res = run("edit", "--requests", requests_file, "--adapters", adapters, "--pack", "p1", "--model", tiny_model,
+    res = run("edit", "--method", "grace", "--requests", requests_file, "--adapters", adapters, "--pack", "p1", "--model", tiny_model,
               "--set", "n_iter=50", "--set", "eps_init=2.5")
     assert res.exit_code == 0, res.output
     out = res.stdout
@@ -102,7 +102,7 @@ def test_edit_prints_pack_summary_and_writes_pack(tiny_model, requests_file, tmp
 
 
 def test_edit_loads_existing_packs_and_limit(adapters, tiny_model, requests_file):
-    res = run("edit", "--requests", requests_file, "--adapters", adapters, "--pack", "more", "--model", tiny_model, "--limit", "1")
+    res = run("edit", "--method", "grace", "--requests", requests_file, "--adapters", adapters, "--pack", "more", "--model", tiny_model, "--limit", "1")
     assert res.exit_code == 0, res.output
     assert "1 pack(s): facts" in res.stderr  # the folder's packs were active while editing
     assert "edits:   1" in res.stdout
@@ -111,11 +111,11 @@ def test_edit_loads_existing_packs_and_limit(adapters, tiny_model, requests_file
 
 def test_edit_refuses_existing_name_then_overwrites(adapters, tiny_model, requests_file):
     before = read_header(adapters / "facts")["pack_id"]
-    res = run("edit", "--requests", requests_file, "--adapters", adapters, "--pack", "facts", "--model", tiny_model)
+    res = run("edit", "--method", "grace", "--requests", requests_file, "--adapters", adapters, "--pack", "facts", "--model", tiny_model)
     assert res.exit_code == 2
     assert res.stderr.startswith("error: ") and "--overwrite" in res.stderr
     assert "loading model" not in res.stderr  # refused before any slow work
-    res = run("edit", "--requests", requests_file, "--adapters", adapters, "--pack", "facts", "--model", tiny_model,
+    res = run("edit", "--method", "grace", "--requests", requests_file, "--adapters", adapters, "--pack", "facts", "--model", tiny_model,
               "--limit", "1", "--overwrite")
     assert res.exit_code == 0, res.output
     header = read_header(adapters / "facts")
@@ -129,23 +129,23 @@ def test_edit_refuses_existing_name_then_overwrites(adapters, tiny_model, reques
     (["--pack", "../escape"], "invalid pack name"),
 ])
 def test_edit_bad_options_are_errors(tmp_path, requests_file, extra, message):
-    res = run("edit", "--requests", requests_file, "--adapters", tmp_path / "ad", "--model", "unused", *extra)
+    res = run("edit", "--method", "grace", "--requests", requests_file, "--adapters", tmp_path / "ad", "--model", "unused", *extra)
     assert res.exit_code == 2
     assert res.stderr.startswith("error: ") and message in res.stderr
     assert "Traceback" not in res.output
 
 
 def test_edit_malformed_set_is_usage_error(tmp_path, requests_file):
-    res = run("edit", "--requests", requests_file, "--adapters", tmp_path / "ad", "--set", "eps_init")
+    res = run("edit", "--method", "grace", "--requests", requests_file, "--adapters", tmp_path / "ad", "--set", "eps_init")
     assert res.exit_code == 2 and "key=value" in res.stderr
 
 
 def test_edit_bad_requests_files(tmp_path):
-    missing = run("edit", "--requests", tmp_path / "missing.json", "--adapters", tmp_path / "ad")
+    missing = run("edit", "--method", "grace", "--requests", tmp_path / "missing.json", "--adapters", tmp_path / "ad")
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt": "The capital of Japan is", "subject": "Japan", "target_new": ""}]))
-    res = run("edit", "--requests", bad, "--adapters", tmp_path / "ad")
+    res = run("edit", "--method", "grace", "--requests", bad, "--adapters", tmp_path / "ad")
     assert res.exit_code == 2 and "empty target_new" in res.stderr
     assert not (tmp_path / "ad").exists()
 
@@ -153,7 +153,7 @@ def test_edit_bad_requests_files(tmp_path):
 def test_edit_reads_other_layouts(tmp_path, tiny_model):
     zsre = tmp_path / "zsre.json"
     zsre.write_text(json.dumps([{"src": "The capital of Japan is", "subject": "Japan", "alt": "Rome", "answers": ["Tokyo"]}]))
-    res = run("edit", "--requests", zsre, "--adapters", tmp_path / "ad", "--model", tiny_model, "--set", "n_iter=5")
+    res = run("edit", "--method", "grace", "--requests", zsre, "--adapters", tmp_path / "ad", "--model", tiny_model, "--set", "n_iter=5")
     assert res.exit_code == 0, res.output
     (name,) = [p.name for p in (tmp_path / "ad").iterdir() if p.name != LOCK_NAME]
     assert name.startswith("grace-")
@@ -285,7 +285,7 @@ def test_verbose_shows_library_logs(made_packs, tmp_path):
 
 
 def test_verbose_logs_edit(tiny_model, requests_file, tmp_path):
-    res = run("-v", "edit", "--requests", requests_file, "--adapters", tmp_path / "ad", "--model", tiny_model, "--set", "n_iter=3")
+    res = run("-v", "edit", "--method", "grace", "--requests", requests_file, "--adapters", tmp_path / "ad", "--model", tiny_model, "--set", "n_iter=3")
     assert res.exit_code == 0, res.output
     assert "INFO grace_hooks" in res.stderr
 
@@ -339,3 +339,10 @@ def test_eval_runs_methods_and_writes_results(tiny_model, requests_file, tmp_pat
 def test_eval_bad_input(tiny_model, requests_file, tmp_path, args, message):
     res = run("eval", "--data", requests_file, "--model", tiny_model, "--out", tmp_path / "o", "--n-records", "2", *args)
     assert res.exit_code == 2 and message in res.stderr, res.output
+
+
+def test_edit_defaults_to_the_default_method():
+    from grace_hooks.config import DEFAULT_METHOD
+
+    res = run("edit", "--help")
+    assert res.exit_code == 0 and f"[default: {DEFAULT_METHOD}]" in " ".join(res.stdout.split())

@@ -154,7 +154,9 @@ class DeltaMethod(EditMethod):
             with ctx.runtime.staged(staged), self.solving(ctx, cfg):  # how far the whole update carries the bare prompts towards z
                 final = activations_at_subject(model, tok, top, requests, [""], which="output")[0].to(torch.float64)
             start = torch.stack([tv.h for tv in tvs]).to(torch.float64)
-            reached = 1 - (z - final).norm(dim=1) / (z - start).norm(dim=1).clamp(min=1e-12)
+            path = (z - start).norm(dim=1)
+            moved = path > 1e-6 * start.norm(dim=1)  # a request already right before any step has no way to go
+            reached = (1 - (z - final).norm(dim=1) / path.clamp(min=1e-12))[moved] if bool(moved.any()) else torch.ones(1)
             landed = self._landed(ctx, requests, staged, cfg)
         metrics = {
             "target_steps_mean": sum(tv.steps for tv in tvs) / len(tvs),
