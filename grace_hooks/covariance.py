@@ -61,7 +61,8 @@ def sample_corpus(model, tokenizer, n_texts: int = 64, n_tokens: int = 128, seed
     texts = []
     device = next(model.parameters()).device
     log.info("covariance corpus: sampling %d texts of %d tokens from the model itself (no corpus given)", n_texts, n_tokens)
-    for i in range(0, n_texts, batch_size):
+    for i in tqdm(range(0, n_texts, batch_size), desc=f"C0 corpus: sampling {n_texts} texts from the model", unit="batch",
+                  leave=False, disable=None):
         n = min(batch_size, n_texts - i)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         ids = torch.full((n, 1), start, dtype=torch.long, device=device)

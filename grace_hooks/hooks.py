@@ -82,6 +82,20 @@ def forward_until(model: nn.Module, stop_at: nn.Module, **inputs) -> None:
             pass
 
 
+@contextlib.contextmanager
+def head_only_at(model: nn.Module | None, index) -> Iterator[bool]:
+    """Inside the block the output embedding of ``model`` (a causal LM) runs on positions
+    ``index = (rows, cols)`` only, so its logits come out shaped ``rows.shape + (vocab,)`` (the head
+    is a small model's costliest layer); yields False where the model has no such head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield False
+        return
+    with HookOwner().scoped() as scope:
+        scope.pre_forward(head, lambda module, args: (args[0][index[0], index[1]], *args[1:]))
+        yield True
+
+
 def count_hooks(model: nn.Module) -> int:
     """Number of forward and pre-forward hooks registered anywhere in ``model`` (for tests)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -13,6 +13,7 @@ import math
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .architectures import arch_spec
 from .config import option
@@ -137,7 +138,10 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
     prob = torch.zeros(n)
     live = torch.ones(n, dtype=torch.bool)
     rw, ids = rewrite, torch.arange(n)  # the rows of the live requests
+    bar = tqdm(total=cfg.steps, desc=f"target vectors of {n} request(s)", unit="step", leave=False, disable=None)
     for step in range(1, cfg.steps + 1):
+        bar.update()
+        bar.set_postfix(optimising=len(ids))
         d = delta[ids.to(device)]
         scores = score_targets(rw.logits(d), rw.scored)
         m = len(ids)
@@ -173,6 +177,7 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
             if kl is not None:
                 kl.select(keep, local)
             ids = ids[keep]
+    bar.close()
     z = (h + delta.detach()).cpu()
     return [TargetVector(z=z[i], h=h[i].cpu(), steps=int(steps[i]), target_prob=float(prob[i])) for i in range(n)]
 

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..hooks import HookOwner
+from ..hooks import head_only_at
 from ..requests import EditRequest
 from ..tokens import build_pair_batch, score_targets, scored_positions, target_text
 from .generation import greedy_batch, mentions, reaches
@@ -48,20 +48,6 @@ def _digest(logits: torch.Tensor) -> str:
     return hashlib.sha1(logits.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-@contextlib.contextmanager
-def _head_only_at(model, index: tuple[torch.Tensor, torch.Tensor]):
-    """Inside the block the output embedding runs on positions ``index = (rows, cols)`` only (the
-    head is a small model's costliest layer); yields False where the model has no such head."""
-    net = getattr(model, "base_model", None)
-    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
-    if head is None:
-        yield False
-        return
-    with HookOwner().scoped() as scope:
-        scope.pre_forward(head, lambda module, args: (args[0][index[0], index[1]], *args[1:]))
-        yield True
-
-
 def score_pairs(model, prompts: Sequence[str | None], targets: Sequence[str | None], batch_size: int = 32,
                 routes: bool = False) -> PairScores:
     """Score every (prompt, target) pair, ``batch_size`` pairs per right-padded forward, in order
@@ -77,7 +63,7 @@ def score_pairs(model, prompts: Sequence[str | None], targets: Sequence[str | No
                                  device=model.device)
         index, scored = scored_positions(batch)  # last prompt token .. last target token of each row
         trace = model.routes() if routes else contextlib.nullcontext()
-        with torch.inference_mode(), trace as hits, _head_only_at(model, index) as narrowed:
+        with torch.inference_mode(), trace as hits, head_only_at(getattr(model, "base_model", None), index) as narrowed:
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         if not narrowed:
             logits = logits[index[0], index[1]]

@@ -28,6 +28,7 @@ from ...requests import EditRequest
 from ...runtime import LowRankDelta, SiteContribution, SiteRuntime
 from ...spans import key_spans, request_spans, span_state_problems
 from ...subject_keys import activations_at_subject, context_prefixes
+from ...hooks import head_only_at
 from ...timing import PhaseClock
 from ...tokens import build_edit_batch, score_targets, scored_positions
 from ...target_vectors import target_vectors
@@ -37,7 +38,6 @@ from .config import DeltaConfig
 log = logging.getLogger(__name__)
 
 MIN_RELATIVE_RADIUS = 0.05
-LANDED_BATCH = 16
 
 
 def _version(model) -> int:
@@ -181,14 +181,14 @@ class DeltaMethod(EditMethod):
     def _landed(self, ctx: EditContext, requests: list[EditRequest], staged: dict[str, SiteContribution], cfg) -> list[bool]:
         """Whether each request's target is the greedy continuation of its own prompt (teacher-forced:
         every target token the argmax) with the whole update acting, as it will once applied."""
-        out: list[bool] = []
-        for lo in range(0, len(requests), LANDED_BATCH):  # logits over the whole vocabulary: a few rows at a time
-            batch = build_edit_batch(ctx.tokenizer, requests[lo:lo + LANDED_BATCH], device=ctx.device)
-            index, scored = scored_positions(batch)
-            with ctx.runtime.staged(staged), self.solving(ctx, cfg), torch.inference_mode():
-                logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            out += [bool(c) for c in score_targets(logits[index[0], index[1]], scored).correct]
-        return out
+        batch = build_edit_batch(ctx.tokenizer, requests, device=ctx.device)
+        index, scored = scored_positions(batch)  # the head runs on the scored positions only
+        with ctx.runtime.staged(staged), self.solving(ctx, cfg), torch.inference_mode(), \
+                head_only_at(ctx.model, index) as narrowed:
+            logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        if not narrowed:
+            logits = logits[index[0], index[1]]
+        return [bool(c) for c in score_targets(logits, scored).correct]
 
     @staticmethod
     def _route_state(ctx: EditContext, requests: list[EditRequest], sites: list[Site], cfg, n_samples: int) -> dict:
