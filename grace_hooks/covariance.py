@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from .loading import cache_dir
 log = logging.getLogger(__name__)
 
 SELF_SAMPLED = "model-sampled"
+SHIPPED_CORPORA = "data/corpus"  # package folder of model-sampled corpora, named as the cache names them
+_WHERE_LOADED = ("_name_or_path", "transformers_version")  # config entries that say nothing of the weights
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,22 @@ def sample_corpus(model, tokenizer, n_texts: int = 64, n_tokens: int = 128, seed
 
 def cached_sample_corpus(model, tokenizer, model_hash: str, n_texts: int = 64, n_tokens: int = 128, seed: int = 0,
                          cache: Path | None | bool = True) -> Corpus:
-    """:func:`sample_corpus`, kept on disk per (model weights, seed, size): sampling takes a minute."""
+    """:func:`sample_corpus`, kept on disk per (model weights, seed, size): sampling takes minutes.
+    Looked up in the cache folder, then among the corpora shipped with the package (those the
+    embedded models sample, so a first edit on a fresh machine need not sample), then sampled."""
     folder = (cache_dir() / "corpus") if cache is True else (Path(cache) if cache else None)
-    path = None if folder is None else folder / f"{model_hash}-seed{seed}-n{n_texts}-t{n_tokens}.json"
-    if path is not None and path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        log.info("covariance corpus: %d model-sampled texts from the cache (%s)", len(stored["texts"]), path.name)
-        return Corpus(tuple(stored["texts"]), stored["source"])
+    name = f"{model_hash}-seed{seed}-n{n_texts}-t{n_tokens}.json"
+    path = None if folder is None else folder / name
+    shipped = resources.files("grace_hooks").joinpath(SHIPPED_CORPORA, name)
+    for where in ([path] if path is not None else []) + ([shipped] if cache is not False and cache is not None else []):
+        if not where.is_file():
+            continue
+        corpus = _read_corpus(where.read_text(encoding="utf-8"))
+        if corpus is None:
+            log.warning("covariance corpus: %s is not a corpus file (texts and source); it is ignored", where)
+            continue
+        log.info("covariance corpus: %d model-sampled texts from %s", len(corpus.texts), where)
+        return corpus
     corpus = sample_corpus(model, tokenizer, n_texts, n_tokens, seed)
     if path is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -89,6 +101,18 @@ def cached_sample_corpus(model, tokenizer, model_hash: str, n_texts: int = 64, n
         tmp.write_text(json.dumps({"texts": list(corpus.texts), "source": corpus.source}), encoding="utf-8")
         tmp.replace(path)
     return corpus
+
+
+def _read_corpus(text: str) -> Corpus | None:
+    """A stored corpus, or None when the text is not one (bad JSON, wrong types, no text)."""
+    try:
+        stored = json.loads(text)
+    except ValueError:
+        return None
+    if not (isinstance(stored, dict) and isinstance(stored.get("source"), str) and isinstance(stored.get("texts"), list)
+            and stored["texts"] and all(isinstance(t, str) for t in stored["texts"])):
+        return None
+    return Corpus(tuple(stored["texts"]), stored["source"])
 
 
 def site_inputs(model, tokenizer, sites: list[Site], texts, max_tokens: int, max_length: int = 256) -> dict[str, torch.Tensor]:
@@ -109,8 +133,10 @@ def site_inputs(model, tokenizer, sites: list[Site], texts, max_tokens: int, max
 
 
 def model_digest(model) -> str:
-    """A hash of every parameter: the statistics of a site depend on all the layers below it."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    """A hash of the config and every parameter: the statistics of a site depend on all the layers
+    below it, not on where the weights were loaded from or by which transformers release."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _WHERE_LOADED}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())

@@ -100,3 +100,43 @@ def test_subspace_overlap_tells_orthogonal_packs_from_overlapping_ones():
     # q has orthonormal columns, so |U q^T|_F = |U|_F
     assert repeated["norm_first"] == pytest.approx(float(us[0].norm()))
     assert repeated["norm_last"] == pytest.approx(float(us[1].norm()))
+
+
+def test_model_digest_follows_the_weights_not_where_they_were_loaded(make_model):
+    from grace_hooks.covariance import model_digest
+
+    model = make_model("llama")
+    before = model_digest(model)
+    model.config._name_or_path = "/somewhere/else"
+    model.config.transformers_version = "0.0.0"
+    assert model_digest(model) == before
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1.0
+    assert model_digest(model) != before
+
+
+def test_corpus_comes_from_the_cache_then_the_shipped_folder_then_sampling(make_model, tokenizer, tmp_path, monkeypatch):
+    import json
+
+    import grace_hooks.covariance as cov
+
+    model = make_model("llama")
+    name = "abc-seed0-n4-t8.json"
+    shipped, cache = tmp_path / "shipped", tmp_path / "cache"
+    shipped.mkdir()
+    (shipped / name).write_text(json.dumps({"texts": ["the sun", "the cat"], "source": "model-sampled:shipped"}))
+    monkeypatch.setattr(cov, "SHIPPED_CORPORA", str(shipped))  # an absolute folder replaces the package's
+    calls = []
+    real = cov.sample_corpus
+    monkeypatch.setattr(cov, "sample_corpus", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    got = cov.cached_sample_corpus(model, tokenizer, "abc", 4, 8, cache=cache)
+    assert got.texts == ("the sun", "the cat") and got.source == "model-sampled:shipped" and not calls
+
+    cache.mkdir()
+    (cache / name).write_text('{"texts": [3], "source": "x"}')  # a bad cache file is not used
+    assert cov.cached_sample_corpus(model, tokenizer, "abc", 4, 8, cache=cache).source == "model-sampled:shipped"
+    (shipped / name).write_text("not json")  # nothing usable: the model samples, and the cache is repaired
+    sampled = cov.cached_sample_corpus(model, tokenizer, "abc", 4, 8, cache=cache)
+    assert calls == [1] and sampled.source.startswith("model-sampled:seed=0")
+    assert json.loads((cache / name).read_text())["texts"] == list(sampled.texts)
