@@ -21,7 +21,7 @@ import torch
 
 from grace_hooks import EditableModel
 from grace_hooks.config import DEFAULT_METHOD, make_config
-from grace_hooks.covariance import cached_sample_corpus, model_digest, site_inputs
+from grace_hooks.covariance import cached_sample_corpus, model_digest, sample_corpus, site_inputs
 from grace_hooks.linalg import closed_form_update, preservation_matrix
 from grace_hooks.methods import get_method
 from grace_hooks.requests import read_requests
@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--n-requests", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=32768)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-sampling", default="", metavar="B,B,...",
+                    help="also time one batch of B model-sampled texts for each B (seconds per text)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/c0_settle.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,7 +71,13 @@ def main() -> None:
             worst_c0 = max(worst_c0, float((c0 - full_c0[site.name]).norm() / full_c0[site.name].norm()))
         rows.append({"tokens": n, "V_relative_distance": worst_v, "C0_relative_distance": worst_c0})
     rows.reverse()
-    result = {"model": em.name, "method": DEFAULT_METHOD, "sites": [s.name for s in sites], "corpus": corpus.source,
+    sampling = {}
+    for b in [int(x) for x in args.time_sampling.split(",") if x]:
+        t0 = time.perf_counter()
+        sample_corpus(model, tok, b, cfg.corpus_tokens, batch_size=b)
+        sampling[b] = (time.perf_counter() - t0) / b
+        print(f"sampling {b} texts of {cfg.corpus_tokens} tokens in one batch: {sampling[b]:.2f} s per text")
+    result = {"model": em.name, "sampling_seconds_per_text": sampling, "method": DEFAULT_METHOD, "sites": [s.name for s in sites], "corpus": corpus.source,
               "seconds_sampling_or_cache": sampled, "seconds_site_inputs": measured, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
