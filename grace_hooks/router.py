@@ -53,8 +53,10 @@ class KeyRouter:
         return int(self._index.ntotal)
 
     def add(self, keys: np.ndarray, radii: np.ndarray, rank: int, last_only: bool = False,
-            spans: list[list[list[int]]] | None = None, anchor: str = "end") -> np.ndarray:
-        """Add keys (ids returned). ``spans``: per key, the token spans that anchor it (None: none)."""
+            spans: list[list[list[int]]] | None = None, anchor: str = "end",
+            closers: list[list[list[int]]] | None = None) -> np.ndarray:
+        """Add keys (ids returned). ``spans``: per key, the token spans that anchor it (None: none);
+        ``closers``: per 'seen'-anchored key, the answer spans after which it stops (spans.SpanIndex)."""
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must be (n, {self.dim}), got {keys.shape}")
@@ -69,7 +71,7 @@ class KeyRouter:
         self._alive = np.concatenate([self._alive, np.ones(n, dtype=bool)])
         self._anchored = np.concatenate([self._anchored, np.full(n, spans is not None, dtype=bool)])
         if spans is not None:
-            self.spans.add(ids, spans, anchor)
+            self.spans.add(ids, spans, anchor, closers)
         if n:
             self._index.add_with_ids(keys, ids)
         return ids

@@ -53,6 +53,7 @@ class SiteContribution:
     last_only: bool = False  # keys match only the last real position of a forward call
     spans: list[list[list[int]]] | None = None  # per key, its subject's token spans (None: the key alone decides)
     anchor: str = "end"  # where a span must end: at the position ('end') or at or before it ('seen')
+    closers: list[list[list[int]]] | None = None  # per 'seen' key, its answer's spans: the key stops where they end
     shrink: list[tuple[str, int, float]] = field(default_factory=list)  # (earlier pack id, key index, radius)
 
 
@@ -102,7 +103,7 @@ class SiteRuntime:
         if c.keys is not None:
             n = len(c.keys)
             ids = self.router.add(c.keys.detach().float().cpu().numpy(), c.radii.detach().float().cpu().numpy(), rank,
-                                  c.last_only, c.spans, c.anchor)
+                                  c.last_only, c.spans, c.anchor, c.closers)
             rows = c.values.detach().float().cpu() if c.values is not None else torch.zeros(n, self._values[0].shape[1])
             self._values.append(rows)
             self._replaces.append(torch.full((n,), c.values is not None))

@@ -8,7 +8,11 @@ a span is in scope only where the token ids of its subject occur in the text as 
 - ``end`` anchor (keys at the last subject token: routed deltas, COMEBA-HK's router gate): the span
   must end at the position itself;
 - ``seen`` anchor (keys elsewhere, e.g. GRACE's at the last prompt token): the span must end at the
-  position or before it, in the same sequence.
+  position or before it, in the same sequence. Such a key may also carry *closing* spans, the
+  tokens of its edit's answer: once the answer has been written after the subject, the key is out
+  of scope from the answer's last token on, so an edit ends where its answer ends instead of
+  firing on the tokens it generated itself ("Zorbatown" + "own" + "own" ..., issue 18). A later
+  mention of the subject opens it again.
 
 A subject has one span per tokenisation it can take (after a space, or at the start of a text).
 Candidates are found by hashing the token n-grams that end at each position, so the cost per
@@ -26,7 +30,8 @@ Span = tuple[int, ...]
 
 
 def subject_spans(tokenizer, subject: str) -> list[list[int]]:
-    """The token ids ``subject`` takes after a space and at the start of a text (distinct ones)."""
+    """The token ids ``subject`` (or an answer) takes after a space and at the start of a text
+    (distinct ones)."""
     out: list[list[int]] = []
     for text in (" " + subject.strip(), subject.strip()):
         ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -42,43 +47,49 @@ class SpanIndex:
         self._keys: dict[Span, list[int]] = {}  # span -> key ids
         self._spans: dict[int, list[Span]] = {}  # key id -> its spans
         self.anchor: dict[int, str] = {}  # key id -> 'end' | 'seen'
+        self._closers: dict[Span, list[int]] = {}  # answer span -> 'seen' key ids it closes
+        self._closing: dict[int, list[Span]] = {}  # key id -> its answer spans
 
     def __len__(self) -> int:
         return len(self._spans)
 
-    def add(self, key_ids: np.ndarray, spans: list[list[list[int]]], anchor: str) -> None:
+    def add(self, key_ids: np.ndarray, spans: list[list[list[int]]], anchor: str,
+            closers: list[list[list[int]]] | None = None) -> None:
+        """Index ``spans[i]`` as the spans of key ``key_ids[i]``; ``closers[i]``: its answer spans
+        (only for the 'seen' anchor)."""
         if anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
-        if len(spans) != len(key_ids):
-            raise ValueError(f"{len(key_ids)} keys but {len(spans)} span lists")
-        for key_id, key_spans in zip(np.asarray(key_ids).tolist(), spans):
-            tuples = [tuple(int(t) for t in s) for s in key_spans if len(s)]
-            self._spans[key_id] = tuples
+        if len(spans) != len(key_ids) or (closers is not None and len(closers) != len(key_ids)):
+            raise ValueError(f"{len(key_ids)} keys but {len(spans)} span lists / {len(closers or ())} closer lists")
+        if closers is not None and anchor != "seen":
+            raise ValueError("closing spans are for 'seen'-anchored keys (an 'end' key fires only where its span ends)")
+        for i, key_id in enumerate(np.asarray(key_ids).tolist()):
             self.anchor[key_id] = anchor
-            for s in tuples:
-                self._keys.setdefault(s, []).append(key_id)
+            self._spans[key_id] = _index_spans(self._keys, key_id, spans[i])
+            if closers is not None:
+                self._closing[key_id] = _index_spans(self._closers, key_id, closers[i])
 
     def remove(self, key_ids: np.ndarray) -> None:
         for key_id in np.asarray(key_ids).tolist():
-            for s in self._spans.pop(key_id, ()):
-                left = [k for k in self._keys[s] if k != key_id]
-                if left:
-                    self._keys[s] = left
-                else:
-                    del self._keys[s]
+            _unindex_spans(self._keys, key_id, self._spans.pop(key_id, ()))
+            _unindex_spans(self._closers, key_id, self._closing.pop(key_id, ()))
             self.anchor.pop(key_id, None)
 
     def __contains__(self, key_id: int) -> bool:
         return key_id in self._spans
 
-    def lengths(self) -> list[int]:
-        return sorted({len(s) for s in self._keys})
+    def lengths(self, table: dict[Span, list[int]] | None = None) -> list[int]:
+        return sorted({len(s) for s in (self._keys if table is None else table)})
 
-    def ends(self, tokens: np.ndarray, start: int = 0) -> list[list[tuple[int, int]]]:
+    def ends(self, tokens: np.ndarray, start: int = 0, table: dict[Span, list[int]] | None = None) -> list[list[tuple[int, int]]]:
         """For each row of ``tokens`` (batch, T; NO_TOKEN for padding): (position, key id) of every
-        span that ends at a position from ``start`` on (it may begin before ``start``)."""
+        span (of ``table``: subject spans by default) that ends at a position from ``start`` on (it
+        may begin before ``start``), in position order."""
+        table = self._keys if table is None else table
         out: list[list[tuple[int, int]]] = [[] for _ in range(len(tokens))]
-        lengths = self.lengths()
+        lengths = self.lengths(table)
+        if not lengths:
+            return out
         for row, seq in enumerate(tokens.tolist()):
             for t in range(start, len(seq)):
                 if seq[t] == NO_TOKEN:
@@ -86,34 +97,61 @@ class SpanIndex:
                 for m in lengths:
                     if m > t + 1:
                         break
-                    for key_id in self._keys.get(tuple(seq[t - m + 1:t + 1]), ()):
+                    for key_id in table.get(tuple(seq[t - m + 1:t + 1]), ()):
                         out[row].append((t, key_id))
         return out
 
     def candidates(self, tokens: np.ndarray, width: int, seen: list[set] | None) -> tuple[np.ndarray, np.ndarray]:
         """(flat position over ``batch x width``, key id) of every key whose anchor allows it at one of
         the last ``width`` positions of ``tokens``. ``seen``: per row, the 'seen'-anchored keys whose
-        span occurred in earlier forwards of the same sequences; updated in place."""
+        span occurred in earlier forwards of the same sequences and whose answer has not ended since;
+        updated in place."""
         start = tokens.shape[1] - width
         flat, ids = [], []
+        closes = self.ends(tokens, start, self._closers) if self._closers else [[] for _ in range(len(tokens))]
         for row, hits in enumerate(self.ends(tokens, start)):
             carried = seen[row] if seen is not None else set()
-            opened: dict[int, int] = {}  # 'seen' key -> first position (in this call) its span ended
+            events: dict[int, list[tuple[int, int]]] = {}  # 'seen' key -> (position, +1 open / -1 close)
             for t, key_id in hits:
                 if self.anchor[key_id] == "end":
                     flat.append(row * width + t - start)
                     ids.append(key_id)
-                elif key_id not in carried:
-                    opened[key_id] = min(opened.get(key_id, t), t)
-            for key_id in carried:
-                flat += [row * width + c for c in range(width)]
-                ids += [key_id] * width
-            for key_id, t in opened.items():
-                first = t - start
-                flat += [row * width + c for c in range(first, width)]
-                ids += [key_id] * (width - first)
-                carried.add(key_id)
+                else:
+                    events.setdefault(key_id, []).append((t, 1))
+            for t, key_id in closes[row]:
+                events.setdefault(key_id, []).append((t, -1))
+            for key_id in carried | set(events):
+                is_open, since = key_id in carried, start
+                for t, kind in sorted(events.get(key_id, ()), key=lambda e: (e[0], e[1])):  # a close, then an open, at t
+                    if kind > 0 and not is_open:
+                        is_open, since = True, t
+                    elif kind < 0 and is_open:  # in scope up to the answer's last token, not at it
+                        flat += [row * width + c - start for c in range(since, t)]
+                        ids += [key_id] * (t - since)
+                        is_open = False
+                if is_open:
+                    flat += [row * width + c - start for c in range(since, start + width)]
+                    ids += [key_id] * (start + width - since)
+                    carried.add(key_id)
+                else:
+                    carried.discard(key_id)
         return np.asarray(flat, dtype=np.int64), np.asarray(ids, dtype=np.int64)
+
+
+def _index_spans(table: dict[Span, list[int]], key_id: int, spans: list[list[int]]) -> list[Span]:
+    tuples = [tuple(int(t) for t in s) for s in spans if len(s)]
+    for s in tuples:
+        table.setdefault(s, []).append(key_id)
+    return tuples
+
+
+def _unindex_spans(table: dict[Span, list[int]], key_id: int, spans) -> None:
+    for s in spans:
+        left = [k for k in table[s] if k != key_id]
+        if left:
+            table[s] = left
+        else:
+            del table[s]
 
 
 SCOPES = ("span", "key")
@@ -126,12 +164,21 @@ def request_spans(tokenizer, requests) -> list[list[list[int]]]:
     return [subject_spans(tokenizer, r.subject) for r in requests]
 
 
-def key_spans(state: dict, site: str) -> list[list[list[int]]] | None:
-    """Per router key at ``site``, the spans of the requests it serves (``state['key_requests']``);
-    None for a pack without subject spans (made with scope 'key', or before spans existed)."""
-    if "subject_spans" not in state:
+def request_answer_spans(tokenizer, requests) -> list[list[list[int]]]:
+    """``state['answer_spans']`` of a pack: the spans of each request's new target (closing spans)."""
+    return [subject_spans(tokenizer, r.target_new) for r in requests]
+
+
+SPAN_FIELDS = ("subject_spans", "answer_spans")
+
+
+def key_spans(state: dict, site: str, field: str = "subject_spans") -> list[list[list[int]]] | None:
+    """Per router key at ``site``, the spans (``field``: subject or answer spans) of the requests it
+    serves (``state['key_requests']``); None for a pack without them (subject spans: made with scope
+    'key', or before spans existed; answer spans: made before issue 18)."""
+    if field not in state:
         return None
-    by_request = state["subject_spans"]
+    by_request = state[field]
     return [[s for r in requests for s in by_request[r]] for requests in state["key_requests"][site]]
 
 
@@ -139,14 +186,16 @@ def span_state_problems(state: dict, n_requests: int, keys_per_site: dict[str, i
     """What is wrong with a pack's ``subject_spans`` and the ``key_requests`` they are read through
     (``keys_per_site``: how many router keys the pack has at each site). A token id the model does
     not have never matches, so ids are only checked to be ints >= 0."""
-    spans = state.get("subject_spans")
-    if spans is None:
-        return []
-    ok = isinstance(spans, list) and len(spans) == n_requests and all(
-        isinstance(per, list) and all(isinstance(s, list) and 0 < len(s) <= MAX_SPAN and all(
-            type(t) is int and 0 <= t < 2**31 for t in s) for s in per) for per in spans)
-    if not ok:
-        return [f"state.subject_spans must list, for each of the {n_requests} requests, lists of 1 to {MAX_SPAN} token ids"]
+    if state.get("subject_spans") is None:
+        return ["state.answer_spans needs state.subject_spans (an answer closes a key its subject opened)"] \
+            if "answer_spans" in state else []
+    for field in (f for f in SPAN_FIELDS if f in state):
+        spans = state[field]
+        ok = isinstance(spans, list) and len(spans) == n_requests and all(
+            isinstance(per, list) and all(isinstance(s, list) and 0 < len(s) <= MAX_SPAN and all(
+                type(t) is int and 0 <= t < 2**31 for t in s) for s in per) for per in spans)
+        if not ok:
+            return [f"state.{field} must list, for each of the {n_requests} requests, lists of 1 to {MAX_SPAN} token ids"]
     owners = state.get("key_requests")
     if not isinstance(owners, dict) or not all(
             isinstance(owners.get(site), list) and len(owners[site]) == n

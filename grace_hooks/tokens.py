@@ -73,6 +73,20 @@ class EditBatch:
             ids[b, s: s + n], mask[b, s: s + n] = self.input_ids[b, :n], 1
         return EditBatch(ids, mask, self.prompt_len, self.target_len, self.key_pos + shift, shift)
 
+    def with_next_tokens(self, next_ids: torch.Tensor) -> "EditBatch":
+        """The same right-padded rows with one more target token each: ``next_ids[b]`` after row b's
+        target (e.g. the token that ends the answer, so an edit learns where its answer stops)."""
+        if self.left is not None:
+            raise ValueError("only a right-padded batch can be extended")
+        ends = (self.prompt_len + self.target_len).tolist()
+        width = max(self.input_ids.shape[1], max(ends) + 1)
+        grow = width - self.input_ids.shape[1]  # new columns repeat the last one (padding where unused)
+        ids = torch.cat([self.input_ids, self.input_ids[:, -1:].expand(-1, grow)], dim=1)
+        mask = torch.cat([self.attention_mask, torch.zeros_like(self.attention_mask[:, :grow])], dim=1)
+        for b, n in enumerate(ends):
+            ids[b, n], mask[b, n] = next_ids[b], 1
+        return EditBatch(ids, mask, self.prompt_len, self.target_len + 1, self.key_pos)
+
     def rows(self, rows: torch.Tensor) -> "EditBatch":
         """The batch of rows ``rows`` (same width)."""
         pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731

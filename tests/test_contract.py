@@ -82,7 +82,9 @@ def test_contract(arch, method, make_model, tokenizer, tmp_path):
 def _greedy(model, tokenizer, prompts, **kw):
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kw)
-    return [row[enc.input_ids.shape[1]:].tolist() for row in out]
+    rows = [row[enc.input_ids.shape[1]:].tolist() for row in out]
+    eos = tokenizer.eos_token_id  # a row that ended is padded in a batch, not alone: compare up to its end
+    return [row[:row.index(eos) + 1] if eos in row else row for row in rows]
 
 
 def _padded_logits(model, tokenizer, prompts):

@@ -28,6 +28,10 @@ def test_checkpoint_counts():
     assert checkpoint_counts(10, 3, 2) == [3, 6, 9, 10]  # multiples of the batch, ending at n
     with pytest.raises(ConfigError):
         checkpoint_counts(0, 1)
+    assert checkpoint_counts(10000, 100, 0, "1000,2000,5000") == [1000, 2000, 5000, 10000]  # the end is always one
+    for bad in ("1000,2050", "abc", "0", "20000"):
+        with pytest.raises(ConfigError):
+            checkpoint_counts(10000, 100, 0, bad)
 
 
 def test_method_spec_parsing():
@@ -82,12 +86,15 @@ def test_grace_run_keeps_unrelated_inputs_identical(make_model, tokenizer, tmp_p
     # greedy on the paraphrases: a continuation that starts with the target mentions it (whole words here)
     assert 0.0 <= last["generation_success_rephrase"] <= last["generation_mentions_rephrase"] <= 1.0
     assert last["bit_identical_text"] == 1.0 and last["perplexity_ratio"] == 1.0 and last["false_fire_text"] == 0.0
+    # the prompt's answer in chat form holds the target (no template here: the prompt itself); other answers unchanged
+    assert last["chat_success"] == 1.0 and last["chat_success_base"] == 0.0 and last["chat_locality"] == 1.0
 
 
 def test_none_baseline_measures_the_base(make_model, tokenizer, tmp_path):
     last = _run(make_model, tokenizer, tmp_path, "none")["checkpoints"][-1]
     assert last["ES"] == last["ES_base"] and last["NS"] == last["NS_base"] and last["bit_identical"] == 1.0
     assert "router_recall" not in last
+    assert last["chat_success"] == last["chat_success_base"] and last["chat_locality"] == 1.0
 
 
 def test_ft_writes_weights_and_restores_them(make_model, tokenizer):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import counterfact_path
-from grace_hooks import EditableModel, read_requests
+from grace_hooks import EditableModel, EditRequest, read_requests
 from grace_hooks.eval import greedy, reaches
+from grace_hooks.eval.generation import mentions
 from grace_hooks.hooks import count_hooks
 
 pytestmark = pytest.mark.real_model
@@ -102,3 +103,24 @@ def test_comeba_hook_layers_on_counterfact(smol, cf_corpus, gate):
     assert all(torch.equal(_logits(smol, t)[0, -1], b)
                for t, b in zip([r.text for r in reqs] + [r.locality_prompt for r in reqs], base))
     assert count_hooks(smol.base_model) == 0
+
+
+def test_a_made_up_multi_token_answer_ends_where_it_ends(smol):
+    """Issue 18: after 'The capital of Freedonia is' -> 'Zorbatown' the answer used to run on as
+    'Zorbatownownown...': the value, trained only to write the answer, pulled every later position back
+    to its last piece. GRACE now also trains the base's token after the answer, and the key stops
+    once its answer has been written."""
+    req = EditRequest(prompt="The capital of Freedonia is", subject="Freedonia", target_new="Zorbatown")
+    base_tail = greedy(smol, req.text + " Zorbatown", 4)
+    smol.edit([req], method="grace", pack="zorba")
+    try:
+        answer = greedy(smol, req.text, 12)
+        assert mentions(answer, "Zorbatown") and not answer.strip().startswith("Zorbatownown"), answer
+        assert answer.startswith(" Zorbatown" + base_tail[:1]), (answer, base_tail)  # then the base's own next token
+        ids = smol.tokenizer(req.text + answer, return_tensors="pt").input_ids
+        answer_end = len(smol.tokenizer(req.text + " Zorbatown").input_ids) - 1
+        with torch.no_grad(), smol.routes() as hits:
+            smol(input_ids=ids)
+        assert hits and max(pos for _, _, pos, _, _ in hits) < answer_end  # nothing fires from the answer's end on
+    finally:
+        smol.remove_pack("zorba")

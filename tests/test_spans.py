@@ -34,6 +34,36 @@ def test_seen_anchor_allows_every_position_from_the_span_on_and_is_carried_acros
     assert flat[ids == 0].tolist() == [0]
 
 
+ANSWER = [4, 6]  # token ids of the answer that closes key 0
+
+
+def test_an_answer_closes_a_seen_key_at_its_last_token_and_the_subject_reopens_it():
+    index, seen = SpanIndex(), [set()]
+    index.add(np.array([0]), [[SUBJECT]], "seen", closers=[[ANSWER]])
+    #                  0  1  2  3  4  5  6  7  8
+    tokens = np.array([[1, 7, 8, 5, 4, 6, 5, 7, 8]])
+    flat, ids = index.candidates(tokens[:, :6], 6, seen)  # subject ends at 2, answer at 5
+    assert flat.tolist() == [2, 3, 4] and seen == [set()]
+    flat, ids = index.candidates(tokens[:, :7], 1, seen)  # a generated token after the answer: out of scope
+    assert len(flat) == 0
+    flat, ids = index.candidates(tokens, 2, seen)  # the subject again: in scope from its end on
+    assert flat.tolist() == [1] and seen == [{0}]
+    flat, _ = index.candidates(np.array([[4, 6, 7, 8, 5]]), 5, [set()])  # an answer before the subject closes nothing
+    assert flat.tolist() == [3, 4]
+
+
+def test_an_answer_split_across_cached_forwards_still_closes():
+    index, seen = SpanIndex(), [set()]
+    index.add(np.array([0]), [[SUBJECT]], "seen", closers=[[ANSWER]])
+    assert index.candidates(np.array([[7, 8, 4]]), 3, seen)[0].tolist() == [1, 2]
+    assert index.candidates(np.array([[7, 8, 4, 6]]), 1, seen)[0].tolist() == [] and seen == [set()]
+
+
+def test_closers_are_only_for_seen_keys():
+    with pytest.raises(ValueError, match="seen"):
+        SpanIndex().add(np.array([0]), [[SUBJECT]], "end", closers=[[ANSWER]])
+
+
 def test_a_span_split_across_cached_forwards_still_matches():
     index = _index("end")
     first = index.candidates(np.array([[1, 7]]), 2, [set()])
@@ -74,6 +104,10 @@ def test_subject_spans_give_both_tokenisations(tokenizer):
     ({"subject_spans": [[[1]], [[2]]], "key_requests": {"L1.mlp_out": [[0]]}}, "subject_spans"),
     ({"subject_spans": [[[1, 2]]], "key_requests": {"L1.mlp_out": [[3]]}}, "key_requests"),
     ({"subject_spans": [[[1, 2]]], "key_requests": {"L1.mlp_out": [[0], [0]]}}, "key_requests"),
+    ({"subject_spans": [[[1, 2]]], "answer_spans": [[[5, 6], [6]]], "key_requests": {"L1.mlp_out": [[0]]}}, None),
+    ({"subject_spans": [[[1, 2]]], "answer_spans": [], "key_requests": {"L1.mlp_out": [[0]]}}, "answer_spans"),
+    ({"subject_spans": [[[1, 2]]], "answer_spans": [[["x"]]], "key_requests": {"L1.mlp_out": [[0]]}}, "answer_spans"),
+    ({"answer_spans": [[[5]]], "key_requests": {"L1.mlp_out": [[0]]}}, "subject_spans"),
 ])
 def test_span_state_is_checked(state, problem):
     problems = span_state_problems(state, 1, {"L1.mlp_out": 1})

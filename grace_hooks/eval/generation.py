@@ -6,6 +6,7 @@ import time
 from typing import Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 
 def reaches(answer: str, target: str) -> bool:
@@ -28,21 +29,42 @@ def greedy(model, prompt: str, max_new_tokens: int = 20) -> str:
     return greedy_batch(model, [prompt], max_new_tokens, batch_size=1)[0]
 
 
-def greedy_batch(model, prompts: Sequence[str], max_new_tokens: int | Sequence[int], batch_size: int = 16) -> list[str]:
+class _WroteOneOf(StoppingCriteria):
+    """Stops a row once its new text (leading space dropped) holds one of ``strings``. Plain decoding
+    rather than transformers' ``stop_strings``, which needs a tokenizer whose vocabulary it can map
+    to bytes."""
+
+    def __init__(self, tokenizer, start: int, strings: Sequence[str]) -> None:
+        self.tokenizer, self.start, self.strings = tokenizer, start, tuple(strings)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([any(s in t.lstrip() for s in self.strings) for t in texts], device=input_ids.device)
+
+
+def greedy_batch(model, prompts: Sequence[str], max_new_tokens: int | Sequence[int], batch_size: int = 16,
+                 special_tokens: bool = True, stop_ids: Sequence[int] | None = None,
+                 stop_strings: Sequence[str] | None = None) -> list[str]:
     """Greedy continuations of many prompts, ``batch_size`` at a time with left padding.
     ``max_new_tokens`` may differ per prompt: greedy tokens do not depend on later ones, so each
-    row is cut to its own length after decoding a batch to the longest."""
+    row is cut to its own length after decoding a batch to the longest. ``special_tokens``: let the
+    tokenizer add its own (False for text that already holds them, e.g. a rendered chat template).
+    ``stop_ids`` (default: EOS) end a row; a row may also stop once its text, leading space
+    dropped, holds one of ``stop_strings`` (the text past it is the caller's to cut)."""
     tok = model.tokenizer
+    stops = list(stop_ids) if stop_ids is not None else tok.eos_token_id
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     side, tok.padding_side = tok.padding_side, "left"
     out: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
             chunk, lims = list(prompts[start:start + batch_size]), limits[start:start + batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True).to(model.device)
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=special_tokens).to(model.device)
+            extra = {"stopping_criteria": StoppingCriteriaList([_WroteOneOf(tok, enc["input_ids"].shape[1], stop_strings)])} \
+                if stop_strings else {}
             with torch.inference_mode():
                 seq = model.generate(**enc, max_new_tokens=max(lims), do_sample=False, num_beams=1,
-                                     pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id)
+                                     pad_token_id=_pad_id(tok), eos_token_id=stops, **extra)
             new = seq[:, enc["input_ids"].shape[1]:]
             out += [tok.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, lims)]
     finally:

@@ -31,6 +31,7 @@ from ..health import reference_texts
 from ..model import EditableModel
 from ..requests import EditRequest
 from .editors import Editor, MethodSpec, make_editor
+from .chat import chat_answers, chat_success
 from .generation import timed_generation
 from .metrics import PairScores, counterfact_metrics, generation_success, retention, score_records, score_texts
 from .runinfo import dir_bytes, median, p90, peak_rss_mib
@@ -51,6 +52,8 @@ class LifelongConfig:
     eval_batch: int = option(16, "records per evaluation forward")
     gen_tokens: int = option(16, "tokens per timed generation")
     gen_rounds: int = option(2, "alternating edited/base rounds of the generation timing")
+    chat_sample: int = option(100, "records of the sample also asked in chat form, answered to the natural stop (0 = none)")
+    checkpoints: str = option("", "comma-separated edit counts to measure at (e.g. '1000,2000,5000,10000'); overrides checkpoint_every")
 
 
 def unrelated_texts() -> list[str]:
@@ -58,10 +61,20 @@ def unrelated_texts() -> list[str]:
     return reference_texts()
 
 
-def checkpoint_counts(n: int, batch: int, every: int = 0) -> list[int]:
-    """Edit counts after which to measure: multiples of ``batch``, always ending at ``n``."""
+def checkpoint_counts(n: int, batch: int, every: int = 0, listed: str = "") -> list[int]:
+    """Edit counts after which to measure: multiples of ``batch``, always ending at ``n``; ``listed``:
+    the counts themselves, comma-separated."""
     if n < 1 or batch < 1:
         raise ConfigError(f"n_records and batch must be >= 1 (got {n}, {batch})")
+    if listed:
+        try:
+            counts = sorted({int(x) for x in listed.split(",") if x.strip()})
+        except ValueError:
+            raise ConfigError(f"checkpoints must be comma-separated edit counts, got {listed!r}") from None
+        bad = [c for c in counts if c < 1 or c > n or c % batch]
+        if bad:
+            raise ConfigError(f"checkpoints {bad} are not multiples of the batch ({batch}) between {batch} and {n}")
+        return sorted(set(counts) | {n})
     step = every if every > 0 else math.ceil(n / 10)
     step = max(batch, math.ceil(step / batch) * batch)
     return sorted({min(n, k) for k in range(step, n + step, step)})
@@ -73,6 +86,7 @@ class BaseReference:
     def __init__(self) -> None:
         self.scores: dict[tuple, dict[str, PairScores]] = {}
         self.generation: dict[tuple, list[bool]] = {}
+        self.chat: dict[tuple, list[str]] = {}  # (part, records) -> the base's chat answers
         self.text = None
 
 
@@ -106,7 +120,7 @@ class LifelongRun:
         self.base = base or BaseReference()
         self.meta = meta or {}
         self.stride = max(1, math.ceil(cfg.n_records / cfg.eval_sample)) if cfg.eval_sample else 1
-        self.counts = checkpoint_counts(cfg.n_records, cfg.batch, cfg.checkpoint_every)
+        self.counts = checkpoint_counts(cfg.n_records, cfg.batch, cfg.checkpoint_every, cfg.checkpoints)
         self.signature = {"spec": spec.label, "config": asdict(cfg), **{k: self.meta.get(k) for k in ("model", "data_sha256")}}
 
     # ------------------------------------------------------------------ state
@@ -227,11 +241,39 @@ class LifelongRun:
             (starts, said), (starts_base, said_base) = self._generation(editor, sample, "rephrase", PARAPHRASE_EXTRA_TOKENS)
             ck["generation_success_rephrase"], ck["generation_success_rephrase_base"] = float(np.mean(starts)), float(np.mean(starts_base))
             ck["generation_mentions_rephrase"], ck["generation_mentions_rephrase_base"] = float(np.mean(said)), float(np.mean(said_base))
+        if self.cfg.chat_sample:
+            ck.update(self._chat(editor, sample[::max(1, math.ceil(len(sample) / self.cfg.chat_sample))]))
         ck.update(self._health(editor))
         ck.update(self._speed(editor, m))
         ck.update(self._costs(editor, state, m))
         ck["eval_seconds"] = time.perf_counter() - t0
         return ck
+
+    def _chat(self, editor: Editor, idx: list[int]) -> dict[str, Any]:
+        """Questions in chat form answered to their natural stop (:mod:`grace_hooks.eval.chat`): the
+        edit's prompt and paraphrase contain the new target; unrelated answers equal the base's."""
+        out: dict[str, Any] = {"chat_sample_size": len(idx)}
+        reqs = [self.requests[i] for i in idx]
+        for part, field in (("prompt", "text"), ("rephrase", "rephrase_prompt"), ("locality", "locality_prompt")):
+            rows = [i for i, r in zip(idx, reqs) if getattr(r, field)]
+            if not rows:
+                continue
+            questions = [getattr(self.requests[i], field) for i in rows]
+            answers = chat_answers(self.model, questions, batch_size=self.cfg.eval_batch)
+            key = (part, tuple(rows))
+            if key not in self.base.chat:
+                with editor.disabled():
+                    self.base.chat[key] = chat_answers(self.model, questions, batch_size=self.cfg.eval_batch)
+            base = self.base.chat[key]
+            if part == "locality":
+                out["chat_locality"] = float(np.mean([a == b for a, b in zip(answers, base)]))
+                continue
+            targets = [self.requests[i].target_new for i in rows]
+            name = "chat_success" if part == "prompt" else "chat_success_rephrase"
+            out[name] = float(np.mean(chat_success(answers, targets)))
+            out[name + "_base"] = float(np.mean(chat_success(base, targets)))
+            out[name + "_examples"] = [[q, a] for q, a in zip(questions[:3], answers[:3])]
+        return out
 
     def _health(self, editor: Editor) -> dict[str, Any]:
         texts = unrelated_texts()

@@ -9,6 +9,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("ES", "ES", "%"), ("PS", "PS", "%"), ("NS", "NS", "%"), ("NS base", "NS_base", "%"),
     ("gen. success", "generation_success", "%"), ("gen. success (paraphrase)", "generation_success_rephrase", "%"),
     ("gen. mentions (paraphrase)", "generation_mentions_rephrase", "%"),
+    ("chat success", "chat_success", "%"), ("chat success (paraphrase)", "chat_success_rephrase", "%"),
+    ("chat answers unchanged", "chat_locality", "%"),
     ("ERR", "ERR", "%"),
     ("reliability", "reliability", "%"), ("generality", "generality", "%"), ("locality", "locality", "%"),
     ("ppl ratio", "perplexity_ratio", "x"), ("bit-identical", "bit_identical", "%"),
@@ -18,6 +20,9 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("tok/s ratio", "time_ratio_to_base", "inv"), ("bytes/edit disk", "bytes_per_edit_disk", "n"),
 ]
 PLOTTED = [("ES", "ES"), ("PS", "PS"), ("NS", "NS"), ("generation success", "generation_success"),
+           ("chat success (question in chat form, natural stop)", "chat_success"),
+           ("chat success (paraphrase)", "chat_success_rephrase"),
+           ("chat answers unchanged (unrelated questions)", "chat_locality"),
            ("ERR", "ERR"), ("bit-identical (locality prompts)", "bit_identical"), ("perplexity ratio", "perplexity_ratio"),
            ("|W0 + sum dW| / |W0| (largest site)", "weight_norm_ratio_max")]
 
@@ -56,7 +61,8 @@ def final_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def checkpoint_table(res: dict[str, Any]) -> str:
     cols = [c for c in COLUMNS if c[1] in ("ES", "PS", "NS", "generation_success", "generation_success_rephrase",
-                                           "generation_mentions_rephrase", "ERR", "bit_identical",
+                                           "generation_mentions_rephrase", "chat_success", "chat_success_rephrase",
+                                           "chat_locality", "ERR", "bit_identical",
                                            "perplexity_ratio", "weight_norm_ratio_max", "seconds_per_edit_median",
                                            "time_ratio_to_base")]
     cols.append(("sample", "sample_size", "n"))
@@ -86,7 +92,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     runs = {k: v for k, v in results["runs"].items() if v.get("checkpoints")}
     paths = []
-    fig, axes = plt.subplots(3, 3, figsize=(16, 10))
+    fig, axes = plt.subplots(3, 4, figsize=(20, 10))
     for ax, (title, key) in zip(axes.flat, PLOTTED):
         for label, res in runs.items():
             cks = [c for c in res["checkpoints"] if c.get(key) is not None]

@@ -18,6 +18,7 @@ class GraceConfig:
     eps_init: float = option(1.0, "radius (Euclidean) of a new key: GRACE's epsilon_init")
     replacement: str = option("in_scope", "'in_scope': every position whose own input is within a key's radius; 'last': only the last real position of each forward (the paper's query token)", ("in_scope", "last"))
     scope: str = option("span", SCOPE_HELP + "; a GRACE key's subject must occur at or before the position", SCOPES)
+    end_answer: bool = option(True, "also train the token the base model writes after the answer, so that the answer ends there instead of repeating its last piece ('Zorbatownownown...')")
     value_init: str = option("cold", "'cold': uniform random (the paper's default); 'warm': the site's current output at the key", ("cold", "warm"))
     lr: float = option(1.0, "Adam learning rate for the values (paper: 1.0)")
     n_iter: int = option(100, "most Adam steps (paper: 100); stops once every target token is the argmax")

@@ -7,13 +7,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ...architectures import Site, relative_layer
+from ...hooks import head_only_at
 from ...pack_schema import MAX_ABS, TensorSpec, is_finite_number
 from ...packs import EditPack
 from ...replay import LayerReplay
 from ...requests import EditRequest
 from ...router import NO_KEY, exact_assign
 from ...runtime import SiteContribution
-from ...spans import key_spans, request_spans, span_state_problems
+from ...spans import key_spans, request_answer_spans, request_spans, span_state_problems
 from ...tokens import EditBatch, build_edit_batch, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod, register
 from .codebook import Codebook
@@ -47,6 +48,8 @@ class Grace(EditMethod):
     def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: GraceConfig) -> ComputedEdit:
         site = self.site(ctx.model, cfg)
         batch = build_edit_batch(ctx.tokenizer, requests, cfg.key, device=ctx.device)
+        if cfg.end_answer:
+            batch = batch.with_next_tokens(self._answer_ends(ctx, batch))
         captured = []  # the site's input and output, from the forward that sets up the replay
         with ctx.hooks.scoped() as scope:
             scope.forward(site.module(ctx.model), lambda m, a, o: captured.append((a[0].detach(), o.detach())))
@@ -70,8 +73,9 @@ class Grace(EditMethod):
             "key_requests": {n: [list(map(int, e.requests)) for e in book.entries]},  # which requests each key serves
             "shrink": [{"site": n, "pack_id": p, "key": k, "radius": r} for (p, k), r in book.shrinks.items()],
         }
-        if cfg.scope == "span":  # a key fires only once its subject has occurred in the sequence
+        if cfg.scope == "span":  # a key fires once its subject has occurred, until its answer has been written
             state["subject_spans"] = request_spans(ctx.tokenizer, requests)
+            state["answer_spans"] = request_answer_spans(ctx.tokenizer, requests)
         metrics = {
             "teacher_forced_success": float(correct.float().mean()),
             "iterations": iters,
@@ -80,6 +84,18 @@ class Grace(EditMethod):
         }
         tensors = {f"{n}/keys": keys.contiguous(), f"{n}/radii": radii, f"{n}/values": values.contiguous()}
         return ComputedEdit(sites=[n], tensors=tensors, state=state, metrics=metrics)
+
+    @staticmethod
+    def _answer_ends(ctx: EditContext, batch: EditBatch) -> torch.Tensor:
+        """The base model's greedy token after each prompt + answer: what the edit should let come next.
+        Without it the value, trained only to write the answer, can pull every later position back
+        to the answer's last piece through attention (issue 18)."""
+        last = batch.prompt_len + batch.target_len - 1
+        rows = torch.arange(len(last), device=last.device)
+        with torch.inference_mode(), ctx.runtime.disabled(), head_only_at(ctx.model, (rows[:, None], last[:, None])) as narrowed:
+            logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = logits[:, 0] if narrowed else logits[rows, last]
+        return logits.argmax(-1)
 
     def _train_values(self, ctx, site, batch, full: LayerReplay, x, y, book: Codebook, keys, radii, cfg: GraceConfig):
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -185,6 +201,6 @@ class Grace(EditMethod):
             out[site] = SiteContribution(
                 keys=t["keys"], radii=t["radii"], values=t["values"],
                 labels=pack.state.get("labels", {}).get(site, []), last_only=last_only, shrink=shrink,
-                spans=key_spans(pack.state, site), anchor="seen",
+                spans=key_spans(pack.state, site), anchor="seen", closers=key_spans(pack.state, site, "answer_spans"),
             )
         return out
