@@ -109,11 +109,12 @@ class _StderrHandler(logging.StreamHandler):
               help="Folder the demo pack is written to.")
 @click.option("--requests", "requests_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Edit requests (JSON/JSONL, any supported layout); default: the four shipped facts.")
-def demo(model: str, adapters: Path, requests_file: Path | None) -> None:
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Edit method (see `grace-hooks methods`).")
+def demo(model: str, adapters: Path, requests_file: Path | None, method: str) -> None:
     """Edit facts, save them as pack 'demo-facts', reload, roll back."""
     from .demo import run_demo
 
-    summary = run_demo(model=model, adapters=adapters, requests=requests_file, echo=click.echo)
+    summary = run_demo(model=model, adapters=adapters, requests=requests_file, echo=click.echo, method=method)
     if summary["success"] < summary["total"] or not summary["identical"]:
         log.warning("demo: %d/%d edits reached their target; rollback identical: %s",
                     summary["success"], summary["total"], summary["identical"])

@@ -1,9 +1,14 @@
 """The README's main job in one call: edit four facts, ship them as a pack, reload, roll back.
 
-``run_demo`` shows greedy answers of the base model, edits every request with GRACE into the pack
-``demo-facts``, saves it into the adapters folder, loads a fresh model with that folder, shows the
-new answers, removes the pack in memory (the folder stays on disk as the shipped example) and
-checks that the answers are the base answers again.
+``run_demo`` shows the base model's answers to each fact asked three ways (the edit's own prompt,
+a paraphrase, and a question in chat form answered to its natural end), edits every request with
+the default method into the pack ``demo-facts``, saves it into the adapters folder, loads a fresh
+model with that folder, shows the new answers, removes the pack in memory (the folder stays on
+disk as the shipped example) and checks that the answers are the base answers again.
+
+The adapters folder ships the pack the demo makes. When the folder already holds a pack of the
+same edit (method, options, requests and base model), the demo keeps those files rather than
+rewriting them, so a demo run leaves a checkout unchanged; the fresh model then loads them.
 """
 from __future__ import annotations
 
@@ -14,9 +19,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .eval.generation import greedy, reaches
+from .config import DEFAULT_METHOD
+from .errors import GraceHooksError
+from .eval.chat import chat_answers
+from .eval.generation import greedy, mentions, reaches
 from .loading import DEFAULT_MODEL
 from .model import EditableModel
+from .packs import EditPack, load_pack
 from .requests import EditRequest, as_requests, read_requests
 
 log = logging.getLogger(__name__)
@@ -25,50 +34,90 @@ DEMO_PACK = "demo-facts"
 DEMO_MAX_NEW_TOKENS = 8
 
 
+def _demo_records() -> list[dict]:
+    text = resources.files("grace_hooks").joinpath("data/demo_requests.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
 def demo_requests() -> list[EditRequest]:
     """The four facts shipped in ``grace_hooks/data/demo_requests.json``."""
-    text = resources.files("grace_hooks").joinpath("data/demo_requests.json").read_text(encoding="utf-8")
-    return as_requests(json.loads(text))
+    return as_requests({k: v for k, v in r.items() if k != "question"} for r in _demo_records())
 
 
-def _show(echo: Callable[[str], Any], title: str, reqs: list[EditRequest], answers: list[str], mark: bool = False) -> None:
+def demo_questions() -> list[str]:
+    """A question per shipped fact, as a user would ask it in a chat."""
+    return [r["question"] for r in _demo_records()]
+
+
+def _asked(model, reqs: list[EditRequest], questions: list[str | None]) -> list[list[tuple[str, str, str]]]:
+    """Per request, (how it was asked, text, answer): the prompt, the paraphrase and the chat question
+    where the request has them."""
+    rows: list[list[tuple[str, str, str]]] = []
+    for req, question in zip(reqs, questions):
+        asked = [("prompt", req.text, greedy(model, req.text, DEMO_MAX_NEW_TOKENS))]
+        if req.rephrase_prompt:
+            asked.append(("paraphrase", req.rephrase_prompt, greedy(model, req.rephrase_prompt, DEMO_MAX_NEW_TOKENS)))
+        if question:
+            asked.append(("question", question, chat_answers(model, [question])[0]))
+        rows.append(asked)
+    return rows
+
+
+def _took(how: str, answer: str, target: str) -> bool:
+    """The edit's prompt must start its continuation with the target; elsewhere the answer must say it."""
+    return reaches(answer, target) if how == "prompt" else mentions(answer, target)
+
+
+def _show(echo: Callable[[str], Any], title: str, reqs: list[EditRequest], rows, mark: bool = False) -> None:
     echo(title)
-    for req, ans in zip(reqs, answers):
-        tag = ""
-        if mark:
-            tag = "[target] " if reaches(ans, req.target_new) else "[missed] "
-        shown = ans.rstrip().replace("\n", "\\n")
-        echo(f"  {tag}{req.text} ->{shown}")
+    for req, asked in zip(reqs, rows):
+        for how, text, ans in asked:
+            tag = ("[target] " if _took(how, ans, req.target_new) else "[missed] ") if mark else ""
+            shown = ans.strip().replace("\n", "\\n")
+            echo(f"  {tag}{how:>10}: {text} -> {shown}")
+
+
+def _same_edit(folder: Path, pack: EditPack) -> bool:
+    """Whether ``folder`` holds a valid pack of the same edit (then its files are kept as they are)."""
+    if not (folder / "edit_pack.json").is_file():
+        return False
+    try:
+        shipped = load_pack(folder)
+    except GraceHooksError:
+        return False
+    return (shipped.method, shipped.config, shipped.requests, shipped.base.fingerprint) == \
+        (pack.method, pack.config, pack.requests, pack.base.fingerprint)
 
 
 def run_demo(model: Any = DEFAULT_MODEL, adapters: str | os.PathLike = "adapters",
              requests: str | os.PathLike | Iterable[EditRequest | dict] | None = None,
-             echo: Callable[[str], Any] = print) -> dict[str, Any]:
+             echo: Callable[[str], Any] = print, method: str = DEFAULT_METHOD) -> dict[str, Any]:
     """Edit, save, reload, roll back; returns a summary dict:
-    ``before``, ``after``, ``rolled_back`` (answers), ``success`` (edits reaching their target),
-    ``total``, ``identical`` (rolled-back answers == base answers) and ``pack`` (its folder)."""
+    ``before``, ``after``, ``rolled_back`` (per request, (how asked, text, answer) triples),
+    ``success`` (edits whose prompt reaches the target), ``reached`` (per way of asking, how many
+    answers hold the target), ``total``, ``identical`` (rolled-back answers == base answers),
+    ``kept`` (the folder already held this edit) and ``pack`` (its folder)."""
     if requests is None:
-        reqs = demo_requests()
-    elif isinstance(requests, (str, os.PathLike)):
-        reqs = read_requests(requests)
+        reqs, questions = demo_requests(), demo_questions()
     else:
-        reqs = as_requests(requests)
-    prompts = [r.text for r in reqs]
+        reqs = read_requests(requests) if isinstance(requests, (str, os.PathLike)) else as_requests(requests)
+        questions = [None] * len(reqs)
 
     echo(f"Loading base model {model} ...")
     base = EditableModel.from_pretrained(model)
     try:
-        before = [greedy(base, p, DEMO_MAX_NEW_TOKENS) for p in prompts]
-        _show(echo, "\nBase model answers (greedy):", reqs, before)
+        before = _asked(base, reqs, questions)
+        _show(echo, "\nBase model answers (greedy; questions in chat form):", reqs, before)
 
-        echo(f"\nEditing {len(reqs)} facts with GRACE into pack {DEMO_PACK!r} ...")
+        echo(f"\nEditing {len(reqs)} facts with {method} into pack {DEMO_PACK!r} ...")
         for r in reqs:
             echo(f"  {r.text} -> {r.target_new}" + (f"  (was {r.ground_truth})" if r.ground_truth else ""))
-        info = base.edit(reqs, method="grace", pack=DEMO_PACK)
-        path = base.save_pack(DEMO_PACK, adapters, overwrite=True)
-        metrics = base.pack(DEMO_PACK).metrics
-        echo(f"Saved {path} ({info.n_edits} edits, {info.nbytes} bytes of tensors, site {', '.join(info.sites)}); "
-             f"teacher-forced success {metrics.get('teacher_forced_success', float('nan')):.0%}")
+        info = base.edit(reqs, method=method, pack=DEMO_PACK)
+        folder = Path(adapters) / DEMO_PACK
+        kept = _same_edit(folder, base.pack(DEMO_PACK))
+        path = folder if kept else base.save_pack(DEMO_PACK, adapters, overwrite=True)
+        echo(f"{'Kept' if kept else 'Saved'} {path} ({info.n_edits} edits, {info.nbytes} bytes of tensors, "
+             f"sites {', '.join(info.sites)})" + (": it already held this edit, made earlier" if kept else ""))
     finally:
         base.close()
 
@@ -77,13 +126,17 @@ def run_demo(model: Any = DEFAULT_MODEL, adapters: str | os.PathLike = "adapters
         others = [p.name for p in edited.packs if p.name != DEMO_PACK]
         if others:
             echo(f"  (also loaded other packs from {adapters}: {', '.join(others)})")
-        after = [greedy(edited, p, DEMO_MAX_NEW_TOKENS) for p in prompts]
+        after = _asked(edited, reqs, questions)
         _show(echo, "\nEdited model answers:", reqs, after, mark=True)
-        success = sum(reaches(a, r.target_new) for a, r in zip(after, reqs))
-        echo(f"{success}/{len(reqs)} edits reach their target.")
+        reached: dict[str, int] = {}
+        for req, asked in zip(reqs, after):
+            for how, _, ans in asked:
+                reached[how] = reached.get(how, 0) + _took(how, ans, req.target_new)
+        success = reached["prompt"]
+        echo("Edits that took: " + ", ".join(f"{n}/{len(reqs)} {how}s" for how, n in reached.items()) + ".")
 
         edited.remove_pack(DEMO_PACK)
-        rolled_back = [greedy(edited, p, DEMO_MAX_NEW_TOKENS) for p in prompts]
+        rolled_back = _asked(edited, reqs, questions)
         _show(echo, f"\nAfter remove_pack({DEMO_PACK!r}) (rollback, in memory only):", reqs, rolled_back)
     identical = rolled_back == before
     if identical:
@@ -92,5 +145,5 @@ def run_demo(model: Any = DEFAULT_MODEL, adapters: str | os.PathLike = "adapters
         echo("Rolled-back answers differ from the base answers"
              + (f" (other packs are still loaded: {', '.join(others)})." if others else "."))
     echo(f"\nThe pack stays on disk at {Path(path)}; delete the folder (or `grace-hooks rm {DEMO_PACK}`) to drop it.")
-    return {"before": before, "after": after, "rolled_back": rolled_back, "success": success,
-            "total": len(reqs), "identical": identical, "pack": str(path)}
+    return {"before": before, "after": after, "rolled_back": rolled_back, "success": success, "reached": reached,
+            "total": len(reqs), "identical": identical, "kept": kept, "pack": str(path)}

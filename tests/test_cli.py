@@ -301,21 +301,33 @@ def test_methods_lists_every_method_and_option():
 def test_shipped_demo_requests_are_valid():
     from grace_hooks.demo import demo_requests
 
+    from grace_hooks.demo import demo_questions
+
     reqs = demo_requests()
     assert len(reqs) == 4
     assert all(r.ground_truth and r.target_new != r.ground_truth for r in reqs)
+    # each fact is also asked as a paraphrase and a question that name the subject verbatim
+    assert all(r.subject in r.rephrase_prompt and r.subject in q for r, q in zip(reqs, demo_questions()))
 
 
 def test_run_demo_flow_on_tiny_model(tiny_model, requests_file, tmp_path):
     from grace_hooks.demo import DEMO_PACK, run_demo
 
     lines: list[str] = []
-    summary = run_demo(model=tiny_model, adapters=tmp_path / "ad", requests=requests_file, echo=lines.append)
-    assert (tmp_path / "ad" / DEMO_PACK / PACK_JSON).is_file()
+    summary = run_demo(model=tiny_model, adapters=tmp_path / "ad", requests=requests_file, echo=lines.append,
+                       method="grace")
+    pack_json = tmp_path / "ad" / DEMO_PACK / PACK_JSON
+    assert pack_json.is_file() and not summary["kept"]
     assert summary["total"] == 2 and summary["success"] == 2
-    assert summary["after"][0].strip().startswith("Rome") and summary["after"][1].strip().startswith("Berlin")
+    answers = [asked[0][2] for asked in summary["after"]]  # (how asked, text, answer) per way of asking
+    assert answers[0].strip().startswith("Rome") and answers[1].strip().startswith("Berlin")
     assert summary["identical"] and summary["rolled_back"] == summary["before"]
     assert any("identical to the base answers" in line for line in lines)
+    # a second run of the same edit keeps the files it made: a demo run leaves a checkout unchanged
+    written = {p.name: p.read_bytes() for p in pack_json.parent.iterdir()}
+    again = run_demo(model=tiny_model, adapters=tmp_path / "ad", requests=requests_file, echo=lines.append, method="grace")
+    assert again["kept"] and {p.name: p.read_bytes() for p in pack_json.parent.iterdir()} == written
+    assert again["after"] == summary["after"]
 
 
 # ---------------------------------------------------------------------------- eval
