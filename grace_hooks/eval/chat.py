@@ -60,12 +60,9 @@ def chat_answers(model, questions: Sequence[str], max_new_tokens: int = CHAT_MAX
                  batch_size: int = 16) -> list[str]:
     """Each question's greedy answer, asked in chat form and cut at its natural end."""
     tok = model.tokenizer
-    rendered = [chat_input(tok, q) for q in questions]
-    templated = {own for _, own in rendered}
-    if len(templated) > 1:
-        raise ValueError("questions must all be rendered the same way")
-    raw = greedy_batch(model, [r for r, _ in rendered], max_new_tokens, batch_size,
-                       special_tokens=not templated.pop() if templated else True,
+    rendered = [chat_input(tok, q)[0] for q in questions]
+    templated = bool(getattr(tok, "chat_template", None))  # a rendered template holds its own special tokens
+    raw = greedy_batch(model, rendered, max_new_tokens, batch_size, special_tokens=not templated,
                        stop_ids=end_of_turn_ids(tok), stop_strings=STOP_STRINGS)
     return [natural_answer(a) for a in raw]
 
