@@ -86,7 +86,8 @@ def forward_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 def track_tokens(ctx: ForwardContext, ids: torch.Tensor | None, mask: torch.Tensor | None, past: int) -> None:
     """Record the token ids a forward feeds (padding as NO_TOKEN), after the last MAX_SPAN - 1 tokens
-    of the same sequences when a cache continues them, so a span may cross forwards."""
+    of the same sequences when a cache continues them, so a span may cross forwards. A cache of one
+    row continued by several (a shared prefix) counts as that row repeated."""
     if ids is None:
         ctx.tokens = None
         return
@@ -94,6 +95,9 @@ def track_tokens(ctx: ForwardContext, ids: torch.Tensor | None, mask: torch.Tens
     if mask is not None and mask.shape[0] == t.shape[0] and mask.shape[1] >= t.shape[1]:
         t = np.where(mask[:, -t.shape[1]:].detach().cpu().numpy().astype(bool), t, NO_TOKEN)
     previous = ctx.tokens
+    if past > 0 and previous is not None and len(previous) == 1 < len(t):  # one cached row continued by many
+        previous = np.repeat(previous, len(t), axis=0)
+        ctx.seen = {site: [set(rows[0]) for _ in range(len(t))] for site, rows in ctx.seen.items()}
     if past > 0 and previous is not None and len(previous) == len(t):
         t = np.concatenate([previous[:, -(MAX_SPAN - 1):], t], axis=1)
     else:

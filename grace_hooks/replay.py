@@ -226,3 +226,19 @@ class LayerReplay:
         prefix = None if self.prefix is None else _fresh_cache(self.prefix, rows.to(self.hidden_in.device))
         return LayerReplay(self.model, self.layer, ids, mask, self.start, pos,
                            _state=(self.start, calls, _take(self.hidden_in, rows, batch, memo)[0], prefix))
+
+
+def continue_shared_prefix(model, deepest, enc: dict, limit: int) -> tuple[dict, int]:
+    """(inputs, columns left out): the inputs of ``enc``'s forward as a continuation of its shared
+    leading columns, which run once for one row (as far as ``deepest``); ``enc`` itself, 0 when the
+    rows share fewer than two tokens before column ``limit`` or the architecture's cache differs."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    same = ((ids == ids[:1]) & (mask == 1)).all(0)[:limit]
+    shared = int(same.long().cumprod(0).sum())
+    if shared < 2 or len(ids) < 2 or not (arch_spec(model).cached_suffix and _LAYERED_CACHE):
+        return enc, 0
+    cache = DynamicCache(config=model.config)
+    forward_until(model, deepest, input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared], use_cache=True,
+                  **{cache_argument(model): cache})
+    cache = _fresh_cache(cache, torch.zeros(len(ids), dtype=torch.long, device=ids.device))
+    return {"input_ids": ids[:, shared:], "attention_mask": mask, "use_cache": True, cache_argument(model): cache}, shared

@@ -85,6 +85,12 @@ class KeyRouter:
             for key_id in ids.tolist():
                 self._overrides.pop(key_id, None)
 
+    @property
+    def call_dependent(self) -> bool:
+        """Whether a live key matches only the last position of a forward call (then where a
+        sequence is split into calls changes what fires)."""
+        return bool((self._last_only & self._alive).any())
+
     # --- radius overrides: a later pack may shrink an earlier key (GRACE split across packs) ---
     def shrink(self, key_id: int, radius: float, owner: object) -> None:
         if 0 <= key_id < len(self._alive) and self._alive[key_id]:

@@ -351,6 +351,15 @@ class EditRuntime:
                 self.hooks.remove(handle)
             self._context_handles = []
 
+    @property
+    def causal(self) -> bool:
+        """Whether what the loaded packs do at a position depends only on it and the positions before
+        it (so a cached prefix gives the same activations as a whole forward). A z-score gate is not:
+        it scores a position against every position of its row in the same call; nor a key that
+        matches only a call's last position."""
+        return not any((rt.hook_layer and rt.hook_layer.alpha is not None) or rt.router.call_dependent
+                       for rt in self.sites.values())
+
     @contextlib.contextmanager
     def staged(self, contributions: dict[str, SiteContribution], pack_id: str = "__being_computed__") -> Iterator[None]:
         """An edit being computed, active inside the block above every loaded pack, then gone

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .architectures import Site
 from .hooks import HookOwner, forward_until
+from .replay import continue_shared_prefix
 from .requests import EditRequest
 from .tokens import subject_last_index
 
@@ -49,17 +50,21 @@ def lookup_positions(tokenizer, requests: Sequence[EditRequest], prefix: str) ->
 
 
 def activations_at_subject(model, tokenizer, module, requests: Sequence[EditRequest], prefixes: Sequence[str],
-                           which: str = "input") -> torch.Tensor:
+                           which: str = "input", share_prefix: bool = False) -> torch.Tensor:
     """(n_prefixes, n_requests, d): ``module``'s input (or output hidden states) at the last subject
     token of ``prefix + request.text``, for every prefix, with whatever hooks are on the model."""
-    return activations_at_subject_of({"m": module}, model, tokenizer, requests, prefixes, which)["m"]
+    return activations_at_subject_of({"m": module}, model, tokenizer, requests, prefixes, which,
+                                     share_prefix=share_prefix)["m"]
 
 
 def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequence[EditRequest], prefixes: Sequence[str],
-                              which: str = "input", batch_size: int | None = None) -> dict:
+                              which: str = "input", batch_size: int | None = None, share_prefix: bool = False) -> dict:
     """:func:`activations_at_subject` for several modules from the same forwards (each forward stops
     after the deepest of them): name -> (n_prefixes, n_requests, d). ``batch_size``: requests per
-    forward (None: all at once)."""
+    forward (None: all at once). ``share_prefix``: the leading tokens that every row of a forward
+    shares (a context prefix) run once and the rows continue their cache (the same activations:
+    causal attention; a prefix is most of a prefixed prompt's tokens). Only where every hook on the
+    model is causal too (``EditRuntime.causal``)."""
     side, tokenizer.padding_side = tokenizer.padding_side, "right"  # positions must not shift
     device = next(model.parameters()).device
     order = {m: i for i, m in enumerate(model.modules())}
@@ -84,12 +89,14 @@ def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequenc
                 enc = tokenizer([prefix + r.text for r in chunk], return_tensors="pt", padding=True).to(device)
                 enc = {k: v[:, : int(idx.max()) + 1] for k, v in enc.items()}  # causal: later tokens change nothing here
                 grabbed: dict = {}
-                with HookOwner().scoped() as scope, torch.inference_mode():
-                    for name, module in modules.items():
-                        scope.forward(module, grab(name))
-                    forward_until(model, deepest, **enc)
+                with torch.inference_mode():
+                    inputs, shift = continue_shared_prefix(model, deepest, enc, int(idx.min())) if share_prefix else (enc, 0)
+                    with HookOwner().scoped() as scope:
+                        for name, module in modules.items():
+                            scope.forward(module, grab(name))
+                        forward_until(model, deepest, **inputs)
                 for name, t in grabbed.items():
-                    parts[name].append(t[torch.arange(len(chunk)), idx.to(t.device)].float().cpu())
+                    parts[name].append(t[torch.arange(len(chunk)), (idx - shift).to(t.device)].float().cpu())
             for name in modules:
                 out[name].append(torch.cat(parts[name]))
     finally:

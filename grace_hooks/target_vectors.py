@@ -191,6 +191,7 @@ class _KLTerm:
         prompts = [EditRequest(prompt="{} is a", subject=r.subject, target_new="x") for r in requests]
         batch = build_pair_batch(tokenizer, [k.text for k in prompts], ["x"] * n,
                                  [lookup_positions(tokenizer, [k], "")[0] for k in prompts], device).aligned_keys()
+        batch = batch.up_to_keys()  # the divergence is read at the subject token: the columns after it are wasted work
         self.rows = _Rows(model, layer, batch, torch.arange(n), real_positions, cached_prefix)
         self.device = device
 

@@ -73,6 +73,13 @@ class EditBatch:
             ids[b, s: s + n], mask[b, s: s + n] = self.input_ids[b, :n], 1
         return EditBatch(ids, mask, self.prompt_len, self.target_len, self.key_pos + shift, shift)
 
+    def up_to_keys(self) -> "EditBatch":
+        """The same rows cut after the last key column: what a read at the key tokens alone needs
+        (causal attention: later columns change nothing there)."""
+        width = int(self.key_pos.max()) + 1
+        return EditBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.prompt_len, self.target_len,
+                         self.key_pos, self.left)
+
     def with_next_tokens(self, next_ids: torch.Tensor) -> "EditBatch":
         """The same right-padded rows with one more target token each: ``next_ids[b]`` after row b's
         target (e.g. the token that ends the answer, so an edit learns where its answer stops)."""

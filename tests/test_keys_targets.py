@@ -149,3 +149,73 @@ def test_kl_factor_zero_runs_no_kl_prompts(make_model, tokenizer, monkeypatch):
     monkeypatch.setattr(tv_module, "_KLTerm", refuse)
     without = target_vector(model, tokenizer, 0, TINY_REQUESTS[2], [""], TargetVectorConfig(**{**vars(cfg), "kl_factor": 0.0}))
     assert without.steps >= 1 and not torch.equal(without.z, with_kl.z)
+
+
+def test_kl_prompts_cut_after_the_subject_give_the_same_vectors(make_model, tokenizer, monkeypatch):
+    """The KL term reads the subject token only, so cutting its prompts there changes nothing."""
+    from conftest import DELTA_REQUESTS
+    from grace_hooks.replay import LayerReplay
+    from grace_hooks.target_vectors import target_vectors
+    from grace_hooks.tokens import EditBatch
+
+    model = make_model("llama")
+    cfg = TargetVectorConfig(steps=12, stop="most_probable", lr=1.0, clamp=4.0, batch_size=3, kl_factor=1.0)
+    widths = []
+    init = LayerReplay.__init__
+    monkeypatch.setattr(LayerReplay, "__init__",
+                        lambda self, *a, **k: init(self, *a, **k) or widths.append(self.hidden_in.shape[1]))
+    cut = target_vectors(model, tokenizer, 1, DELTA_REQUESTS, ["", "the sun . "], cfg)
+    assert min(widths) == 1  # the KL replays hold the subject column alone
+    monkeypatch.setattr(EditBatch, "up_to_keys", lambda self: self)
+    whole = target_vectors(model, tokenizer, 1, DELTA_REQUESTS, ["", "the sun . "], cfg)
+    for a, b in zip(cut, whole):
+        assert a.steps == b.steps
+        torch.testing.assert_close(a.z, b.z, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma3_text"])
+def test_a_shared_prefix_run_once_gives_the_same_keys(arch, make_model, tokenizer, monkeypatch):
+    """Keys behind a context prefix: the prefix runs once and every row continues its cache."""
+    import grace_hooks.subject_keys as keys_module
+
+    model = make_model(arch)
+    shared = []
+    real = keys_module.continue_shared_prefix
+    monkeypatch.setattr(keys_module, "continue_shared_prefix",
+                        lambda *a: (lambda out: shared.append(out[1]) or out)(real(*a)))
+    modules = {"in": Site(1).module(model), "out": Site(2).module(model)}
+    prefixes = ["", "the sun rose over the quiet town . "]
+    once = keys_module.activations_at_subject_of(modules, model, tokenizer, TINY_REQUESTS, prefixes, share_prefix=True)
+    assert shared[0] == 0 and shared[1] >= 8  # the bare prompts share nothing; the prefix runs once
+    whole = keys_module.activations_at_subject_of(modules, model, tokenizer, TINY_REQUESTS, prefixes)
+    for name in modules:
+        torch.testing.assert_close(once[name], whole[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_shared_prefix_keeps_the_packs_that_act_on_it(make_model, tokenizer):
+    """Loaded causal packs see the prefix once and every row after it as if each had run it (subject
+    spans carry over from the one row to all); the runtime says when they are not causal."""
+    from conftest import DELTA_REQUESTS, DELTA_TINY
+    from grace_hooks import EditableModel
+    from grace_hooks.requests import EditRequest
+    from grace_hooks.subject_keys import activations_at_subject_of
+
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    em.edit(DELTA_REQUESTS[:2], method="memit", layers="0-1", **DELTA_TINY)
+    em.edit([EditRequest(prompt="{} rose over the", subject="the sun", target_new="dog")], method="grace")
+    assert em._runtime.causal
+    modules = {"in": Site(1).module(em.base_model), "top": Site(3).module(em.base_model)}
+    prefixes = ["the sun rose over the quiet town . "]
+    requests = [*TINY_REQUESTS, *DELTA_REQUESTS]
+    with em._runtime.tracing() as fired:
+        once = activations_at_subject_of(modules, em.base_model, tokenizer, requests, prefixes, which="output",
+                                         share_prefix=True)
+    assert fired  # the GRACE key fires inside the shared prefix
+    whole = activations_at_subject_of(modules, em.base_model, tokenizer, requests, prefixes, which="output")
+    for name in modules:
+        torch.testing.assert_close(once[name], whole[name], rtol=1e-4, atol=1e-5)
+    em.edit(DELTA_REQUESTS[2:], method="comeba_hk", gate="zscore", layers="2", **DELTA_TINY)
+    assert not em._runtime.causal  # a z-score gate scores each position against its whole row
+    last = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    last.edit(TINY_REQUESTS[:1], method="grace", replacement="last")
+    assert not last._runtime.causal

@@ -131,7 +131,8 @@ class DeltaMethod(EditMethod):
         route_state = self._route_state(ctx, requests, sites, cfg, 1 + len(prefixes)) if routed else {}
         for i, site in enumerate(sites):
             with clock("keys and residuals"), ctx.runtime.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
-                samples = activations_at_subject(model, tok, site.module(model), requests, prefixes)  # (P, n, d_in)
+                samples = activations_at_subject(model, tok, site.module(model), requests, prefixes,  # (P, n, d_in)
+                                                 share_prefix=ctx.runtime.causal)
                 now = activations_at_subject(model, tok, top, requests, [""], which="output")[0]
             keys = samples.mean(0)
             residual = (z - now.to(torch.float64)) / (len(sites) - i)  # MEMIT: spread over the blocks left
