@@ -19,6 +19,7 @@ import click
 
 from .config import DEFAULT_METHOD
 from .errors import GraceHooksError, PackError
+from .packs import PACK_JSON, PACK_TENSORS
 from .eval.lifelong import LifelongConfig
 from .loading import DEFAULT_MODEL
 
@@ -73,33 +74,13 @@ def _load(model: str, adapters: Path | None = None, skip: str | None = None):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Show the library's log messages (INFO).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log lines with their level and source, and third-party warnings and progress bars.")
 def main(verbose: bool) -> None:
     """Non-destructive knowledge editing of Hugging Face LMs with edit packs."""
-    if verbose:
-        _enable_info_logging()
+    from . import cli_logging
 
-
-def _enable_info_logging() -> None:
-    """INFO messages of grace_hooks on stderr (other libraries keep their own levels)."""
-    logger = logging.getLogger("grace_hooks")
-    logger.setLevel(logging.INFO)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time (click's test runner swaps it)."""
-
-    @property  # type: ignore[override]
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
+    cli_logging.setup(verbose)
 
 
 # ---------------------------------------------------------------------------- demo
@@ -139,11 +120,12 @@ def edit(requests_file: Path, method: str, adapters: Path, pack_name: str | None
     from .methods import get_method
     from .packs import validate_pack_name
     from .requests import read_requests
+    from .took import check_took
 
     # Cheap checks first: nothing slow happens before the inputs are known to be usable.
     overrides = _parse_sets(sets)
     impl = get_method(method)
-    make_config(impl.config_class, overrides)
+    cfg = make_config(impl.config_class, overrides)
     if pack_name is not None:
         validate_pack_name(pack_name)
     if adapters.exists() and not adapters.is_dir():
@@ -163,6 +145,8 @@ def edit(requests_file: Path, method: str, adapters: Path, pack_name: str | None
         _busy(f"edited in {time.perf_counter() - t0:.1f} s")
         path = em.save_pack(info.name, adapters, overwrite=overwrite)
         metrics = em.pack(info.name).metrics
+        _busy("checking each edit: the greedy answer of its prompt, with every loaded pack acting ...")
+        took = check_took(em, reqs)
     finally:
         em.close()
     click.echo(f"pack:    {info.name}")
@@ -174,6 +158,34 @@ def edit(requests_file: Path, method: str, adapters: Path, pack_name: str | None
     click.echo("metrics:")
     for line in _flatten(metrics):
         click.echo(f"  {line}")
+    _show_took(took, method, cfg, info.name, adapters)
+
+
+def _cut(text: str, width: int) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _show_took(took, method: str, cfg, pack: str, adapters: Path) -> None:
+    """Per request: did the new target become the greedy answer? Then, if some did not, what to try."""
+    rows = [["TOOK", "PROMPT", "TARGET", "ANSWER NOW"]]
+    rows += [["yes" if t.took else "no", _cut(t.prompt, 60), _cut(t.target, 24), _cut(t.answer.strip(), 24) or "(nothing)"]
+             for t in took]
+    click.echo("\ndid each edit take? (the greedy answer of its prompt, now)")
+    _table(rows, indent="  ")
+    missed = [t for t in took if not t.took]
+    if not missed:
+        click.echo(f"all {len(took)} edit(s) took.")
+        return
+    click.echo(f"{len(missed)} of {len(took)} edit(s) did NOT take: the model still answers otherwise. The pack was saved "
+               f"with every request (grace-hooks rm {pack} --adapters {adapters} removes it). To try:")
+    knob = next((k for k in ("steps", "n_iter") if hasattr(cfg, k)), None)
+    if knob:
+        now = getattr(cfg, knob)
+        click.echo(f"  - more optimisation: --set {knob}={max(2 * now, 10)} (now {now})")
+    other = "grace" if method != "grace" else DEFAULT_METHOD
+    click.echo(f"  - another method: --method {other} (`grace-hooks methods` lists them)")
+    click.echo("  - a smaller batch: fewer requests per edit (--limit N, or split the requests file)")
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:
@@ -231,21 +243,36 @@ def ls_cmd(adapters: Path) -> None:
         click.echo(f"no packs: {adapters} is not a directory")
         return
     try:
-        paths = list_packs(adapters)
-    except GraceHooksError:  # a broken entry: list every entry, each with what is wrong with it
-        paths = sorted(p for p in adapters.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.is_symlink()))
+        paths, others = list_packs(adapters), []
+    except GraceHooksError:  # a broken or foreign entry: list the pack-like ones, each with what is wrong with it
+        entries = sorted(p for p in adapters.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.is_symlink()))
+        paths = [p for p in entries if _looks_like_pack(p)]
+        others = [p.name for p in entries if not _looks_like_pack(p)]
     rows = [_pack_row(p) for p in paths]
-    if not rows:
+    if rows:
+        _table([["NAME", "METHOD", "EDITS", "SITES", "CREATED (UTC)", "BASE MODEL"]] + rows)
+    else:
         click.echo(f"no packs in {adapters}")
-        return
-    header = ["NAME", "METHOD", "EDITS", "SITES", "CREATED (UTC)", "BASE MODEL"]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
-    for row in [header] + rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
     bad = sum(r[1] == "!corrupt" for r in rows)
     if bad:
         click.echo(f"{bad} pack(s) could not be read; loading this folder fails until they are mended or removed.",
                    err=True)
+    if others:
+        shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        click.echo(f"not packs (no {PACK_JSON}): {shown}. Loading the packs of {adapters} fails while these are "
+                   "there: keep only packs in an adapters folder.", err=True)
+
+
+def _looks_like_pack(path: Path) -> bool:
+    """A folder meant as a pack holds a pack file, readable or not; anything else is not a pack at all."""
+    return (path / PACK_JSON).exists() or (path / PACK_TENSORS).exists()
+
+
+def _table(rows: list[list[str]], indent: str = "") -> None:
+    """Columns padded to their widest cell; the last column is left ragged (it may be long)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
 
 
 @main.command("rm")
@@ -266,14 +293,17 @@ def rm_cmd(name: str, adapters: Path) -> None:
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="native", show_default=True,
               help="native: the pack folder as is; peft: a PEFT adapter (weight-delta packs only).")
 def export_cmd(name: str, dest: Path, adapters: Path, fmt: str) -> None:
-    """Copy pack NAME to DEST (DEST/NAME when DEST is an existing folder)."""
+    """Copy pack NAME into folder DEST, as DEST/NAME (DEST is made when missing)."""
     from .packs import load_pack, validate_pack_name
 
     src = adapters / validate_pack_name(name)
     if not src.is_dir():
         raise PackError(f"no pack named {name!r} in {adapters}")
+    if dest.exists() and not dest.is_dir():
+        raise PackError(f"{dest} is a file; DEST is the folder the pack is written into (as DEST/{name})")
     pack = load_pack(src)  # refuses a corrupt or truncated pack before anything is copied
-    target = dest / name if dest.is_dir() else dest
+    # Always DEST/NAME: the same command gives the same layout whether DEST exists yet or not.
+    target = dest / name
     if fmt == "peft":
         from .export import export_peft
 
@@ -329,10 +359,11 @@ def squash_cmd(names: tuple[str, ...], into: str, adapters: Path) -> None:
 @click.argument("prompt")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
 @click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of packs to apply (skipped with a note when it does not exist).")
+              help="Folder of packs to apply; a folder given here must exist (the default one is skipped with a note).")
 @click.option("--no-edits", is_flag=True, help="Answer with the base model only (no packs).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
-def ask(prompt: str, model: str, adapters: Path, no_edits: bool, max_new_tokens: int) -> None:
+@click.pass_context
+def ask(ctx: click.Context, prompt: str, model: str, adapters: Path, no_edits: bool, max_new_tokens: int) -> None:
     """Greedy continuation of PROMPT (with the packs of ADAPTERS unless --no-edits)."""
     from .demo import greedy
 
@@ -340,6 +371,10 @@ def ask(prompt: str, model: str, adapters: Path, no_edits: bool, max_new_tokens:
     if not no_edits:
         if adapters.is_dir():
             use = adapters
+        elif ctx.get_parameter_source("adapters") is not click.core.ParameterSource.DEFAULT:
+            # A folder the user named but that is not there is a typo, not a wish for the bare base model.
+            raise PackError(f"adapters folder {str(adapters)!r} does not exist; check the path, or pass --no-edits "
+                            "to ask the base model")
         else:
             _busy(f"note: {adapters} does not exist; answering with the base model")
     em = _load(model, use)
@@ -349,8 +384,16 @@ def ask(prompt: str, model: str, adapters: Path, no_edits: bool, max_new_tokens:
         em.close()
 
 
-if __name__ == "__main__":
-    main()
+@main.command("model-path")
+@click.argument("model", default=DEFAULT_MODEL)
+def model_path(model: str) -> None:
+    """Print the plain Hugging Face base of MODEL, for other libraries (PEFT, vLLM): an embedded short
+    name's converted folder (made on first use), a folder's absolute path, or the hub id as given."""
+    from .loading import EMBEDDED, embedded_model_dir, hf_reference
+
+    if model in EMBEDDED:
+        embedded_model_dir(model)
+    click.echo(hf_reference(model))
 
 
 # ---------------------------------------------------------------------------- eval
@@ -390,3 +433,7 @@ def eval_cmd(data: Path, specs: tuple[str, ...], model: str, out: Path | None, t
     results = run_benchmark(model, data, specs, out, cfg, threads=threads, command=command)
     click.echo(table(final_rows(results)))
     click.echo(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and plots")
+
+
+if __name__ == "__main__":  # last: every command above is registered by now
+    main()

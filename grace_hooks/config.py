@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from typing import Any, TypeVar
 
@@ -61,7 +62,7 @@ def make_config(cls: type[C], overrides: dict[str, Any] | None = None, base: dic
     for source in (base or {}, overrides or {}):
         for key, value in source.items():
             if key not in fields:
-                raise ConfigError(f"unknown option {key!r} for {cls.__name__}; options: {describe(cls)}")
+                raise ConfigError(unknown_option(key, cls))
             value = _coerce(key, value, hints[key])
             choices = fields[key].metadata.get("choices")
             if choices and value not in choices:
@@ -70,10 +71,19 @@ def make_config(cls: type[C], overrides: dict[str, Any] | None = None, base: dic
     return cls(**values)
 
 
+def unknown_option(key: str, cls: type) -> str:
+    """A short message: the closest option names (a typo is the usual cause), else the names if few; the
+    help of each lives in ``grace-hooks methods`` rather than on one long line here."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.75)
+    if close:
+        hint = f"did you mean {' or '.join(map(repr, close))}?"
+    else:  # a short list helps; two dozen names on one line do not
+        hint = f"options: {', '.join(names)}" if len(names) <= 12 else f"{cls.__name__} has {len(names)} options"
+    return f"unknown option {key!r} for {cls.__name__}; {hint} (`grace-hooks methods` lists each option with its help)"
+
+
 def option_lines(cls: type) -> list[str]:
     """One ``name=default (help)`` line per option."""
     return [f"{f.name}={f.default!r} ({f.metadata.get('help', '')})" for f in dataclasses.fields(cls)]
 
-
-def describe(cls: type) -> str:
-    return "; ".join(option_lines(cls))

@@ -144,6 +144,6 @@ def run_demo(model: Any = DEFAULT_MODEL, adapters: str | os.PathLike = "adapters
     else:
         echo("Rolled-back answers differ from the base answers"
              + (f" (other packs are still loaded: {', '.join(others)})." if others else "."))
-    echo(f"\nThe pack stays on disk at {Path(path)}; delete the folder (or `grace-hooks rm {DEMO_PACK}`) to drop it.")
+    echo(f"\nThe pack stays on disk at {Path(path)}; `grace-hooks rm {DEMO_PACK} --adapters {Path(path).parent}` drops it.")
     return {"before": before, "after": after, "rolled_back": rolled_back, "success": success, "reached": reached,
             "total": len(reqs), "identical": identical, "kept": kept, "pack": str(path)}

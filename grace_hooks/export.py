@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .architectures import ARCHITECTURES, Site
 from .errors import PackError
+from .loading import hf_reference
 from .methods import get_method
 from .packs import EditPack
 
@@ -52,7 +53,8 @@ def export_peft(pack: EditPack, dest: str | Path) -> Path:
     config = LoraConfig(
         r=r, lora_alpha=r, target_modules=sorted(ranks), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
         rank_pattern=dict(ranks), alpha_pattern=dict(ranks),  # alpha = r per module: scaling 1, dW = B A exactly
-        fan_in_fan_out=transposed.pop(), base_model_name_or_path=pack.base.name, inference_mode=True,
+        # A reference PEFT can load: an embedded short name ('smollm2-135m') means nothing outside this library.
+        fan_in_fan_out=transposed.pop(), base_model_name_or_path=hf_reference(pack.base.name), inference_mode=True,
     )
     dest = Path(dest)
     if dest.exists():

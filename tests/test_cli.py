@@ -174,8 +174,9 @@ def test_ask_with_and_without_edits(made_packs, tiny_model):
     assert "pack(s)" not in base.stderr
 
 
-def test_ask_missing_adapters_uses_base(tiny_model, tmp_path):
-    res = run("ask", "The capital of Japan is", "--model", tiny_model, "--adapters", tmp_path / "none", "--max-new-tokens", "2")
+def test_ask_missing_default_adapters_uses_base(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./adapters here
+    res = run("ask", "The capital of Japan is", "--model", tiny_model, "--max-new-tokens", "2")
     assert res.exit_code == 0, res.output
     assert "does not exist" in res.stderr and res.stdout.strip() != ""
 
@@ -204,6 +205,7 @@ def test_ls_marks_corrupt_packs(adapters):
     shutil.copytree(adapters / "facts", adapters / "broken")
     (adapters / "broken" / PACK_JSON).write_text("{ not json")
     (adapters / "headless").mkdir()
+    (adapters / "headless" / PACK_TENSORS).write_bytes(b"tensors without a header")
     shutil.copytree(adapters / "facts", adapters / "future")
     header = json.loads((adapters / "future" / PACK_JSON).read_text()) | {"format_version": 99}
     (adapters / "future" / PACK_JSON).write_text(json.dumps(header))
@@ -244,10 +246,10 @@ def test_rm_bad_names(adapters, name):
 
 
 # ---------------------------------------------------------------------------- export
-def test_export_native_to_new_path_and_into_dir(made_packs, tmp_path):
-    res = run("export", "facts", tmp_path / "out" / "copy", "--adapters", made_packs)
+def test_export_native_puts_the_pack_inside_dest(made_packs, tmp_path):
+    res = run("export", "facts", tmp_path / "out" / "shelf", "--adapters", made_packs)  # DEST does not exist yet
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "out" / "copy" / PACK_TENSORS).read_bytes() == (made_packs / "facts" / PACK_TENSORS).read_bytes()
+    assert (tmp_path / "out" / "shelf" / "facts" / PACK_TENSORS).read_bytes() == (made_packs / "facts" / PACK_TENSORS).read_bytes()
     (tmp_path / "shelf").mkdir()
     res = run("export", "facts", tmp_path / "shelf", "--adapters", made_packs, "--format", "native")
     assert res.exit_code == 0, res.output
@@ -255,6 +257,9 @@ def test_export_native_to_new_path_and_into_dir(made_packs, tmp_path):
     again = run("export", "facts", tmp_path / "shelf", "--adapters", made_packs)
     assert again.exit_code == 2 and "already exists" in again.stderr
     assert not [p for p in (tmp_path / "shelf").iterdir() if p.name.startswith(".")]  # no temporary left behind
+    (tmp_path / "file").write_text("x")
+    onto_file = run("export", "facts", tmp_path / "file", "--adapters", made_packs)
+    assert onto_file.exit_code == 2 and "is a file" in onto_file.stderr
 
 
 def test_export_peft_of_a_grace_pack_is_a_clear_error(made_packs, tmp_path):

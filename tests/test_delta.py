@@ -123,9 +123,9 @@ def test_peft_export_gives_the_same_logits(make_model, tokenizer, tmp_path, arch
     result = CliRunner().invoke(main, ["export", "p1", str(tmp_path / "lora"), "--adapters", str(tmp_path / "adapters"),
                                        "--format", "peft"])
     assert result.exit_code == 0, result.output
-    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "lora" / "p1" / "adapter_config.json").read_text())  # DEST/NAME
     assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] == (arch == "gpt2")
-    peft_model = PeftModel.from_pretrained(make_model(arch), str(tmp_path / "lora")).eval()
+    peft_model = PeftModel.from_pretrained(make_model(arch), str(tmp_path / "lora" / "p1")).eval()
     enc = tokenizer([r.text for r in DELTA_REQUESTS] + UNRELATED, return_tensors="pt", padding=True)
     with torch.no_grad():
         ours, theirs = em(**enc).logits, peft_model(**enc).logits
