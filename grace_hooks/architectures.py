@@ -20,8 +20,12 @@ class ArchSpec:
     transposed: frozenset[str] = field(default_factory=frozenset)  # points stored (d_in, d_out), GPT-2 Conv1D
     # the blocks give the same outputs when earlier columns come from a cache (replay.LayerReplay's ``start``)
     cached_suffix: bool = True
+    # point -> path (inside one block) of a norm between the point's output and the residual stream
+    # (Gemma 2/3 normalise the MLP output before adding it): an update must aim through it
+    residual_norms: dict[str, str] = field(default_factory=dict)
 
 
+_GEMMA_MLP_NORM = {"mlp_out": "post_feedforward_layernorm"}
 _LLAMA_LIKE = ArchSpec(layers="model.layers", points={"mlp_out": "mlp.down_proj"}, final_norm="model.norm")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -32,10 +36,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma": _LLAMA_LIKE,
     # Gemma 2's sliding-window layers give other outputs from a cache (tests/test_replay.py)
     "gemma2": ArchSpec(layers="model.layers", points={"mlp_out": "mlp.down_proj"}, final_norm="model.norm",
-                       cached_suffix=False),
-    "gemma3_text": _LLAMA_LIKE,
+                       cached_suffix=False, residual_norms=_GEMMA_MLP_NORM),
+    "gemma3_text": ArchSpec(layers="model.layers", points={"mlp_out": "mlp.down_proj"}, final_norm="model.norm",
+                            residual_norms=_GEMMA_MLP_NORM),
     "gemma3": ArchSpec(layers="model.language_model.layers", points={"mlp_out": "mlp.down_proj"},
-                       final_norm="model.language_model.norm"),
+                       final_norm="model.language_model.norm", residual_norms=_GEMMA_MLP_NORM),
     "gpt2": ArchSpec(layers="transformer.h", points={"mlp_out": "mlp.c_proj"}, final_norm="transformer.ln_f",
                      transposed=frozenset({"mlp_out"})),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", points={"mlp_out": "mlp.dense_4h_to_h"}, final_norm="gpt_neox.final_layer_norm"),
@@ -93,6 +98,12 @@ class Site:
         if self.point not in spec.points:
             raise ArchitectureError(f"hook point {self.point!r} is not defined here; known: {sorted(spec.points)}")
         return f"{spec.layers}.{self.layer}.{spec.points[self.point]}"
+
+    def residual_norm(self, model: nn.Module) -> nn.Module | None:
+        """The norm between this site's output and the residual stream, or None (the output is added as is)."""
+        spec = arch_spec(model)
+        path = spec.residual_norms.get(self.point)
+        return None if path is None else model.get_submodule(f"{spec.layers}.{self.layer}.{path}")
 
     def weight(self, model: nn.Module) -> torch.Tensor:
         """The site's weight as (d_out, d_in), whatever the storage layout."""

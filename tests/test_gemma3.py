@@ -112,11 +112,11 @@ def test_routed_delta_edit_is_local_and_exact_to_remove(delta_edit):
     assert delta_edit["restored"] and delta_edit["hooks"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="Gemma 3 normalises the MLP output (post_feedforward_layernorm, gains up to "
-                                       "~700) before the residual add, so a solve that takes a change of mlp_out for "
-                                       "the same change of the residual overshoots (46x farther from z than before): "
-                                       "0 of 3 land")
 def test_routed_delta_edit_reaches_targets(delta_edit):
+    """Gemma 3 normalises the MLP output before the residual add (gains in the hundreds): the solve
+    aims through that norm (architectures: residual_norms); taken as it is, 0 of 3 landed. On 20
+    edits in one call only 1 lands still (benchmarks/norm_aware_solve.py): this guards the fix, it
+    does not say routed deltas work on Gemma."""
     hits = [reaches(a, r.target_new) for a, r in zip(delta_edit["answers"], delta_edit["reqs"])]
     assert sum(hits) >= 2, delta_edit["answers"]
 

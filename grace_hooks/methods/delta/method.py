@@ -21,14 +21,14 @@ import torch
 from ...architectures import Site, arch_spec, num_layers
 from ...config import make_config
 from ...covariance import Corpus, SecondMoment, cached_sample_corpus, model_digest, second_moments, site_inputs
-from ...linalg import LowRank, closed_form_update
+from ...linalg import LowRank, change_before, closed_form_update
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
 from ...runtime import LowRankDelta, SiteContribution, SiteRuntime
 from ...spans import key_spans, request_spans, span_state_problems
 from ...subject_keys import activations_at_subject, context_prefixes
-from ...hooks import head_only_at
+from ...hooks import frozen_parameters, head_only_at
 from ...timing import PhaseClock
 from ...tokens import build_edit_batch, score_targets, scored_positions
 from ...target_vectors import target_vectors
@@ -134,8 +134,14 @@ class DeltaMethod(EditMethod):
                 samples = activations_at_subject(model, tok, site.module(model), requests, prefixes,  # (P, n, d_in)
                                                  share_prefix=ctx.runtime.causal)
                 now = activations_at_subject(model, tok, top, requests, [""], which="output")[0]
+                norm = site.residual_norm(model)
+                out = activations_at_subject(model, tok, site.module(model), requests, [""], which="output")[0] \
+                    if norm is not None else None
             keys = samples.mean(0)
             residual = (z - now.to(torch.float64)) / (len(sites) - i)  # MEMIT: spread over the blocks left
+            if norm is not None:  # the site's output reaches the residual stream through a norm: aim through it
+                with clock("solve"), frozen_parameters(norm):
+                    residual = change_before(norm, out, residual).to(torch.float64)
             loaded = ctx.runtime.sites.get(site.name)
             with clock("solve"):
                 update = closed_form_update(residual.T, keys.T, self.preservation(moments[site.name].matrix, loaded, cfg),
