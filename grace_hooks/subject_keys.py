@@ -50,18 +50,18 @@ def lookup_positions(tokenizer, requests: Sequence[EditRequest], prefix: str) ->
 
 
 def activations_at_subject(model, tokenizer, module, requests: Sequence[EditRequest], prefixes: Sequence[str],
-                           which: str = "input", share_prefix: bool = False) -> torch.Tensor:
+                           which: str = "input", share_prefix: bool = False, batch_size: int | None = None) -> torch.Tensor:
     """(n_prefixes, n_requests, d): ``module``'s input (or output hidden states) at the last subject
     token of ``prefix + request.text``, for every prefix, with whatever hooks are on the model."""
-    return activations_at_subject_of({"m": module}, model, tokenizer, requests, prefixes, which,
-                                     share_prefix=share_prefix)["m"]
+    return activations_at_subject_of({"m": module}, model, tokenizer, requests, prefixes, which, batch_size,
+                                     share_prefix)["m"]
 
 
 def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequence[EditRequest], prefixes: Sequence[str],
                               which: str = "input", batch_size: int | None = None, share_prefix: bool = False) -> dict:
     """:func:`activations_at_subject` for several modules from the same forwards (each forward stops
     after the deepest of them): name -> (n_prefixes, n_requests, d). ``batch_size``: requests per
-    forward (None: all at once). ``share_prefix``: the leading tokens that every row of a forward
+    forward (None: all at once), the ones of like length together. ``share_prefix``: the leading tokens that every row of a forward
     shares (a context prefix) run once and the rows continue their cache (the same activations:
     causal attention; a prefix is most of a prefixed prompt's tokens). Only where every hook on the
     model is causal too (``EditRuntime.causal``)."""
@@ -81,12 +81,15 @@ def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequenc
     bar = tqdm(total=len(prefixes) * -(-len(requests) // step), desc="subject keys", leave=False, disable=None)
     try:
         for prefix in prefixes:
-            parts: dict = {name: [] for name in modules}
+            positions = torch.tensor(lookup_positions(tokenizer, requests, prefix))
+            rows_by_length = positions.argsort(stable=True)  # rows of like length share a forward: less padding
+            parts: dict = {name: torch.empty(0) for name in modules}
             for lo in range(0, len(requests), step):
                 bar.update()
-                chunk = requests[lo:lo + step]
-                idx = torch.tensor(lookup_positions(tokenizer, chunk, prefix))
-                enc = tokenizer([prefix + r.text for r in chunk], return_tensors="pt", padding=True).to(device)
+                rows = rows_by_length[lo:lo + step]
+                idx = positions[rows]
+                enc = tokenizer([prefix + requests[i].text for i in rows.tolist()], return_tensors="pt",
+                                padding=True).to(device)
                 enc = {k: v[:, : int(idx.max()) + 1] for k, v in enc.items()}  # causal: later tokens change nothing here
                 grabbed: dict = {}
                 with torch.inference_mode():
@@ -96,9 +99,12 @@ def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequenc
                             scope.forward(module, grab(name))
                         forward_until(model, deepest, **inputs)
                 for name, t in grabbed.items():
-                    parts[name].append(t[torch.arange(len(chunk)), (idx - shift).to(t.device)].float().cpu())
+                    got = t[torch.arange(len(rows)), (idx - shift).to(t.device)].float().cpu()
+                    if not len(parts[name]):
+                        parts[name] = got.new_empty((len(requests), got.shape[-1]))
+                    parts[name][rows] = got
             for name in modules:
-                out[name].append(torch.cat(parts[name]))
+                out[name].append(parts[name])
     finally:
         bar.close()
         tokenizer.padding_side = side

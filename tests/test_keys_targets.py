@@ -188,8 +188,11 @@ def test_a_shared_prefix_run_once_gives_the_same_keys(arch, make_model, tokenize
     once = keys_module.activations_at_subject_of(modules, model, tokenizer, TINY_REQUESTS, prefixes, share_prefix=True)
     assert shared[0] == 0 and shared[1] >= 8  # the bare prompts share nothing; the prefix runs once
     whole = keys_module.activations_at_subject_of(modules, model, tokenizer, TINY_REQUESTS, prefixes)
+    by_length = keys_module.activations_at_subject_of(modules, model, tokenizer, TINY_REQUESTS, prefixes,
+                                                      share_prefix=True, batch_size=2)  # rows regrouped, order kept
     for name in modules:
         torch.testing.assert_close(once[name], whole[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(by_length[name], whole[name], rtol=1e-4, atol=1e-5)
 
 
 def test_a_shared_prefix_keeps_the_packs_that_act_on_it(make_model, tokenizer):
