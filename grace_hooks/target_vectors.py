@@ -21,7 +21,7 @@ from .hooks import frozen_parameters
 from .replay import LayerReplay
 from .requests import EditRequest
 from .subject_keys import lookup_positions
-from .tokens import EditBatch, build_pair_batch, score_targets, scored_positions
+from .tokens import EditBatch, build_pair_batch, score_targets, scored_positions, target_text
 
 
 @dataclass
@@ -51,8 +51,8 @@ def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest]
                    cfg: TargetVectorConfig | None = None, real_positions=None, cached_prefix: bool = True) -> list[TargetVector]:
     """Optimise one delta per request at the output of block ``layer`` (the model is not changed).
 
-    Requests are optimised ``cfg.batch_size`` at a time, each with its own delta, loss and early
-    stop (Adam is per coordinate, so this equals one run per request). Blocks up to ``layer`` run
+    Requests are optimised ``cfg.batch_size`` at a time (those of like length together), each with its
+    own delta, loss and early stop (Adam is per coordinate, so this equals one run per request). Blocks up to ``layer`` run
     once: every step replays the blocks above it. ``real_positions(mask)``: a context manager that
     tells hooks on the replayed blocks which positions are real (``EditRuntime.attention_mask``).
     ``cached_prefix``: replay only the columns from the key token on (exact: nothing before the key
@@ -63,12 +63,25 @@ def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest]
     if not 0 <= layer < n_blocks - 1:
         raise ValueError(f"target vectors are optimised at the output of block {layer}: it must be below the last "
                          f"block ({n_blocks - 1}); edit earlier layers")
-    out: list[TargetVector] = []
+    out: list[TargetVector | None] = [None] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: _replayed_columns(tokenizer, requests[i]))  # less padding
     with frozen_parameters(model):
-        for i in range(0, len(requests), cfg.batch_size):
-            out += _optimise(model, tokenizer, layer, requests[i:i + cfg.batch_size], prefixes, cfg, real_positions,
-                             cached_prefix)
+        for lo in range(0, len(requests), cfg.batch_size):
+            rows = order[lo:lo + cfg.batch_size]
+            found = _optimise(model, tokenizer, layer, [requests[i] for i in rows], prefixes, cfg, real_positions,
+                              cached_prefix)
+            for i, vector in zip(rows, found):
+                out[i] = vector
     return out
+
+
+def _replayed_columns(tokenizer, request: EditRequest) -> int:
+    """Columns a cached-suffix replay of the bare prompt + target runs: from the key token on. Requests
+    optimised together are padded to the longest, so like lengths go together."""
+    text = request.text
+    total = len(tokenizer(text)["input_ids"]) + len(tokenizer(target_text(text, request.target_new),
+                                                              add_special_tokens=False)["input_ids"])
+    return total - lookup_positions(tokenizer, [request], "")[0]
 
 
 def target_vector(model, tokenizer, layer: int, request: EditRequest, prefixes: Sequence[str],

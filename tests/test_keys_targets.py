@@ -222,3 +222,18 @@ def test_a_shared_prefix_keeps_the_packs_that_act_on_it(make_model, tokenizer):
     last = EditableModel(make_model("llama"), tokenizer, name="tiny")
     last.edit(TINY_REQUESTS[:1], method="grace", replacement="last")
     assert not last._runtime.causal
+
+
+def test_target_vectors_come_back_in_request_order_when_grouped_by_length(make_model, tokenizer):
+    """Requests are optimised with those of like length; each vector still belongs to its request."""
+    from grace_hooks.target_vectors import _replayed_columns, target_vectors
+
+    model = make_model("llama")
+    reqs = [TINY_REQUESTS[2], TINY_REQUESTS[0], TINY_REQUESTS[1]]
+    assert _replayed_columns(tokenizer, reqs[0]) > _replayed_columns(tokenizer, reqs[1])  # the order changes
+    cfg = dict(steps=20, stop="most_probable", lr=1.0, clamp=4.0)
+    grouped = target_vectors(model, tokenizer, 1, reqs, [""], TargetVectorConfig(batch_size=2, **cfg))
+    for got, req in zip(grouped, reqs):
+        alone = target_vector(model, tokenizer, 1, req, [""], TargetVectorConfig(**cfg))
+        assert got.steps == alone.steps
+        torch.testing.assert_close(got.z, alone.z, rtol=1e-4, atol=1e-4)
