@@ -172,6 +172,14 @@ class EffectLayer:
         index, table = self._tables[field]
         return table[index[ids]]
 
+    def winning(self, hits: Hits | None, field: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat positions where one of its keys wins, the row of ``field`` of each winning key),
+        or None where its keys win nothing."""
+        if hits is None:
+            return None
+        rows, ids = hits.won_by(self.effects)
+        return (rows, self.keyed(field, ids)) if len(rows) else None
+
     # --- a forward
     def everywhere(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """The site output ``y`` with the changes that act at every position, or None (none)."""

@@ -17,12 +17,10 @@ class Replacements(EffectLayer):
     exclusive = True
 
     def plan(self, flat_x: torch.Tensor, hits: Hits | None, gate: Gate | None) -> Plan | None:
-        if hits is None:
+        won = self.winning(hits, "values")
+        if won is None:
             return None
-        rows, ids = hits.won_by(self.effects)
-        if not len(rows):
-            return None
-        values = self.keyed("values", ids)
+        rows, values = won
 
         def replace(flat: torch.Tensor) -> None:
             flat[rows] = values.to(flat)
