@@ -1,9 +1,11 @@
-"""Exporting a weight-delta pack as a standard PEFT LoRA adapter (PEFT, vLLM and LoRAX serve these).
+"""Exporting a pack as a standard PEFT LoRA adapter (PEFT, vLLM and LoRAX serve these), where its
+effect at every site has a LoRA form (``Effect.lora``, :mod:`grace_hooks.effects`).
 
 A global-mode delta dW = U V^T at a site is exactly a LoRA pair with A = V^T (r x d_in),
 B = U (d_out x r) and scaling lora_alpha / r = 1; GPT-2's Conv1D sites set ``fan_in_fan_out``
 (PEFT's forward is the same either way; the flag matters when PEFT merges). Routed deltas act only
-where the router fires, which LoRA cannot express, so they are refused.
+where the router fires, which LoRA cannot express, so they are refused, as are effects that are no
+weight update (GRACE's replacements).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from .architectures import ARCHITECTURES, Site
+from .effects import NoLoraForm
 from .errors import PackError
 from .loading import hf_reference
 from .methods import get_method
@@ -26,24 +29,20 @@ def export_peft(pack: EditPack, dest: str | Path) -> Path:
     from peft import LoraConfig
 
     impl = get_method(pack.method)
-    if "weight_delta" not in impl.capabilities:
-        raise PackError(f"pack {pack.name!r} uses method {pack.method!r}, which stores no weight delta; "
-                        "peft export applies to weight-delta packs (memit, encore, oedit)")
     spec = ARCHITECTURES.get(pack.base.model_type)
     if spec is None:
         raise PackError(f"pack {pack.name!r} was made for architecture {pack.base.model_type!r}, which has no module table")
     tensors, ranks, transposed = {}, {}, set()
     for name, c in impl.contributions(pack).items():
-        if c.delta is None:
-            continue
-        if c.delta.routed:
-            raise PackError(f"pack {pack.name!r} is routed: its delta acts only where its keys fire, which a LoRA "
-                            "adapter cannot express; compute the edit with mode=global to export it")
+        try:
+            A, B = c.effect.lora()
+        except NoLoraForm as exc:
+            raise PackError(f"pack {pack.name!r} (method {pack.method!r}) has no LoRA form: {exc}") from None
         site = Site.parse(name)
         path = site.path(spec)
-        tensors[f"base_model.model.{path}.lora_A.weight"] = c.delta.V.T.float().contiguous()
-        tensors[f"base_model.model.{path}.lora_B.weight"] = c.delta.U.float().contiguous()
-        ranks[path] = int(c.delta.U.shape[1])
+        tensors[f"base_model.model.{path}.lora_A.weight"] = A
+        tensors[f"base_model.model.{path}.lora_B.weight"] = B
+        ranks[path] = int(B.shape[1])
         transposed.add(site.point in spec.transposed)
     if not tensors:
         raise PackError(f"pack {pack.name!r} holds no weight delta to export")

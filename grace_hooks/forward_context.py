@@ -4,8 +4,8 @@ A site hook sees only its module's input. Which positions are real (padding is n
 the last, and how many positions of the same sequences earlier calls already fed (a KV cache) come
 from the model's own forward call, recorded by a pre-forward hook on the model. That record lives
 in a :class:`ForwardContext` per thread, so two threads running forwards through one model (a
-server answering two requests) never read each other's mask, cache length, trace or z-score
-statistics.
+server answering two requests) never read each other's mask, cache length, trace or what effect
+layers keep between forwards (the z-score gate's statistics).
 
 Release-independence: transformers renamed the forward's ``past_key_values`` to ``cache`` (5.24)
 and stopped passing ``cache_position`` from ``generate``, so the cache length is read from
@@ -30,9 +30,9 @@ class ForwardContext:
     mask: torch.Tensor | None = None  # (batch, past + width) attention mask of the running forward, if 2-D
     cache_start: int = 0  # positions already in the forward's KV cache, when no attention mask says so
     enabled: bool = True  # False inside ``EditRuntime.disabled()``: the pure base model
-    hook_everywhere: bool = False  # hook layers act at every real position (while an edit is solved)
+    options: dict[str, Any] = field(default_factory=dict)  # effect layers' switches (``EditRuntime.option``)
     trace: list | None = None  # router hits are recorded here inside ``EditRuntime.tracing()``
-    running: dict[str, tuple] = field(default_factory=dict)  # site -> z-score statistics of the sequences being decoded
+    state: dict[Any, Any] = field(default_factory=dict)  # what effect layers keep between this thread's forwards
     tokens: np.ndarray | None = None  # (batch, history + width) token ids for subject spans; None: not known
     seen: dict[str, list[set]] = field(default_factory=dict)  # site -> per row, 'seen'-anchored keys already met
     depth: int = 0  # model forwards entered by this thread and not yet left (each holds the runtime's lock once)

@@ -1,10 +1,11 @@
 """Health of an edited model against its base (the norm-growth finding of the editing literature:
 sequential locate-then-edit updates inflate the edited matrices and drift the activations).
 
-For each site that carries loaded weight deltas or a hook layer:
-- ``weight_norm_ratio``: |W0 + sum dW|_F / |W0|_F over the global deltas (what the papers' merged
-  weights would be); ``weight_norm_ratio_all``: the same with the routed deltas added as if global
-  and the hook layer's increments too (|W_h|_F / |W0|_F for COMEBA-HK);
+For each site where a loaded effect is a weight update (its ``dense_update``, see
+:mod:`grace_hooks.effects`: weight deltas, COMEBA-HK's hook-layer increments):
+- ``weight_norm_ratio``: |W0 + sum dW|_F / |W0|_F over the updates that act at every position (the
+  global deltas: what the papers' merged weights would be); ``weight_norm_ratio_all``: the same with
+  every update added as if global (routed deltas, and |W_h|_F / |W0|_F for COMEBA-HK);
 - ``activation_norm_ratio``: mean |y| with the edits over mean |y| of the base, at the site's output
   on a reference text; ``activation_drift``: mean |y_edited - y_base| / mean |y_base| there.
 """
@@ -49,8 +50,10 @@ def _site_outputs(model, tokenizer, modules: dict[str, torch.nn.Module], texts: 
 
 def site_health(model, tokenizer, runtime: EditRuntime, texts: Sequence[str] | None = None,
                 max_tokens: int = 512) -> dict[str, dict[str, float]]:
-    """The figures above for every site with loaded deltas (an empty dict when there are none)."""
-    sites = {name: rt for name, rt in runtime.sites.items() if rt.deltas or rt.hook_layer}
+    """The figures above for every site with loaded weight updates (an empty dict when there are none)."""
+    updates = {name: [(e.everywhere, m) for _, e in rt.effects() if (m := e.dense_update()) is not None]
+               for name, rt in runtime.sites.items()}
+    sites = {name: rt for name, rt in runtime.sites.items() if updates[name]}
     if not sites:
         return {}
     texts = list(texts) if texts is not None else reference_texts()
@@ -61,13 +64,11 @@ def site_health(model, tokenizer, runtime: EditRuntime, texts: Sequence[str] | N
     report = {}
     for name, rt in sites.items():
         weight = Site.parse(name).weight(model)
-        dense = [(d.routed, d.U.to(torch.float64) @ d.V.to(torch.float64).T) for d in rt.deltas.values()]
-        hook = [i.matrix() for i in rt.hook_layer.increments.values()]
         y, y0 = edited[name], base[name]
         base_norm = float(y0.norm(dim=1).mean())
         report[name] = {
-            "weight_norm_ratio": weight_norm_ratio(weight, [m for routed, m in dense if not routed]),
-            "weight_norm_ratio_all": weight_norm_ratio(weight, [m for _, m in dense] + hook),
+            "weight_norm_ratio": weight_norm_ratio(weight, [m for everywhere, m in updates[name] if everywhere]),
+            "weight_norm_ratio_all": weight_norm_ratio(weight, [m for _, m in updates[name]]),
             "activation_norm_ratio": float(y.norm(dim=1).mean()) / base_norm,
             "activation_drift": float((y - y0).norm(dim=1).mean()) / base_norm,
         }

@@ -1,7 +1,8 @@
 """Composing loaded packs at their sites through forward hooks.
 
-A pack contributes a :class:`SiteContribution` to each of its sites. The runtime composes
-contributions by what they carry (keys + replacement values today), never by method name.
+A pack contributes a :class:`SiteContribution` to each of its sites: an effect (what its method
+family does there, :mod:`grace_hooks.effects`) and, optionally, router keys. The runtime composes
+the effects through the shared router without knowing their kinds, never by method name.
 Out-of-scope positions are never touched, so on unrelated text the outputs are bit-identical
 to the base model's.
 """
@@ -10,45 +11,30 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from .architectures import Site
+from .effects import Effect, EffectLayer, Gate, Hits
 from .errors import PackError
 from .forward_context import ForwardContext, ThreadContexts, cache_length, forward_ids, forward_mask, positions, track_tokens
-from .hook_layer import HookIncrement, HookLayer
 from .hooks import HookOwner
 from .router import NO_KEY, KeyRouter
 
 STAGED_RANK = 2**62  # above any loaded pack's rank
-ZSCORE_GATE = "<z-score gate>"  # the 'pack' of a traced hit where the z-score gate, not a key, fired
-_ZSCORE_ID = -2  # its router id in raw traces
-
-
-@dataclass
-class LowRankDelta:
-    """A weight update dW = U V^T at a site: the site output gains dW x."""
-
-    U: torch.Tensor  # (d_out, r)
-    V: torch.Tensor  # (d_in, r)
-    routed: bool = False  # False: at every position; True: only where the router puts x in scope of the pack's keys
-    keys: torch.Tensor | None = None  # (n, d_in) the edit keys it was solved for (later solves may build on them)
 
 
 @dataclass
 class SiteContribution:
-    """What one pack places at one site: router keys with replacement values (GRACE), a low-rank
-    weight delta (applied everywhere, or where the pack's keys route it), or an increment to the
-    site's hook layer (COMEBA-HK: used where the z-score gate fires, or where the pack's keys route it)."""
+    """What one pack places at one site: its effect, and the router keys that say where it acts
+    (none: the effect decides alone, e.g. a global delta or a gate of its own)."""
 
+    effect: Effect
     keys: torch.Tensor | None = None  # (n, d_in) router keys
     radii: torch.Tensor | None = None  # (n,) Euclidean radius of each key
-    values: torch.Tensor | None = None  # (n, d_out) site output in scope of key i; None: the keys route ``delta``
-    delta: LowRankDelta | None = None
-    hook: HookIncrement | None = None
     labels: list[str] = field(default_factory=list)  # what each key stands for (GRACE's conflict rule)
     last_only: bool = False  # keys match only the last real position of a forward call
     spans: list[list[list[int]]] | None = None  # per key, its subject's token spans (None: the key alone decides)
@@ -57,65 +43,60 @@ class SiteContribution:
     shrink: list[tuple[str, int, float]] = field(default_factory=list)  # (earlier pack id, key index, radius)
 
 
-def _stored(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A pack tensor as the runtime keeps it: detached float32 on the CPU."""
-    return None if t is None else t.detach().float().cpu()
-
-
 class SiteRuntime:
-    """The router, value table and deltas of one site, and its forward hook."""
+    """The router and the effect layers of one site, and its forward hook."""
 
     def __init__(self, site: Site, module: nn.Module, d_in: int, d_out: int) -> None:
         self.site, self.module = site, module
+        self.d_in, self.d_out = d_in, d_out
         self.router = KeyRouter(d_in)
-        self._values = [torch.zeros(0, d_out)]  # chunks, joined on first use: adding 1,000 packs stays linear
-        self._replaces = [torch.zeros(0, dtype=torch.bool)]
+        self._exclusive = [np.zeros(0, dtype=bool)]  # chunks, joined on first use: adding 1,000 packs stays linear
         self.labels: list[str] = []  # by router id
         self.owner: list[str] = []  # by router id: the pack
         self.ids: dict[str, np.ndarray] = {}  # pack id -> router ids
-        self.deltas: dict[str, LowRankDelta] = {}  # pack id -> its delta here
-        self.hook_layer = HookLayer(d_in, d_out)
+        self._layers: dict[type, EffectLayer] = {}  # effect layer class -> its layer here
+        self._ordered: list[EffectLayer] = []  # the layers in the order their changes apply
         self.handle = None  # its forward hook, owned by the EditRuntime's HookOwner
 
     @property
-    def values(self) -> torch.Tensor:
-        """(n_ids, d_out) replacement value of each router id (zeros for keys that route a delta)."""
-        if len(self._values) > 1:
-            self._values = [torch.cat(self._values)]
-        return self._values[0]
-
-    @property
-    def replaces(self) -> torch.Tensor:
-        """(n_ids,) whether each router id replaces the output (else it routes its pack's delta)."""
-        if len(self._replaces) > 1:
-            self._replaces = [torch.cat(self._replaces)]
-        return self._replaces[0]
+    def exclusive(self) -> np.ndarray:
+        """(n_ids,) whether each router id claims its position whole (its layer is exclusive)."""
+        if len(self._exclusive) > 1:
+            self._exclusive = [np.concatenate(self._exclusive)]
+        return self._exclusive[0]
 
     @property
     def packs(self) -> set[str]:
-        return set(self.ids) | set(self.deltas) | set(self.hook_layer.increments)
+        return set(self.ids).union(*(layer.effects for layer in self._ordered))
+
+    def layer(self, cls: type[EffectLayer]) -> Any:
+        """The layer of that class here (what a family reads of its own loaded effects), or None."""
+        return self._layers.get(cls)
+
+    def effects(self) -> Iterator[tuple[str, Effect]]:
+        """(pack id, effect) of every loaded effect here, layer by layer in order, oldest first."""
+        for layer in self._ordered:
+            yield from layer.effects.items()
 
     def add(self, pack_id: str, rank: int, c: SiteContribution) -> None:
         for target_pack, key_index, _ in c.shrink:  # checked before anything is added
             if target_pack in self.ids and not 0 <= key_index < len(self.ids[target_pack]):
                 raise PackError(f"a pack shrinks key {key_index} of an earlier pack at {self.site.name}, which has "
                                 f"{len(self.ids[target_pack])} keys there; the pack is corrupt or made on another stack")
+        cls = c.effect.layer
+        ids = None
         if c.keys is not None:
             n = len(c.keys)
             ids = self.router.add(c.keys.detach().float().cpu().numpy(), c.radii.detach().float().cpu().numpy(), rank,
                                   c.last_only, c.spans, c.anchor, c.closers)
-            rows = c.values.detach().float().cpu() if c.values is not None else torch.zeros(n, self._values[0].shape[1])
-            self._values.append(rows)
-            self._replaces.append(torch.full((n,), c.values is not None))
+            self._exclusive.append(np.full(n, cls.exclusive))
             self.labels += list(c.labels) or [""] * n
             self.owner += [pack_id] * n
             self.ids[pack_id] = ids
-        if c.delta is not None:
-            d = c.delta
-            self.deltas[pack_id] = LowRankDelta(_stored(d.U), _stored(d.V), d.routed, _stored(d.keys))
-        if c.hook is not None:
-            h = c.hook
-            self.hook_layer.add(pack_id, HookIncrement(_stored(h.keys), _stored(h.U), _stored(h.V), _stored(h.dense), h.alpha))
+        if cls not in self._layers:
+            self._layers[cls] = cls(self.d_in, self.d_out, self.site.name)
+            self._ordered = sorted(self._layers.values(), key=lambda layer: layer.order)
+        self._layers[cls].add(pack_id, c.effect.stored(), ids)
         for target_pack, key_index, radius in c.shrink:
             if target_pack in self.ids:
                 self.router.shrink(int(self.ids[target_pack][key_index]), radius, owner=pack_id)
@@ -124,8 +105,8 @@ class SiteRuntime:
         if pack_id in self.ids:
             self.router.remove(self.ids.pop(pack_id))
             self.router.drop_overrides(pack_id)
-        self.deltas.pop(pack_id, None)
-        self.hook_layer.remove(pack_id)
+        for layer in self._ordered:
+            layer.remove(pack_id)
 
     def key_pack(self, key_id: int) -> tuple[str, int] | None:
         """Which pack (and index within it) a router id belongs to."""
@@ -134,23 +115,34 @@ class SiteRuntime:
         pack_id = self.owner[key_id]
         return pack_id, int(key_id - self.ids[pack_id][0])
 
+    @property
+    def causal(self) -> bool:
+        return all(layer.causal for layer in self._ordered) and not self.router.call_dependent
+
     def apply(self, x: torch.Tensor, y: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """The site output with every loaded pack applied (None: unchanged), for the forward that
-        ``ctx`` describes. In order: global deltas; the hook layer where its gate fires; routed
-        deltas; replacement values."""
+        ``ctx`` describes: each layer's changes at every position, then its gate, the router, and
+        each layer's plan at the positions in scope, in layer order (see :mod:`grace_hooks.effects`)."""
         valid, is_last, past = positions(ctx, x)
         trace = ctx.trace
+        layers = self._ordered
         out = None
-        for d in self.deltas.values():  # global deltas act on every position
-            if not d.routed:
-                out = (y if out is None else out) + (x @ d.V.to(x)) @ d.U.to(x).T
+        for layer in layers:
+            changed = layer.everywhere(x, y if out is None else out)
+            if changed is not None:
+                out = changed
         width = x.shape[-2] if x.dim() > 1 else 1
         flat_x = x.reshape(-1, x.shape[-1])
-        fire, change = self._hook_gate(x, valid, past, ctx)
-        if trace is not None and change is not None and bool(fire.any()):  # z-score fires (no key behind them)
-            fired_rows = fire.nonzero().squeeze(1).cpu().numpy()
-            trace.append((self.site.name, fired_rows, width, np.full(len(fired_rows), _ZSCORE_ID)))
-        replace_rows, replace_ids, delta_rows, owners = None, None, None, None
+        gates: dict[int, Gate] = {}
+        for i, layer in enumerate(layers):
+            gate = layer.gate(x, valid, past, ctx)
+            if gate is None:
+                continue
+            gates[i] = gate
+            if trace is not None and gate.label is not None and bool(gate.fire.any()):  # no key behind these fires
+                fired_rows = gate.fire.nonzero().squeeze(1).cpu().numpy()
+                trace.append((self.site.name, fired_rows, width, np.full(len(fired_rows), NO_KEY), gate.label))
+        hits = None
         rows = valid.reshape(-1).nonzero().squeeze(1)
         if len(self.router) and len(rows):
             ids, pair_q, pair_k = self.router.assign_all(
@@ -158,49 +150,17 @@ class SiteRuntime:
                 self._span_candidates(ctx, rows, len(flat_x), width))
             hit = ids != NO_KEY
             if hit.any():
-                hit_rows, hit_ids = rows[torch.from_numpy(hit).to(rows.device)], torch.from_numpy(ids[hit])
-                if trace is not None:  # (site, flat positions of the hits, width, router id of each hit)
-                    trace.append((self.site.name, hit_rows.cpu().numpy(), width, ids[hit].copy()))
-                replace = self.replaces[hit_ids]
-                replace_rows, replace_ids = hit_rows[replace.to(hit_rows.device)], hit_ids[replace]
-                routed_rows = hit_rows[~replace.to(hit_rows.device)]
-                owners = np.array([self.owner[i] for i in hit_ids[~replace].tolist()], dtype=object)
-                to_hook = torch.from_numpy(np.array([o in self.hook_layer.increments for o in owners], dtype=bool))
-                fire = fire.clone() if fire is not None else torch.zeros(len(flat_x), dtype=torch.bool, device=x.device)
-                fire[routed_rows[to_hook.to(routed_rows.device)]] = True
-                q, owners = self._routed_deltas(ids, pair_q, pair_k)
-                delta_rows = rows[torch.from_numpy(q).to(rows.device)]
-        fired = fire is not None and bool(fire.any())
-        routed_hits = delta_rows is not None and (len(delta_rows) > 0 or len(replace_rows) > 0)
-        if not fired and not routed_hits:
+                hits = Hits(rows, ids, pair_q, pair_k, self.owner, self.exclusive)
+                if trace is not None:  # (site, flat positions of the hits, width, router id of each hit, None)
+                    trace.append((self.site.name, hits.hit_rows.cpu().numpy(), width, ids[hit].copy(), None))
+        plans = [plan for i, layer in enumerate(layers) if (plan := layer.plan(flat_x, hits, gates.get(i))) is not None]
+        if not plans:
             return out
         base = y if out is None else out
         flat = base.reshape(-1, base.shape[-1]).clone()
-        if fired:  # the hook layer's output W_h x = W0 x + its increments at x
-            sel = fire.nonzero().squeeze(1)
-            flat[sel] = flat[sel] + (change.reshape(-1, flat.shape[-1])[sel] if change is not None
-                                     else self.hook_layer.change(flat_x[sel]))
-        if routed_hits:
-            for pack_id in set(owners.tolist()):  # routed deltas, then replacements
-                sel = delta_rows[torch.from_numpy(owners == pack_id).to(delta_rows.device)]
-                d = self.deltas[pack_id]
-                flat[sel] = flat[sel] + (flat_x[sel] @ d.V.to(x)) @ d.U.to(x).T
-            flat[replace_rows] = self.values[replace_ids].to(flat)
+        for plan in plans:
+            plan(flat)
         return flat.reshape(y.shape)
-
-    def _routed_deltas(self, winners: np.ndarray, pair_q: np.ndarray, pair_k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(query index, pack id) of each routed delta to add: every pack with a key in scope of a
-        position adds its delta there once (two packs that edit one subject both act), except where
-        the winning key replaces the output."""
-        replaces = self.replaces.numpy()
-        replaced = np.zeros(len(winners), dtype=bool)
-        won = winners != NO_KEY
-        replaced[won] = replaces[winners[won]]
-        keep = ~replaces[pair_k] & ~replaced[pair_q]
-        pairs = {(int(q), self.owner[k]) for q, k in zip(pair_q[keep].tolist(), pair_k[keep].tolist())
-                 if self.owner[k] in self.deltas}
-        ordered = sorted(pairs)
-        return np.array([q for q, _ in ordered], dtype=np.int64), np.array([o for _, o in ordered], dtype=object)
 
     def _span_candidates(self, ctx: ForwardContext, rows: torch.Tensor, n_flat: int, width: int):
         """(index into ``rows``, key id) pairs that subject spans allow in this forward, or None (no
@@ -214,23 +174,6 @@ class SiteRuntime:
         index[rows.cpu().numpy()] = np.arange(len(rows))
         q = index[flat]
         return q[q >= 0], key_ids[q >= 0]
-
-    def _hook_gate(self, x: torch.Tensor, valid: torch.Tensor, past: int, ctx: ForwardContext):
-        """(flat positions where the hook layer's z-score gate fires or None, its change at every
-        position when the gate needed it or None). With ``ctx.hook_everywhere``: every real position."""
-        hl = self.hook_layer
-        if not hl:
-            return None, None
-        if ctx.hook_everywhere:
-            return valid.reshape(-1), None
-        if hl.alpha is None:
-            return None, None
-        width = x.shape[-2] if x.dim() > 1 else 1
-        change = hl.change(x)
-        name = self.site.name
-        fire, ctx.running[name] = hl.zscore_gate(change.reshape(-1, width, change.shape[-1]), valid.reshape(-1, width),
-                                                 past, ctx.running.get(name))
-        return fire.reshape(-1), change
 
 
 class EditRuntime:
@@ -357,8 +300,7 @@ class EditRuntime:
         it (so a cached prefix gives the same activations as a whole forward). A z-score gate is not:
         it scores a position against every position of its row in the same call; nor a key that
         matches only a call's last position."""
-        return not any((rt.hook_layer and rt.hook_layer.alpha is not None) or rt.router.call_dependent
-                       for rt in self.sites.values())
+        return all(rt.causal for rt in self.sites.values())
 
     @contextlib.contextmanager
     def staged(self, contributions: dict[str, SiteContribution], pack_id: str = "__being_computed__") -> Iterator[None]:
@@ -373,10 +315,21 @@ class EditRuntime:
         finally:
             self.remove_pack(pack_id)
 
-    def hook_layers_everywhere(self) -> contextlib.AbstractContextManager:
-        """Hook layers act at every real position inside the block, whatever their gate (COMEBA-HK
-        measures keys and residuals through the hook layers this way while it solves a batch)."""
-        return self._setting("hook_everywhere", True)
+    @contextlib.contextmanager
+    def option(self, name: str, value: Any) -> Iterator[None]:
+        """The calling thread's forwards see ``ctx.options[name] == value`` inside the block (an
+        effect layer's switch, e.g. COMEBA-HK's hook layers acting everywhere while it solves)."""
+        options = self.context.options
+        missing = object()
+        previous = options.get(name, missing)
+        options[name] = value
+        try:
+            yield
+        finally:
+            if previous is missing:
+                options.pop(name, None)
+            else:
+                options[name] = previous
 
     def disabled(self) -> contextlib.AbstractContextManager:
         """The pure base model inside the block (for the calling thread)."""
@@ -386,17 +339,18 @@ class EditRuntime:
     def tracing(self) -> Iterator[list[tuple[str, int, int, str, int]]]:
         """Record which keys fire inside the block: a list of (site, batch row, position, pack id,
         key index), one per in-scope position (evaluation: router recall and false-fire rate). Where
-        the z-score gate let a hook layer through, the pack is ZSCORE_GATE and the key index -1."""
+        a family's own gate fired (no key behind it, e.g. the z-score gate), the pack is the gate's
+        label (``effects.gate_label``) and the key index -1."""
         raw: list = []
         resolved: list[tuple[str, int, int, str, int]] = []
         try:
             with self._setting("trace", raw):
                 yield resolved
         finally:
-            for site, flat, width, ids in raw:
+            for site, flat, width, ids, label in raw:
                 rt = self.sites.get(site)
                 for f, key_id in zip(flat.tolist(), ids.tolist()):
-                    owner = (ZSCORE_GATE, -1) if key_id == _ZSCORE_ID else rt.key_pack(key_id) if rt is not None else None
+                    owner = (label, -1) if label is not None else rt.key_pack(key_id) if rt is not None else None
                     if owner is not None:
                         resolved.append((site, f // width, f % width, owner[0], owner[1]))
 

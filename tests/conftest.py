@@ -69,6 +69,25 @@ def last_logits(model, tokenizer, prompts):
     return [model(**tokenizer(p, return_tensors="pt")).logits[0, -1].clone() for p in prompts]
 
 
+def assert_reloads_and_rolls_back(em, pack: str, arch: str, make_model, tokenizer, prompts, edited, base, weights, folder):
+    """The contract's end: ``pack`` saved and loaded on a fresh copy of the base gives ``edited`` bit
+    for bit, and leaves no hook when closed; removing it gives ``base`` back bit for bit, with no
+    hook left and the base weights (hash ``weights``) never written."""
+    from grace_hooks import EditableModel
+    from grace_hooks.hooks import count_hooks
+
+    em.save_pack(pack, folder)
+    fresh = EditableModel(make_model(arch), tokenizer, name=em.name)
+    fresh.load_adapters(folder)
+    assert all(torch.equal(a, b) for a, b in zip(last_logits(fresh, tokenizer, prompts), edited))
+    fresh.close()
+    assert count_hooks(fresh.base_model) == 0
+    em.remove_pack(pack)
+    assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, prompts), base))
+    assert count_hooks(em.base_model) == 0
+    assert param_hash(em.base_model) == weights
+
+
 def next_token(model, tokenizer, prompt) -> int:
     return int(last_logits(model, tokenizer, [prompt])[0].argmax())
 

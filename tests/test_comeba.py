@@ -7,12 +7,11 @@ from conftest import DELTA_REQUESTS, DELTA_TINY, UNRELATED, last_logits
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.cli import main
 from grace_hooks.errors import ConfigError, PackError
-from grace_hooks.hook_layer import HookIncrement, HookLayer, zscores
+from grace_hooks.methods.comeba.hook_layer import ZSCORE_GATE, HookIncrement, HookLayer, zscores
 from grace_hooks.hooks import count_hooks
 from grace_hooks.linalg import preservation_matrix
 from grace_hooks.methods import get_method
 from grace_hooks.methods.comeba.squash import squash_packs
-from grace_hooks.runtime import ZSCORE_GATE
 from grace_hooks.adapters_dir import LOCK_NAME
 
 GATES = ("router", "zscore")
@@ -75,9 +74,9 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
     enc = tokenizer(DELTA_REQUESTS[0].text, return_tensors="pt")
     out = em.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     ids, mask = enc.input_ids, enc.attention_mask
-    running = em._runtime.context.running  # per site: (version, batch, positions seen, count, sum, sum of squares)
+    running = em._runtime.context.state  # per site: (version, batch, positions seen, count, sum, sum of squares)
     for name in em._runtime.sites:  # every position fed so far entered the statistics (the last token is never fed)
-        assert int(running[name][3][0]) == out.shape[1] - 1
+        assert int(running["zscore", name][3][0]) == out.shape[1] - 1
     with torch.no_grad():
         step = em(input_ids=ids, attention_mask=mask, use_cache=True)
         tokens = []
@@ -88,7 +87,7 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
             step = em(input_ids=nxt, attention_mask=mask, past_key_values=step.past_key_values, use_cache=True)
     assert out[0, ids.shape[1]:].tolist() == tokens
     for name in em._runtime.sites:
-        assert int(running[name][3][0]) == ids.shape[1] + 4
+        assert int(running["zscore", name][3][0]) == ids.shape[1] + 4
 
 
 # ---------------------------------------------------------------------------- accumulation
@@ -126,7 +125,7 @@ def test_zscore_alpha_only_falls_and_every_edit_prompt_fires(make_model, tokeniz
                 h.remove()
         at = -1 if alpha_from == "subject" else slice(None)  # the subject's last token ends these prompts
         for n, x in seen.items():
-            layer = em._runtime.sites[n].hook_layer
+            layer = em._runtime.sites[n].layer(HookLayer)
             z, _ = zscores(layer.change(x).norm(dim=-1), torch.ones(x.shape[:2], dtype=torch.bool))
             assert (z[0, at] >= layer.alpha).any()
         with em.routes() as hits, torch.no_grad():  # the fires are traced (false-fire rate, recall)
@@ -248,7 +247,7 @@ def test_health_reports_the_hook_layers_norm(make_model, tokenizer):
     report = em.health(UNRELATED)
     for site, figures in report.items():
         w0 = em._runtime.sites[site].site.weight(em.base_model).detach().double()
-        w_h = w0 + sum(i.matrix() for i in em._runtime.sites[site].hook_layer.increments.values())
+        w_h = w0 + sum(i.matrix() for i in em._runtime.sites[site].layer(HookLayer).increments.values())
         assert figures["weight_norm_ratio"] == pytest.approx(1.0)  # nothing global
         assert figures["weight_norm_ratio_all"] == pytest.approx(float(w_h.norm() / w0.norm()))
         assert figures["weight_norm_ratio_all"] != pytest.approx(1.0)

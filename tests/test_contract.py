@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS, UNRELATED, last_logits, next_token, param_hash, target_id
+from conftest import (DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS, UNRELATED, assert_reloads_and_rolls_back, last_logits,
+                      next_token, param_hash, target_id)
 from grace_hooks import EditableModel
-from grace_hooks.hooks import count_hooks
 from tiny import TINY_CONFIGS
 
 # (method, config overrides): each a row of the matrix. subject_last keys need layers after the site.
@@ -64,20 +64,8 @@ def test_contract(arch, method, make_model, tokenizer, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, prompts), base_edit))
     edited = last_logits(em, tokenizer, prompts)
 
-    # save -> load on a fresh copy of the base: bit-identical logits
-    em.save_pack("p1", tmp_path)
-    fresh = EditableModel(make_model(arch), tokenizer, name=f"tiny-{arch}")
-    fresh.load_adapters(tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(last_logits(fresh, tokenizer, prompts), edited))
-    fresh.close()
-    assert count_hooks(fresh.base_model) == 0
-
-    # rollback is exact and leaves no hook
-    em.remove_pack("p1")
-    assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, prompts), base_edit))
-    assert count_hooks(model) == 0
-    assert param_hash(model) == weights_before
-
+    # save -> load on a fresh copy of the base: bit-identical logits; rollback is exact and leaves no hook
+    assert_reloads_and_rolls_back(em, "p1", arch, make_model, tokenizer, prompts, edited, base_edit, weights_before, tmp_path)
 
 def _greedy(model, tokenizer, prompts, **kw):
     enc = tokenizer(prompts, return_tensors="pt", padding=True)

@@ -4,6 +4,7 @@ import torch
 from conftest import TINY_REQUESTS, param_hash
 from grace_hooks.architectures import Site
 from grace_hooks.hooks import count_hooks
+from grace_hooks.methods.comeba.hook_layer import HookLayer
 from grace_hooks.subject_keys import context_prefixes, lookup_positions, subject_keys
 from grace_hooks.target_vectors import TargetVectorConfig, target_vector
 
@@ -112,7 +113,7 @@ def test_cached_prefix_is_exact_under_a_z_score_gate_below(make_model, tokenizer
 
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     em.edit(DELTA_REQUESTS[:2], method="comeba_hk", gate="zscore", layers="0", **DELTA_TINY)
-    assert em._runtime.sites["L0.mlp_out"].hook_layer.alpha is not None
+    assert em._runtime.sites["L0.mlp_out"].layer(HookLayer).alpha is not None
     cfg = TargetVectorConfig(steps=12, stop="most_probable", lr=1.0, clamp=4.0, batch_size=3)
     prefixes = ["", "the sun . ", "a dog ran in the park . "]
     run = lambda cached: target_vectors(em.base_model, tokenizer, 1, DELTA_REQUESTS, prefixes, cfg,  # noqa: E731

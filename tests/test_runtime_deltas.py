@@ -8,7 +8,9 @@ from conftest import UNRELATED, last_logits, param_hash
 from grace_hooks import EditableModel
 from grace_hooks.architectures import Site
 from grace_hooks.hooks import count_hooks
-from grace_hooks.runtime import LowRankDelta, SiteContribution
+from grace_hooks.methods.delta.effect import LowRankDelta
+from grace_hooks.methods.grace.effect import Replacement
+from grace_hooks.runtime import SiteContribution
 
 ARCHS = ["llama", "gpt2", "gemma3_text", "gpt_neox"]
 
@@ -37,7 +39,7 @@ def test_global_delta_equals_merged_weights_and_rolls_back(make_model, tokenizer
     before_hash = param_hash(em.base_model)
     base = last_logits(em, tokenizer, UNRELATED)
     twin = _merged(em.base_model, site, U, V)  # before any hook exists (a deep copy would copy hooks too)
-    em._runtime.add_pack("p", 1, {site.name: SiteContribution(delta=LowRankDelta(U, V))})
+    em._runtime.add_pack("p", 1, {site.name: SiteContribution(LowRankDelta(U, V))})
     for got, want in zip(last_logits(em, tokenizer, UNRELATED), last_logits(twin, tokenizer, UNRELATED)):
         assert torch.allclose(got, want, atol=1e-4)
     assert param_hash(em.base_model) == before_hash
@@ -59,7 +61,7 @@ def test_routed_delta_acts_only_in_scope(make_model, tokenizer):
     x, y = grabbed[0]
     key = x[-1:]  # the last prompt token only
     base_unrelated = last_logits(em, tokenizer, UNRELATED)
-    em._runtime.add_pack("p", 1, {site.name: SiteContribution(keys=key, radii=torch.tensor([1e-3]), delta=LowRankDelta(U, V, routed=True))})
+    em._runtime.add_pack("p", 1, {site.name: SiteContribution(LowRankDelta(U, V, routed=True), keys=key, radii=torch.tensor([1e-3]))})
     out = []
     h = site.module(em.base_model).register_forward_hook(lambda m, a, o: out.append(o[0].detach()), prepend=False)
     with torch.no_grad():
@@ -86,8 +88,8 @@ def test_two_packs_in_scope_at_one_position_both_add_their_deltas(make_model, to
     h.remove()
     (x, y), deltas = grabbed[0], [_delta(site, em.base_model, seed=s) for s in (1, 2)]
     for rank, (U, V) in enumerate(deltas, start=1):
-        em._runtime.add_pack(f"p{rank}", rank, {site.name: SiteContribution(keys=x[None], radii=torch.tensor([1e-3]),
-                                                                            delta=LowRankDelta(U, V, routed=True))})
+        em._runtime.add_pack(f"p{rank}", rank, {site.name: SiteContribution(LowRankDelta(U, V, routed=True), keys=x[None],
+                                                                            radii=torch.tensor([1e-3]))})
     out = []
     h = site.module(em.base_model).register_forward_hook(lambda m, a, o: out.append(o[0, -1].detach()))
     with torch.no_grad():
@@ -107,8 +109,8 @@ def test_replacement_wins_over_a_routed_delta_at_the_same_position(make_model, t
     h.remove()
     key, value = grabbed[0], torch.full((1, site.dims(em.base_model)[1]), 0.25)
     rt = em._runtime
-    rt.add_pack("delta", 1, {site.name: SiteContribution(keys=key, radii=torch.tensor([1e-3]), delta=LowRankDelta(U, V, routed=True))})
-    rt.add_pack("grace", 2, {site.name: SiteContribution(keys=key, radii=torch.tensor([1e-3]), values=value)})
+    rt.add_pack("delta", 1, {site.name: SiteContribution(LowRankDelta(U, V, routed=True), keys=key, radii=torch.tensor([1e-3]))})
+    rt.add_pack("grace", 2, {site.name: SiteContribution(Replacement(value), keys=key, radii=torch.tensor([1e-3]))})
     out = []
     h = site.module(em.base_model).register_forward_hook(lambda m, a, o: out.append(o[0, -1].detach()))
     with torch.no_grad():

@@ -8,7 +8,8 @@ from grace_hooks import EditableModel
 from grace_hooks.architectures import Site
 from grace_hooks.replay import cache_argument
 from grace_hooks.router import NO_KEY, KeyRouter
-from grace_hooks.runtime import LowRankDelta, SiteContribution
+from grace_hooks.methods.delta.effect import LowRankDelta
+from grace_hooks.runtime import SiteContribution
 from grace_hooks.spans import NO_TOKEN, SpanIndex, span_state_problems, subject_spans
 
 SUBJECT = [7, 8]  # token ids of a two-token subject
@@ -142,8 +143,8 @@ def test_a_spanned_delta_acts_only_at_its_subject_even_with_a_huge_radius(make_m
     spans = subject_spans(tokenizer, "alice speaks")
     base = _site_outputs(em, tokenizer, site, "bob says alice speaks french")
     base_unrelated = last_logits(em, tokenizer, UNRELATED + ["alice works for bob"])
-    em._runtime.add_pack("p", 1, {site.name: SiteContribution(keys=torch.zeros(1, d_in), radii=torch.tensor([1e6]),
-                                                              delta=LowRankDelta(U, V, routed=True), spans=[spans])})
+    em._runtime.add_pack("p", 1, {site.name: SiteContribution(LowRankDelta(U, V, routed=True), keys=torch.zeros(1, d_in),
+                                                              radii=torch.tensor([1e6]), spans=[spans])})
     got = _site_outputs(em, tokenizer, site, "bob says alice speaks french")
     changed = (got != base).any(-1).nonzero().squeeze(1).tolist()
     assert changed == [3]  # 'speaks', where the subject ends; the key alone would take every position

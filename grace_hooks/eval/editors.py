@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..architectures import Site, relative_layer
 from ..config import make_config, option
+from ..effects import is_gate_label
 from ..errors import ConfigError
 from ..health import summarize
 from ..hooks import frozen_parameters
@@ -25,7 +26,6 @@ from ..methods import get_method
 from ..methods.grace.config import DEFAULT_RELATIVE_DEPTH
 from ..model import EditableModel
 from ..requests import EditRequest
-from ..runtime import ZSCORE_GATE
 from ..replay import LayerReplay
 from ..tokens import build_edit_batch, score_targets, scored_positions
 from .metrics import Hit
@@ -148,7 +148,7 @@ class PackEditor(Editor):
 
         def test(hit: Hit) -> bool:
             site, pack, key = hit
-            if pack == ZSCORE_GATE:  # no key says whose edit fired: any z-score fire counts
+            if is_gate_label(pack):  # no key says whose edit fired (a z-score gate): any such fire counts
                 return owners is None
             keys = (owners or {}).get(site)
             return pack == name and (keys is None or row in keys[key])

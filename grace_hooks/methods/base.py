@@ -109,8 +109,14 @@ _REGISTRY: dict[str, type[EditMethod]] = {}
 
 
 def register(cls: type[EditMethod]) -> type[EditMethod]:
+    """Make a method known by its name (a class decorator; a method from outside the package too)."""
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister(name: str) -> None:
+    """Forget a registered method (packs of it can no longer be loaded)."""
+    _REGISTRY.pop(name, None)
 
 
 def get_method(name: str) -> EditMethod:

@@ -19,7 +19,6 @@ import torch
 
 from ...architectures import Site
 from ...errors import PackError
-from ...hook_layer import lowrank_is_smaller, zscores
 from ...hooks import forward_until
 from ...linalg import preservation_matrix
 from ...pack_schema import TensorSpec
@@ -30,6 +29,7 @@ from ...subject_keys import lookup_positions
 from ..base import EditContext, register
 from ..delta.method import DeltaMethod
 from .config import ComebaConfig
+from .hook_layer import HookLayer, hook_layers_everywhere, lowrank_is_smaller, zscores
 from .squash import hook_increment, squash_packs
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ class ComebaHK(DeltaMethod):
     capabilities = frozenset({"hook_layer", "routed", "squash"})
 
     def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg: ComebaConfig) -> torch.Tensor:
-        earlier = [i.keys for i in loaded.hook_layer.increments.values()] if loaded is not None else []
+        layer = loaded.layer(HookLayer) if loaded is not None else None
+        earlier = [i.keys for i in layer.increments.values()] if layer is not None else []
         previous = torch.cat(earlier).T if earlier else None
         return preservation_matrix(c0.shape[0], c0, cfg.c0_weight(c0.shape[0]), previous_keys=previous)
 
@@ -54,7 +55,7 @@ class ComebaHK(DeltaMethod):
     def solving(self, ctx: EditContext, cfg: ComebaConfig):
         """Router gate: the hook layers act where they will act, at router hits. z-score gate: at every
         position (the reference code's temporary hooks; the gate's alpha is only known afterwards)."""
-        return ctx.runtime.hook_layers_everywhere() if cfg.gate == "zscore" else contextlib.nullcontext()
+        return hook_layers_everywhere(ctx.runtime) if cfg.gate == "zscore" else contextlib.nullcontext()
 
     def finish(self, ctx: EditContext, requests: list[EditRequest], sites: list[Site],
                staged: dict[str, SiteContribution], tensors: dict[str, torch.Tensor], cfg: ComebaConfig) -> dict:
@@ -85,16 +86,17 @@ class ComebaHK(DeltaMethod):
         finally:
             tok.padding_side = side
         rows, cols = torch.arange(len(requests)), torch.tensor(lookup_positions(tok, requests, ""))
-        pending = {n: replace(c, hook=replace(c.hook, alpha=math.inf)) for n, c in staged.items()}
+        pending = {n: replace(c, effect=replace(c.effect, alpha=math.inf)) for n, c in staged.items()}
         alphas: dict[str, float] = {}
         for site in sites:
             loaded = ctx.runtime.sites.get(site.name)
-            before = loaded.hook_layer.alpha if loaded is not None and loaded.hook_layer.alpha is not None else cfg.alpha
+            layer = loaded.layer(HookLayer) if loaded is not None else None
+            before = layer.alpha if layer is not None and layer.alpha is not None else cfg.alpha
             captured = []
             with ctx.runtime.staged(pending), ctx.hooks.scoped() as scope, torch.no_grad():
                 scope.forward(site.module(ctx.model), lambda m, a, o: captured.append(a[0].detach()))
                 forward_until(ctx.model, site.module(ctx.model), **enc)
-                change = ctx.runtime.sites[site.name].hook_layer.change(captured[0])
+                change = ctx.runtime.sites[site.name].layer(HookLayer).change(captured[0])
             z = zscores(change.norm(dim=-1), enc.attention_mask.bool())[0]
             z = z.max(dim=1).values if cfg.alpha_from == "prompt_max" else z[rows, cols.to(z.device)]
             finite = z[torch.isfinite(z)]
@@ -103,7 +105,7 @@ class ComebaHK(DeltaMethod):
                             "their hook cannot fire there", len(z) - len(finite), site.name)
             lowest = float(finite.min()) - ALPHA_MARGIN if len(finite) else math.inf
             alphas[site.name] = float(torch.tensor(min(before, lowest), dtype=torch.float32))  # as the pack stores it
-            pending[site.name] = replace(pending[site.name], hook=replace(pending[site.name].hook, alpha=alphas[site.name]))
+            pending[site.name] = replace(pending[site.name], effect=replace(pending[site.name].effect, alpha=alphas[site.name]))
         return alphas
 
     def site_layouts(self, config: ComebaConfig) -> list[dict[str, TensorSpec]]:
@@ -118,8 +120,8 @@ class ComebaHK(DeltaMethod):
         """A site's tensors as a hook-layer increment, routed by its router keys (and their subject
         spans) when it has them."""
         if routed:
-            return SiteContribution(keys=t["route_keys"], radii=t["route_radii"], hook=hook_increment(t), spans=spans)
-        return SiteContribution(hook=hook_increment(t))
+            return SiteContribution(hook_increment(t), keys=t["route_keys"], radii=t["route_radii"], spans=spans)
+        return SiteContribution(hook_increment(t))
 
     def squash(self, packs: list[EditPack], name: str) -> EditPack:
         if any(p.method != self.name for p in packs):

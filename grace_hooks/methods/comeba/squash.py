@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import PackError
-from ...hook_layer import HookIncrement, lowrank_is_smaller
 from ...packs import EditPack
+from .hook_layer import HookIncrement, lowrank_is_smaller
 
 
 def hook_increment(t: dict[str, torch.Tensor]) -> HookIncrement:

@@ -25,7 +25,7 @@ from ...linalg import LowRank, change_before, closed_form_update
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
-from ...runtime import LowRankDelta, SiteContribution, SiteRuntime
+from ...runtime import SiteContribution, SiteRuntime
 from ...spans import key_spans, request_spans, span_state_problems
 from ...subject_keys import activations_at_subject, context_prefixes
 from ...hooks import frozen_parameters, head_only_at
@@ -34,6 +34,7 @@ from ...tokens import build_edit_batch, score_targets, scored_positions
 from ...target_vectors import target_vectors
 from ..base import ComputedEdit, EditContext, EditMethod
 from .config import DeltaConfig
+from .effect import DeltaLayer, LowRankDelta
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +249,9 @@ class DeltaMethod(EditMethod):
         """A site's tensors (U, V, keys; route_keys, route_radii when routed) as a contribution;
         ``spans``: per router key, its subject's token spans (None: the key alone decides)."""
         delta = LowRankDelta(t["U"], t["V"], routed=routed, keys=t["keys"])
-        if routed:  # the router keys route the delta (no replacement values)
-            return SiteContribution(keys=t["route_keys"], radii=t["route_radii"], values=None, delta=delta, spans=spans)
-        return SiteContribution(delta=delta)
+        if routed:  # the router keys route the delta
+            return SiteContribution(delta, keys=t["route_keys"], radii=t["route_radii"], spans=spans)
+        return SiteContribution(delta)
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
         routed = self.routes(make_config(self.config_class, base=pack.config))
@@ -260,10 +261,8 @@ class DeltaMethod(EditMethod):
 
 def loaded_factors(loaded: SiteRuntime | None, part: str) -> torch.Tensor | None:
     """The ``part`` ('V' or 'keys') of every delta loaded at a site, as columns (d_in, total)."""
-    if loaded is None:
-        return None
-    cols = [d.V if part == "V" else d.keys.T for d in loaded.deltas.values() if part == "V" or d.keys is not None]
-    return torch.cat(cols, dim=1).to(torch.float64) if cols else None
+    layer = loaded.layer(DeltaLayer) if loaded is not None else None
+    return layer.factors(part) if layer is not None else None
 
 
 __all__ = ["DeltaMethod", "LowRank", "loaded_factors"]

@@ -19,8 +19,18 @@ import torch
 
 from ...router import NO_KEY
 from ...runtime import SiteRuntime
+from .effect import Replacements
 
 SPLIT_MARGIN = 1e-5  # the paper's code keeps the nearest key just inside d/2
+
+
+def _value(loaded: SiteRuntime, key_id: int) -> torch.Tensor:
+    """The replacement value of a loaded key (zeros for a key of another family)."""
+    layer = loaded.layer(Replacements)
+    where = loaded.key_pack(key_id)
+    if layer is None or where is None:
+        return torch.zeros(loaded.d_out)
+    return layer.value(key_id, where[0]).clone()
 
 
 @dataclass
@@ -83,4 +93,4 @@ class Codebook:
             own.requests.append(request)
         else:
             loaded, key_id = old
-            self.entries.append(Entry(q, self.eps_init, label, [request], init_value=loaded.values[key_id].clone()))
+            self.entries.append(Entry(q, self.eps_init, label, [request], init_value=_value(loaded, key_id)))

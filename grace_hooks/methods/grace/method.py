@@ -19,6 +19,7 @@ from ...tokens import EditBatch, build_edit_batch, score_targets, scored_positio
 from ..base import ComputedEdit, EditContext, EditMethod, register
 from .codebook import Codebook
 from .config import DEFAULT_RELATIVE_DEPTH, GraceConfig
+from .effect import Replacement
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class Grace(EditMethod):
             t = pack.site_tensors(site)
             shrink = [(s["pack_id"], int(s["key"]), float(s["radius"])) for s in pack.state.get("shrink", []) if s["site"] == site]
             out[site] = SiteContribution(
-                keys=t["keys"], radii=t["radii"], values=t["values"],
+                Replacement(t["values"]), keys=t["keys"], radii=t["radii"],
                 labels=pack.state.get("labels", {}).get(site, []), last_only=last_only, shrink=shrink,
                 spans=key_spans(pack.state, site), anchor="seen", closers=key_spans(pack.state, site, "answer_spans"),
             )
