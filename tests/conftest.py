@@ -101,3 +101,9 @@ def counterfact_path() -> Path:
     if not path.is_file():
         pytest.skip(f"shared data not found at {path} (it sits beside the checkout in development)")
     return path
+
+
+@torch.no_grad()
+def prompt_logits(em, prompt):
+    """The logits of ``prompt`` alone through an EditableModel (locality checks of real-model tests)."""
+    return em(**em.tokenizer(prompt, return_tensors="pt")).logits

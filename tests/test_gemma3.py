@@ -7,7 +7,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import counterfact_path
+from conftest import counterfact_path, prompt_logits
 from grace_hooks import EditableModel, loading, read_requests
 from grace_hooks.errors import GraceHooksError
 from grace_hooks.eval import greedy, reaches
@@ -40,20 +40,15 @@ def gemma():
     em.close()
 
 
-@torch.no_grad()
-def _logits(em, prompt):
-    return em(**em.tokenizer(prompt, return_tensors="pt")).logits
-
-
 def test_counterfact_grace_edits_save_reload_rollback(gemma, tmp_path):
     reqs = read_requests(counterfact_path(), limit=5)
     base_answers = [greedy(gemma, r.text, N_TOKENS) for r in reqs]
-    base_loc = [_logits(gemma, r.locality_prompt) for r in reqs]
+    base_loc = [prompt_logits(gemma, r.locality_prompt) for r in reqs]
 
     gemma.edit(reqs, method="grace", pack="cf5")
     answers = [greedy(gemma, r.text, N_TOKENS) for r in reqs]
     assert all(reaches(a, r.target_new) for a, r in zip(answers, reqs)), answers
-    assert all(torch.equal(_logits(gemma, r.locality_prompt), b) for r, b in zip(reqs, base_loc))
+    assert all(torch.equal(prompt_logits(gemma, r.locality_prompt), b) for r, b in zip(reqs, base_loc))
 
     gemma.save_pack("cf5", tmp_path)
     gemma.remove_pack("cf5")  # rollback, token for token
@@ -96,11 +91,11 @@ def delta_edit(gemma, tmp_path_factory):
                     encoding="utf-8")
     reqs = reqs[:3]
     base_answers = [greedy(gemma, r.text, N_TOKENS) for r in reqs]
-    base_loc = [_logits(gemma, r.locality_prompt) for r in reqs]
+    base_loc = [prompt_logits(gemma, r.locality_prompt) for r in reqs]
     gemma.edit(reqs, pack="delta", corpus=str(path), max_tokens=4000, corpus_probe=4000)
     try:
         answers = [greedy(gemma, r.text, N_TOKENS) for r in reqs]
-        loc_equal = [torch.equal(_logits(gemma, r.locality_prompt), b) for r, b in zip(reqs, base_loc)]
+        loc_equal = [torch.equal(prompt_logits(gemma, r.locality_prompt), b) for r, b in zip(reqs, base_loc)]
     finally:
         gemma.remove_pack("delta")
     restored = [greedy(gemma, r.text, N_TOKENS) for r in reqs] == base_answers

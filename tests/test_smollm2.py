@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import counterfact_path
+from conftest import counterfact_path, prompt_logits
 from grace_hooks import EditableModel, EditRequest, read_requests
 from grace_hooks.eval import greedy, reaches
 from grace_hooks.eval.generation import mentions
@@ -26,20 +26,15 @@ def smol():
     em.close()
 
 
-@torch.no_grad()
-def _logits(em, prompt):
-    return em(**em.tokenizer(prompt, return_tensors="pt")).logits
-
-
 def test_twenty_counterfact_edits_save_reload_rollback(smol, tmp_path):
     reqs = read_requests(counterfact_path(), limit=20)
     base_answers = [greedy(smol, r.text, N_TOKENS) for r in reqs]
-    base_loc = [_logits(smol, r.locality_prompt) for r in reqs]
+    base_loc = [prompt_logits(smol, r.locality_prompt) for r in reqs]
 
     smol.edit(reqs, method="grace", pack="cf20")
     answers = [greedy(smol, r.text, N_TOKENS) for r in reqs]
     assert sum(reaches(a, r.target_new) for a, r in zip(answers, reqs)) >= 19, answers
-    assert sum(torch.equal(_logits(smol, r.locality_prompt), b) for r, b in zip(reqs, base_loc)) >= 19
+    assert sum(torch.equal(prompt_logits(smol, r.locality_prompt), b) for r, b in zip(reqs, base_loc)) >= 19
 
     smol.save_pack("cf20", tmp_path)
     script = (
@@ -85,22 +80,22 @@ def cf_corpus(tmp_path_factory):
 def test_comeba_hook_layers_on_counterfact(smol, cf_corpus, gate):
     reqs = read_requests(counterfact_path(), limit=6)
     first = [smol.tokenizer(" " + r.target_new, add_special_tokens=False).input_ids[0] for r in reqs]
-    base = [_logits(smol, t)[0, -1] for t in [r.text for r in reqs] + [r.locality_prompt for r in reqs]]
+    base = [prompt_logits(smol, t)[0, -1] for t in [r.text for r in reqs] + [r.locality_prompt for r in reqs]]
 
     smol.edit(reqs[:3], method="comeba_hk", pack="c0", gate=gate, **cf_corpus)
-    after_one = [_logits(smol, t)[0, -1] for t in [r.text for r in reqs] + [r.locality_prompt for r in reqs]]
+    after_one = [prompt_logits(smol, t)[0, -1] for t in [r.text for r in reqs] + [r.locality_prompt for r in reqs]]
     smol.edit(reqs[3:], method="comeba_hk", pack="c1", gate=gate, **cf_corpus)
-    now = [_logits(smol, r.text)[0, -1] for r in reqs]
+    now = [prompt_logits(smol, r.text)[0, -1] for r in reqs]
     assert sum(int(n.argmax()) == f for n, f in zip(now, first)) >= 5  # the target's first token is the greedy next
-    loc = [_logits(smol, r.locality_prompt)[0, -1] for r in reqs]
+    loc = [prompt_logits(smol, r.locality_prompt)[0, -1] for r in reqs]
     if gate == "router":  # unrelated prompts stay bit-identical
         assert sum(torch.equal(a, b) for a, b in zip(loc, base[6:])) >= 5
 
     smol.remove_pack("c1")  # rollback is exact, one pack at a time
-    assert all(torch.equal(_logits(smol, t)[0, -1], b)
+    assert all(torch.equal(prompt_logits(smol, t)[0, -1], b)
                for t, b in zip([r.text for r in reqs] + [r.locality_prompt for r in reqs], after_one))
     smol.remove_pack("c0")
-    assert all(torch.equal(_logits(smol, t)[0, -1], b)
+    assert all(torch.equal(prompt_logits(smol, t)[0, -1], b)
                for t, b in zip([r.text for r in reqs] + [r.locality_prompt for r in reqs], base))
     assert count_hooks(smol.base_model) == 0
 
