@@ -14,19 +14,25 @@ import uvicorn
 from fastapi import FastAPI
 
 from ..model import EditableModel
-from .app import ServeConfig, create_app
+from .app import API_KEY_ENV, ServeConfig, create_app
 
 log = logging.getLogger(__name__)
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(model: str, adapters: str | Path, host: str = "127.0.0.1", port: int = 8000,
           config: ServeConfig | None = None, side_copy: bool = True) -> None:
     """Load ``model`` (and, with ``side_copy``, a second copy to compute edits on) with the packs of
     ``adapters``, then answer on ``host:port`` until interrupted."""
+    config = config or ServeConfig(model_id=model)
+    if not config.api_key and host not in LOCAL_HOSTS:
+        log.warning("serving on %s without an API key: anyone who reaches it can add and delete packs "
+                    "(set --api-key or %s)", host, API_KEY_ENV)
     serving = EditableModel.from_pretrained(model)
     workshop = EditableModel.from_pretrained(model) if side_copy else None
     try:
-        app = create_app(serving, adapters, config or ServeConfig(model_id=model), workshop=workshop)
+        app = create_app(serving, adapters, config, workshop=workshop)
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         serving.close()
