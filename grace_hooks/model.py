@@ -65,7 +65,7 @@ class EditableModel:
     # ------------------------------------------------------------------ packs
     @property
     def packs(self) -> list[PackInfo]:
-        return [self._info(p) for p in self._packs.values()]
+        return [self._info(p) for p in list(self._packs.values())]  # a copy first: another thread may change the stack
 
     @staticmethod
     def _info(p: EditPack) -> PackInfo:

@@ -28,9 +28,9 @@ from typing import Any, Callable
 from ..config import make_config
 from ..errors import EditRequestError, GraceHooksError, PackError
 from ..methods import get_method
-from ..model import EditableModel
+from ..model import EditableModel, PackInfo
 from ..packs import EditPack, delete_pack_dir, load_pack, read_header, reading, save_pack, validate_pack_name
-from ..requests import as_requests
+from ..requests import EditRequest, as_requests
 from ..timing import PhaseClock
 from .errors import ApiError
 
@@ -79,16 +79,15 @@ class NewPack:
     options: dict[str, Any]
 
 
-def _checked(spec: NewPack) -> NewPack:
-    """The cheap checks, before anything slow: the name, the method, its options and the requests."""
+def _checked(spec: NewPack) -> list[EditRequest]:
+    """The cheap checks, before anything slow: the name, the method, its options; the requests, read."""
     validate_pack_name(spec.name)
     make_config(get_method(spec.method).config_class, spec.options)
     try:
-        as_requests(spec.requests)
+        return as_requests(spec.requests)
     except (KeyError, TypeError, AttributeError) as exc:  # a record of a known layout with a part missing
         raise EditRequestError(f"malformed edit record ({type(exc).__name__}: {exc}); see the layouts "
                                "`grace-hooks edit --help` reads") from None
-    return spec
 
 
 class LivePacks:
@@ -106,38 +105,39 @@ class LivePacks:
         self._watcher: threading.Thread | None = None
 
     # ------------------------------------------------------------------ reading
+    @staticmethod
+    def describe(info: PackInfo) -> dict[str, Any]:
+        """One pack as ``GET /v1/packs`` lists it (``created`` in Unix seconds, as OpenAI objects give it)."""
+        try:
+            created = int(datetime.fromisoformat(info.created_at).timestamp()) if info.created_at else 0
+        except ValueError:
+            created = 0
+        return {"name": info.name, "object": "edit_pack", "method": info.method, "edits": info.n_edits,
+                "created": created, "created_at": info.created_at, "sites": list(info.sites), "bytes": info.nbytes}
+
     def listing(self) -> dict[str, Any]:
         """The loaded packs, oldest first, with what kept any pack of the folder out."""
-        data = []
-        for info in self.model.packs:
-            created = info.created_at
-            try:
-                unix = int(datetime.fromisoformat(created).timestamp()) if created else 0
-            except ValueError:
-                unix = 0
-            data.append({"name": info.name, "object": "edit_pack", "method": info.method, "edits": info.n_edits,
-                         "created": unix, "created_at": created, "sites": list(info.sites), "bytes": info.nbytes})
-        return {"object": "list", "data": data,
-                "not_loaded": [{"name": n, "error": why} for n, (_, why) in sorted(self._failed.items())],
+        failed = dict(self._failed)
+        return {"object": "list", "data": [self.describe(p) for p in self.model.packs],
+                "not_loaded": [{"name": n, "error": why} for n, (_, why) in sorted(failed.items())],
                 "folder_error": self.folder_error}
 
     # ------------------------------------------------------------------ writing
     def create(self, spec: NewPack) -> dict[str, Any]:
         """Compute a pack, save it into the folder and make it active; on any error nothing changed."""
-        _checked(spec)
-        reqs = as_requests(spec.requests)
+        reqs = _checked(spec)
         clock = PhaseClock()
         with self._edit_lock:
             self._refuse_taken(spec.name)
             if self.workshop is None:
                 with self._stack_lock:  # requests wait while it is computed: it is live as soon as it exists
                     with clock("compute"):
-                        self.model.edit(reqs, method=spec.method, pack=spec.name, **spec.options)
+                        info = self.model.edit(reqs, method=spec.method, pack=spec.name, **spec.options)
                     self._save_or_undo(self.model, spec.name, clock)
             else:
                 self._mirror()
                 with clock("compute"):
-                    self.workshop.edit(reqs, method=spec.method, pack=spec.name, **spec.options)
+                    info = self.workshop.edit(reqs, method=spec.method, pack=spec.name, **spec.options)
                 with self._stack_lock:
                     self._refuse_taken(spec.name, computed=True)
                     self._save_or_undo(self.workshop, spec.name, clock)
@@ -148,9 +148,9 @@ class LivePacks:
                         delete_pack_dir(spec.name, self.adapters)
                         raise
         log.info("pack %s is live: %s", spec.name, clock.report())
-        info = next(p for p in self.listing()["data"] if p["name"] == spec.name)
-        metrics = json.loads(json.dumps(self.model.pack(spec.name).metrics, default=str))  # as the pack file holds them
-        return info | {"metrics": metrics, "timings_s": clock.report()}
+        pack = (self.workshop or self.model).pack(spec.name)
+        metrics = json.loads(json.dumps(pack.metrics, default=str))  # as the pack file holds them
+        return self.describe(info) | {"metrics": metrics, "timings_s": clock.report()}
 
     def _refuse_taken(self, name: str, computed: bool = False) -> None:
         """A name already loaded or present in the folder is refused (409), before or after computing."""
