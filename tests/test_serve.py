@@ -379,3 +379,24 @@ def test_the_cli_reads_the_key_from_the_environment(monkeypatch, tmp_path):
                                 env={serve_pkg.API_KEY_ENV: "from-env"})
     assert result.exit_code == 0, result.output
     assert seen["config"].api_key == "from-env" and seen["host"] == "127.0.0.1" and seen["config"].model_id == "tiny-x"
+
+
+def test_restack_keeps_the_common_prefix_and_never_slips_a_pack_under_a_loaded_one():
+    from grace_hooks.serve import restack
+
+    tok = chat_tokenizer()
+    maker, model = tiny_editable(tok), tiny_editable(tok)
+    packs = {}
+    for name, subject in (("a", "narnia"), ("b", "gondor"), ("c", "rohan")):
+        maker.edit([{"prompt": "the capital of {} is", "subject": subject, "target_new": "tokyo"}], method="grace", pack=name)
+        packs[name] = maker.pack(name)
+    wanted = lambda *names: [(n, packs[n].pack_id) for n in names]  # noqa: E731
+    assert restack(model, wanted("a", "b"), packs.__getitem__).added == ["a", "b"]
+    done = restack(model, wanted("a", "c", "b"), packs.__getitem__)
+    assert (done.removed, done.added) == (["b"], ["c", "b"]) and [p.name for p in model.packs] == ["a", "c", "b"]
+    done = restack(model, wanted("a", "b"), packs.__getitem__)
+    assert (done.removed, done.added) == (["b", "c"], ["b"]) and [p.name for p in model.packs] == ["a", "b"]
+    missing = restack(model, wanted("a", "b") + [("gone", "x")], lambda n: packs[n] if n in packs else model.pack(n))
+    assert list(missing.failed) == ["gone"] and [p.name for p in model.packs] == ["a", "b"]
+    maker.close()
+    model.close()
