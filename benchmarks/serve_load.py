@@ -13,7 +13,9 @@ after another: a bounded load loop. The questions are the prompts of the first C
 served folder and picked up by a folder sync, and the loop runs again. Then a one-fact GRACE pack
 is POSTed twice: with the server idle, and while the clients keep it busy; the time is from sending
 the POST until its answer (the edit is live when the answer comes), checked by asking the edited
-question. Prints a markdown table; writes ``benchmarks/results/serve_load.json``.
+question. ``--overhead N`` first answers N questions both through the server (one client) and with
+``generate`` in process, alternating, for what the server itself costs. Prints a markdown table;
+writes ``benchmarks/results/serve_load.json``.
 """
 from __future__ import annotations
 
@@ -98,6 +100,30 @@ def time_to_live(url: str, client: openai.OpenAI, model: str, name: str) -> dict
             "live": FACT["target_new"] in answer}
 
 
+def overhead(model: EditableModel, client: openai.OpenAI, name: str, questions: list[str], max_tokens: int) -> dict:
+    """Seconds of one chat answer through the server (one client) against ``generate`` on the same
+    model in this process, alternating question by question so machine noise hits both alike."""
+    from grace_hooks.eval.chat import end_of_turn_ids
+
+    tok = model.tokenizer
+    direct, served = [], []
+    for q in questions:
+        ids = tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True),
+                  add_special_tokens=False, return_tensors="pt")
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=end_of_turn_ids(tok),
+                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        direct.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": q}], max_tokens=max_tokens,
+                                       temperature=0)
+        served.append(time.perf_counter() - t0)
+    return {"questions": len(questions), "direct_median_s": round(statistics.median(direct), 3),
+            "served_median_s": round(statistics.median(served), 3),
+            "served_over_direct": round(statistics.median(s / d for s, d in zip(served, direct)), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -108,6 +134,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8, help="requests per client in each load loop")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--overhead", type=int, default=0, help="first, this many questions answered directly and through the server")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,6 +148,9 @@ def main() -> None:
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)  # warm-up
+        if args.overhead:
+            record["overhead"] = overhead(model, client, args.model, questions[:args.overhead], args.max_tokens)
+            print(f"one answer through the server vs generate() in process: {record['overhead']}", flush=True)
         sources = [None] + args.packs_from
         for source in sources:
             for p in [p for p in folder.iterdir() if not p.name.startswith(".")]:
