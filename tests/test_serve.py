@@ -296,7 +296,8 @@ def test_the_watcher_picks_up_a_new_pack_by_itself(tmp_path):
 
 def test_a_request_sees_all_of_a_pack_or_none_and_edits_are_computed_aside(server):
     """A generation is held after its third forward; meanwhile a pack is computed on the workshop
-    copy (generation does not stop it), but it goes live only once the generation is over."""
+    copy (generation does not stop it), but it goes live only once the generation is over, and
+    before a request that arrived while it waited."""
     base = server.complete(max_tokens=8)
     reached, release, calls = threading.Event(), threading.Event(), []
 
@@ -317,14 +318,20 @@ def test_a_request_sees_all_of_a_pack_or_none_and_edits_are_computed_aside(serve
     while "narnia" not in [p.name for p in server.workshop.packs] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert [p.name for p in server.workshop.packs] == ["narnia"]  # computed while the request holds the model
-    time.sleep(0.2)
+    while not server.live.turnstile.locked() and time.monotonic() < deadline:  # saved; waiting to go live
+        time.sleep(0.02)
     assert server.model.packs == [] and not posted  # not live while that request runs
+    later = []  # a request that arrives now waits for the pack rather than overtaking it
+    asking_later = threading.Thread(target=lambda: later.append(server.complete(max_tokens=8)))
+    asking_later.start()
+    time.sleep(0.2)
+    assert not later
     release.set()
-    asking.join(60)
-    adding.join(60)
+    for t in (asking, adding, asking_later):
+        t.join(60)
     handle.remove()
     assert answers == [base]  # the whole answer without the pack
-    assert posted[0][0] == 201 and server.complete(max_tokens=8).split()[0] == "tokyo"
+    assert posted[0][0] == 201 and later[0].split()[0] == "tokyo"
 
 
 def test_without_a_side_copy_edits_are_computed_on_the_serving_model(tmp_path):

@@ -2,7 +2,8 @@
 
 - A request's whole generation runs in one worker thread that holds the model exclusively
   (:meth:`EditableModel.exclusive`), so it sees one stack of packs from its first token to its last:
-  a pack added or removed meanwhile waits until it is done (a request sees all of a pack or none).
+  a pack added or removed meanwhile waits until it is done (a request sees all of a pack or none),
+  and requests that start after such a change began wait for it (the ``turnstile``).
   Requests therefore take turns on the model; on a CPU torch already uses the cores within one.
 - Streaming and non-streaming answers are the same text pieces (non-streaming joins them), so the
   two give the same text by construction.
@@ -130,8 +131,8 @@ class Completion:
     """One request's generation, started at once in its own thread. Iterate for the text pieces;
     :attr:`outcome` is complete when the iteration ends."""
 
-    def __init__(self, model, prompt_ids: list[int], sampling: Sampling) -> None:
-        self.model, self.sampling = model, sampling
+    def __init__(self, model, prompt_ids: list[int], sampling: Sampling, turnstile: threading.Lock | None = None) -> None:
+        self.model, self.sampling, self.turnstile = model, sampling, turnstile
         self.prompt_ids = list(prompt_ids)
         self.end_ids = set(end_of_turn_ids(model.tokenizer))
         self.outcome = Outcome(prompt_tokens=len(self.prompt_ids))
@@ -149,6 +150,9 @@ class Completion:
 
     def _run(self) -> None:
         try:
+            if self.turnstile is not None:  # a change of the packs that waits for the model goes first
+                with self.turnstile:
+                    pass
             ids = torch.tensor([self.prompt_ids], device=self.model.device)
             with self.model.exclusive(), torch.inference_mode(), _seeded(self.sampling.seed, self.model.device):
                 self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=self._config(),

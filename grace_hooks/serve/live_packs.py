@@ -11,11 +11,13 @@
   logged and listed; the rest of the stack keeps serving.
 - Locks: one edit is computed at a time; changes to the serving stack (apply, roll back, sync)
   take turns; and each generation holds the model, so a stack change waits for the requests in
-  flight (see :mod:`grace_hooks.serve.generation`). The folder's own lock (adapters_dir) orders
-  the writes of all processes.
+  flight, while requests that arrive meanwhile wait for it (:meth:`LivePacks.changing`,
+  :mod:`grace_hooks.serve.generation`). The folder's own lock (adapters_dir) orders the writes of
+  all processes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..config import make_config
 from ..errors import EditRequestError, GraceHooksError, PackError
@@ -103,6 +105,16 @@ class LivePacks:
         self.folder_error: str | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.turnstile = threading.Lock()  # see changing()
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Inside the block this thread changes the serving stack. It waits for the requests in flight
+        to finish, and requests that arrive meanwhile wait at the turnstile until it is done: without
+        it, a steady stream of requests could keep a new pack from ever getting the model (its lock
+        is not fair)."""
+        with self.turnstile, self.model.exclusive():
+            yield
 
     # ------------------------------------------------------------------ reading
     @staticmethod
@@ -132,7 +144,8 @@ class LivePacks:
             if self.workshop is None:
                 with self._stack_lock:  # requests wait while it is computed: it is live as soon as it exists
                     with clock("compute"):
-                        info = self.model.edit(reqs, method=spec.method, pack=spec.name, **spec.options)
+                        with self.changing():
+                            info = self.model.edit(reqs, method=spec.method, pack=spec.name, **spec.options)
                     self._save_or_undo(self.model, spec.name, clock)
             else:
                 self._mirror()
@@ -142,7 +155,7 @@ class LivePacks:
                     self._refuse_taken(spec.name, computed=True)
                     self._save_or_undo(self.workshop, spec.name, clock)
                     try:
-                        with clock("activate"):  # waits for the requests in flight
+                        with clock("activate"), self.changing():
                             self.model.add_pack(self.workshop.pack(spec.name))
                     except BaseException:
                         delete_pack_dir(spec.name, self.adapters)
@@ -189,7 +202,8 @@ class LivePacks:
             if on_disk:
                 delete_pack_dir(name, self.adapters)
             if loaded:
-                self.model.remove_pack(name)  # waits for the requests in flight
+                with self.changing():
+                    self.model.remove_pack(name)
             self._failed.pop(name, None)
         log.info("pack %s rolled back and deleted", name)
         return {"name": name, "object": "edit_pack.deleted", "deleted": True}
@@ -246,7 +260,8 @@ class LivePacks:
                         self._failed[name] = (pid, str(exc))
                         continue
                 wanted.append((name, (fresh.get(name) or current[name]).pack_id))
-        done = restack(self.model, wanted, lambda n: fresh.get(n) or current[n])
+        with self.changing():
+            done = restack(self.model, wanted, lambda n: fresh.get(n) or current[n])
         for name, why in done.failed.items():
             self._failed[name] = (disk_ids[name], why)
         done.failed |= failed

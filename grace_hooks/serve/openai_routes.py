@@ -91,7 +91,8 @@ def chat_completions(body: ChatRequest, request: Request):
     state.check_model(body.model)
     body.refuse_unsupported(*UNSUPPORTED_CHAT)
     ids = chat_prompt(state.model.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
-    completion = Completion(state.model, ids, _sampling(state, body, len(ids), body.token_budget, state.config.max_tokens))
+    sampling = _sampling(state, body, len(ids), body.token_budget, state.config.max_tokens)
+    completion = Completion(state.model, ids, sampling, state.live.turnstile)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_id}
     if body.stream:
         return _stream(_chat_chunks(completion, head | {"object": "chat.completion.chunk"}, body.include_usage))
@@ -132,23 +133,23 @@ def completions(body: CompletionRequest, request: Request):
     # holds the model for its whole generation.
     runs = ((ids, s) for ids, s in zip(encoded, sampling))
     if body.stream:
-        return _stream(_completion_chunks(state.model, runs, head, body.include_usage))
+        return _stream(_completion_chunks(state, runs, head, body.include_usage))
     choices, outcomes = [], []
     for i, (ids, s) in enumerate(runs):
-        completion = Completion(state.model, ids, s)
+        completion = Completion(state.model, ids, s, state.live.turnstile)
         text = completion.text()
         choices.append({"index": i, "text": text, "finish_reason": completion.outcome.finish_reason, "logprobs": None})
         outcomes.append(completion.outcome)
     return head | {"choices": choices, "usage": _usage(outcomes)}
 
 
-def _completion_chunks(model, runs, head: dict, include_usage: bool) -> Iterator[dict]:
+def _completion_chunks(state, runs, head: dict, include_usage: bool) -> Iterator[dict]:
     def chunk(i: int, text: str, finish: str | None = None) -> dict:
         return head | {"choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}]}
 
     outcomes = []
     for i, (ids, s) in enumerate(runs):
-        completion = Completion(model, ids, s)
+        completion = Completion(state.model, ids, s, state.live.turnstile)
         for piece in completion:
             yield chunk(i, piece)
         yield chunk(i, "", completion.outcome.finish_reason)
