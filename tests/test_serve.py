@@ -318,7 +318,7 @@ def test_a_request_sees_all_of_a_pack_or_none_and_edits_are_computed_aside(serve
     while "narnia" not in [p.name for p in server.workshop.packs] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert [p.name for p in server.workshop.packs] == ["narnia"]  # computed while the request holds the model
-    while not server.live.turnstile.locked() and time.monotonic() < deadline:  # saved; waiting to go live
+    while not server.live.turns.changes_waiting and time.monotonic() < deadline:  # saved; waiting to go live
         time.sleep(0.02)
     assert server.model.packs == [] and not posted  # not live while that request runs
     later = []  # a request that arrives now waits for the pack rather than overtaking it
@@ -407,3 +407,29 @@ def test_restack_keeps_the_common_prefix_and_never_slips_a_pack_under_a_loaded_o
     assert list(missing.failed) == ["gone"] and [p.name for p in model.packs] == ["a", "b"]
     maker.close()
     model.close()
+
+
+def test_a_waiting_change_goes_before_every_generation_that_has_not_started():
+    from grace_hooks.serve.turns import Turns
+
+    turns, order = Turns(), []
+
+    def run(kind):
+        with (turns.change() if kind == "change" else turns.generation()):
+            order.append(kind)
+
+    with turns.generation():  # the request in flight
+        queued = threading.Thread(target=run, args=("generation",))  # waiting before the change came
+        queued.start()
+        time.sleep(0.05)
+        change = threading.Thread(target=run, args=("change",))
+        change.start()
+        while not turns.changes_waiting:
+            time.sleep(0.01)
+        later = threading.Thread(target=run, args=("generation",))
+        later.start()
+        time.sleep(0.05)
+        assert order == []
+    for t in (queued, change, later):
+        t.join(10)
+    assert order == ["change", "generation", "generation"]

@@ -76,6 +76,11 @@ def install_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _response(400, validation_message(exc))
 
+    @app.exception_handler(OSError)
+    async def _disk(request: Request, exc: OSError) -> JSONResponse:  # e.g. an adapters folder that cannot be written
+        log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return _response(500, f"the server could not read or write a file: {exc}", "server_error")
+
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         return _response(exc.status_code, str(exc.detail))

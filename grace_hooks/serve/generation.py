@@ -3,7 +3,7 @@
 - A request's whole generation runs in one worker thread that holds the model exclusively
   (:meth:`EditableModel.exclusive`), so it sees one stack of packs from its first token to its last:
   a pack added or removed meanwhile waits until it is done (a request sees all of a pack or none),
-  and requests that start after such a change began wait for it (the ``turnstile``).
+  and requests that have not started by then wait for that change (:mod:`grace_hooks.serve.turns`).
   Requests therefore take turns on the model; on a CPU torch already uses the cores within one.
 - Streaming and non-streaming answers are the same text pieces (non-streaming joins them), so the
   two give the same text by construction.
@@ -26,6 +26,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..eval.chat import end_of_turn_ids
 from .errors import ApiError
+from .turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,8 @@ class Completion:
     """One request's generation, started at once in its own thread. Iterate for the text pieces;
     :attr:`outcome` is complete when the iteration ends."""
 
-    def __init__(self, model, prompt_ids: list[int], sampling: Sampling, turnstile: threading.Lock | None = None) -> None:
-        self.model, self.sampling, self.turnstile = model, sampling, turnstile
+    def __init__(self, model, prompt_ids: list[int], sampling: Sampling, turns: Turns | None = None) -> None:
+        self.model, self.sampling, self.turns = model, sampling, turns or Turns()
         self.prompt_ids = list(prompt_ids)
         self.end_ids = set(end_of_turn_ids(model.tokenizer))
         self.outcome = Outcome(prompt_tokens=len(self.prompt_ids))
@@ -150,11 +151,9 @@ class Completion:
 
     def _run(self) -> None:
         try:
-            if self.turnstile is not None:  # a change of the packs that waits for the model goes first
-                with self.turnstile:
-                    pass
             ids = torch.tensor([self.prompt_ids], device=self.model.device)
-            with self.model.exclusive(), torch.inference_mode(), _seeded(self.sampling.seed, self.model.device):
+            with self.turns.generation(), self.model.exclusive(), torch.inference_mode(), \
+                    _seeded(self.sampling.seed, self.model.device):
                 self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=self._config(),
                                     streamer=_ToQueue(self._tokens), stopping_criteria=StoppingCriteriaList([_Until(self._stop)]))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it in its thread

@@ -35,6 +35,7 @@ from ..packs import EditPack, delete_pack_dir, load_pack, read_header, reading, 
 from ..requests import EditRequest, as_requests
 from ..timing import PhaseClock
 from .errors import ApiError
+from .turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +106,13 @@ class LivePacks:
         self.folder_error: str | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self.turnstile = threading.Lock()  # see changing()
+        self.turns = Turns()  # generations and changes of the serving stack take turns on the model
 
     @contextlib.contextmanager
     def changing(self) -> Iterator[None]:
-        """Inside the block this thread changes the serving stack. It waits for the requests in flight
-        to finish, and requests that arrive meanwhile wait at the turnstile until it is done: without
-        it, a steady stream of requests could keep a new pack from ever getting the model (its lock
-        is not fair)."""
-        with self.turnstile, self.model.exclusive():
+        """Inside the block this thread changes the serving stack: after the generation in flight,
+        before any that has not started (:mod:`grace_hooks.serve.turns`)."""
+        with self.turns.change(), self.model.exclusive():
             yield
 
     # ------------------------------------------------------------------ reading
@@ -260,6 +259,8 @@ class LivePacks:
                         self._failed[name] = (pid, str(exc))
                         continue
                 wanted.append((name, (fresh.get(name) or current[name]).pack_id))
+        if wanted == [(n, p.pack_id) for n, p in current.items()]:
+            return Restacked(failed=failed)  # nothing to change: requests need not wait
         with self.changing():
             done = restack(self.model, wanted, lambda n: fresh.get(n) or current[n])
         for name, why in done.failed.items():

@@ -92,7 +92,7 @@ def chat_completions(body: ChatRequest, request: Request):
     body.refuse_unsupported(*UNSUPPORTED_CHAT)
     ids = chat_prompt(state.model.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
     sampling = _sampling(state, body, len(ids), body.token_budget, state.config.max_tokens)
-    completion = Completion(state.model, ids, sampling, state.live.turnstile)
+    completion = Completion(state.model, ids, sampling, state.live.turns)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_id}
     if body.stream:
         return _stream(_chat_chunks(completion, head | {"object": "chat.completion.chunk"}, body.include_usage))
@@ -136,7 +136,7 @@ def completions(body: CompletionRequest, request: Request):
         return _stream(_completion_chunks(state, runs, head, body.include_usage))
     choices, outcomes = [], []
     for i, (ids, s) in enumerate(runs):
-        completion = Completion(state.model, ids, s, state.live.turnstile)
+        completion = Completion(state.model, ids, s, state.live.turns)
         text = completion.text()
         choices.append({"index": i, "text": text, "finish_reason": completion.outcome.finish_reason, "logprobs": None})
         outcomes.append(completion.outcome)
@@ -149,7 +149,7 @@ def _completion_chunks(state, runs, head: dict, include_usage: bool) -> Iterator
 
     outcomes = []
     for i, (ids, s) in enumerate(runs):
-        completion = Completion(state.model, ids, s, state.live.turnstile)
+        completion = Completion(state.model, ids, s, state.live.turns)
         for piece in completion:
             yield chunk(i, piece)
         yield chunk(i, "", completion.outcome.finish_reason)
