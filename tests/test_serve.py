@@ -433,3 +433,23 @@ def test_a_waiting_change_goes_before_every_generation_that_has_not_started():
     for t in (queued, change, later):
         t.join(10)
     assert order == ["change", "generation", "generation"]
+
+
+def test_generations_go_in_the_order_they_arrived():
+    from grace_hooks.serve.turns import Turns
+
+    turns, order, threads = Turns(), [], []
+
+    def run(i):
+        with turns.generation():
+            order.append(i)
+
+    with turns.generation():
+        for i in range(6):
+            threads.append(threading.Thread(target=run, args=(i,)))
+            threads[-1].start()
+            while turns.generations_waiting < i + 1:  # its ticket is taken before the next one asks
+                time.sleep(0.005)
+    for t in threads:
+        t.join(10)
+    assert order == list(range(6))
