@@ -396,6 +396,33 @@ def model_path(model: str) -> None:
     click.echo(hf_reference(model))
 
 
+# ---------------------------------------------------------------------------- serve
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
+@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of packs: loaded at start, new packs saved there, changes by other processes picked up.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (localhost only by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="GRACE_HOOKS_API_KEY", default=None, show_envvar=True,
+              help="Key that POST/DELETE /v1/packs need (Authorization: Bearer KEY); reads stay open.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Most tokens one answer may ask for.")
+@click.option("--watch", "watch_s", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Seconds between checks of the adapters folder for other processes' changes (0: never).")
+@click.option("--side-copy/--no-side-copy", default=True, show_default=True,
+              help="Compute new packs on a second copy of the model so answers go on meanwhile (twice the memory).")
+def serve(model: str, adapters: Path, host: str, port: int, api_key: str | None, max_tokens: int, watch_s: float,
+          side_copy: bool) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions) with the packs of ADAPTERS
+    applied; /v1/packs adds and rolls back packs while it runs. Needs grace_hooks[serve]."""
+    try:
+        from .serve import ServeConfig, serve as run
+    except ImportError as exc:
+        raise click.ClickException(f"grace-hooks serve needs the serve extra ({exc}): pip install 'grace_hooks[serve]'")
+    config = ServeConfig(api_key=api_key or None, model_id=model, max_tokens=max_tokens, watch_s=watch_s)
+    _busy(f"loading model {model}{' twice (a copy to compute edits on)' if side_copy else ''} ...")
+    run(model, adapters, host=host, port=port, config=config, side_copy=side_copy)
+
+
 # ---------------------------------------------------------------------------- eval
 def _dataclass_options(cls):
     """One ``--field-name`` option per field of a config dataclass, with its default and help."""

@@ -65,7 +65,7 @@ class EditableModel:
     # ------------------------------------------------------------------ packs
     @property
     def packs(self) -> list[PackInfo]:
-        return [self._info(p) for p in self._packs.values()]
+        return [self._info(p) for p in list(self._packs.values())]  # a copy first: another thread may change the stack
 
     @staticmethod
     def _info(p: EditPack) -> PackInfo:
@@ -140,7 +140,11 @@ class EditableModel:
 
     def load_pack(self, path: str | Path, force: bool = False) -> PackInfo:
         """Read, validate and apply one pack folder; on any error the model is exactly as before."""
-        pack = load_pack(path)
+        return self.add_pack(load_pack(path), force=force)
+
+    def add_pack(self, pack: EditPack, force: bool = False) -> PackInfo:
+        """Validate and apply a pack held in memory (e.g. one computed on another copy of this base);
+        on any error the model is exactly as before. The pack is shared, not copied: packs are immutable."""
         check_base(pack, self.base_model, self.name, force=force, actual=self._fingerprint(pack.sites))
         self._apply(pack)
         return self._info(pack)
@@ -207,6 +211,14 @@ class EditableModel:
     def disabled(self) -> Iterator["EditableModel"]:
         """The pure base model inside the block."""
         with self._runtime.disabled():
+            yield self
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator["EditableModel"]:
+        """Inside the block this thread has the model to itself: other threads' forwards and every
+        change to the loaded packs wait, so a whole generation sees one stack of packs (a forward
+        alone already does)."""
+        with self._runtime.lock:
             yield self
 
     @contextlib.contextmanager
