@@ -14,6 +14,7 @@ from .config import DEFAULT_METHOD, make_config
 from .errors import ArchitectureError, EditError, PackError
 from .health import site_health
 from .hooks import HookOwner
+from .loaded import LoadedView
 from .loading import load_base
 from .methods import EditContext, get_method
 from .packs import (BaseInfo, EditPack, base_fingerprint, check_base, delete_pack_dir, load_pack, reading, save_pack,
@@ -110,8 +111,7 @@ class EditableModel:
         with self._runtime.lock:
             if name in self._packs:
                 raise PackError(f"a pack named {name!r} is already loaded; choose another name")
-            with HookOwner().scoped() as scope:
-                ctx = EditContext(self.base_model, self.tokenizer, self._runtime, scope)
+            with self.edit_context() as ctx:
                 computed = impl.compute(ctx, reqs, cfg)
             new = EditPack(
                 name=name, method=method, config=vars(cfg), sites=computed.sites,
@@ -125,6 +125,20 @@ class EditableModel:
                 raise EditError(f"the {method} edit was computed but is not usable, so it was not applied: {exc}. "
                                 "Try other options (e.g. a lower learning rate or fewer requests per call)") from None
         return self._info(new)
+
+    @contextlib.contextmanager
+    def edit_context(self) -> Iterator[EditContext]:
+        """What a method gets to compute an edit (see :class:`~grace_hooks.methods.EditContext`): the
+        loaded packs as a read-only view, staging, caches. Forwards of other threads wait inside the
+        block; temporary hooks made through it are gone after it. ``edit`` uses it; so may a caller
+        that computes an edit without applying it."""
+        with self._runtime.lock, HookOwner().scoped() as scope:
+            yield EditContext(self.base_model, self.tokenizer, self._runtime, scope)
+
+    @property
+    def loaded(self) -> LoadedView:
+        """A read-only view of what the loaded packs place at each site (what methods see)."""
+        return LoadedView(self._runtime)
 
     def _fingerprint(self, sites: list[str]) -> str:
         """The base fingerprint at ``sites``, hashed again only if a site weight was written since

@@ -5,6 +5,7 @@ from click.testing import CliRunner
 
 from conftest import DELTA_REQUESTS, DELTA_TINY, UNRELATED, last_logits
 from grace_hooks import EditableModel, EditRequest
+from grace_hooks.architectures import Site
 from grace_hooks.cli import main
 from grace_hooks.errors import ConfigError, PackError
 from grace_hooks.methods.comeba.hook_layer import ZSCORE_GATE, HookIncrement, HookLayer, zscores
@@ -75,7 +76,7 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
     out = em.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     ids, mask = enc.input_ids, enc.attention_mask
     running = em._runtime.context.state  # per site: (version, batch, positions seen, count, sum, sum of squares)
-    for name in em._runtime.sites:  # every position fed so far entered the statistics (the last token is never fed)
+    for name in em.loaded.sites:  # every position fed so far entered the statistics (the last token is never fed)
         assert int(running["zscore", name][3][0]) == out.shape[1] - 1
     with torch.no_grad():
         step = em(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -86,7 +87,7 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             step = em(input_ids=nxt, attention_mask=mask, past_key_values=step.past_key_values, use_cache=True)
     assert out[0, ids.shape[1]:].tolist() == tokens
-    for name in em._runtime.sites:
+    for name in em.loaded.sites:
         assert int(running["zscore", name][3][0]) == ids.shape[1] + 4
 
 
@@ -95,7 +96,7 @@ def test_each_batch_builds_on_the_keys_absorbed_before(make_model, tokenizer):
     em = _chain(make_model, tokenizer, "router", n=2)
     site = em.pack("b0").sites[0]
     k0 = em.pack("b0").site_tensors(site)["keys"]
-    rt = em._runtime.sites[site]
+    rt = em.loaded.site(site)
     c0 = torch.eye(k0.shape[1], dtype=torch.float64)
     impl = get_method("comeba_hk")
     cfg = impl.config_class(**{**DELTA_TINY})
@@ -115,8 +116,8 @@ def test_zscore_alpha_only_falls_and_every_edit_prompt_fires(make_model, tokeniz
     for r in DELTA_REQUESTS:  # the last subject token (the prompt's last) gets the hook output at every site
         enc = tokenizer(r.text, return_tensors="pt")
         seen = {}
-        hooks = [rt.module.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0]))
-                 for n, rt in em._runtime.sites.items()]
+        hooks = [Site.parse(n).module(em.base_model).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0]))
+                 for n in em.loaded.sites]
         try:
             with torch.no_grad():
                 em(**enc)
@@ -125,7 +126,7 @@ def test_zscore_alpha_only_falls_and_every_edit_prompt_fires(make_model, tokeniz
                 h.remove()
         at = -1 if alpha_from == "subject" else slice(None)  # the subject's last token ends these prompts
         for n, x in seen.items():
-            layer = em._runtime.sites[n].layer(HookLayer)
+            layer = em.loaded.site(n).layer(HookLayer)
             z, _ = zscores(layer.change(x).norm(dim=-1), torch.ones(x.shape[:2], dtype=torch.bool))
             assert (z[0, at] >= layer.alpha).any()
         with em.routes() as hits, torch.no_grad():  # the fires are traced (false-fire rate, recall)
@@ -246,8 +247,8 @@ def test_health_reports_the_hook_layers_norm(make_model, tokenizer):
     em = _chain(make_model, tokenizer, "router", n=2)
     report = em.health(UNRELATED)
     for site, figures in report.items():
-        w0 = em._runtime.sites[site].site.weight(em.base_model).detach().double()
-        w_h = w0 + sum(i.matrix() for i in em._runtime.sites[site].layer(HookLayer).increments.values())
+        w0 = Site.parse(site).weight(em.base_model).detach().double()
+        w_h = w0 + sum(i.matrix() for i in em.loaded.site(site).layer(HookLayer).increments.values())
         assert figures["weight_norm_ratio"] == pytest.approx(1.0)  # nothing global
         assert figures["weight_norm_ratio_all"] == pytest.approx(float(w_h.norm() / w0.norm()))
         assert figures["weight_norm_ratio_all"] != pytest.approx(1.0)

@@ -113,17 +113,18 @@ def test_cached_prefix_is_exact_under_a_z_score_gate_below(make_model, tokenizer
 
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     em.edit(DELTA_REQUESTS[:2], method="comeba_hk", gate="zscore", layers="0", **DELTA_TINY)
-    assert em._runtime.sites["L0.mlp_out"].layer(HookLayer).alpha is not None
+    assert em.loaded.site("L0.mlp_out").layer(HookLayer).alpha is not None
     cfg = TargetVectorConfig(steps=12, stop="most_probable", lr=1.0, clamp=4.0, batch_size=3)
     prefixes = ["", "the sun . ", "a dog ran in the park . "]
-    run = lambda cached: target_vectors(em.base_model, tokenizer, 1, DELTA_REQUESTS, prefixes, cfg,  # noqa: E731
-                                        em._runtime.attention_mask, cached_prefix=cached)
-    with em._runtime.tracing() as fired:
-        cached = run(True)
-    assert any(f[3] == "zscore" or f[4] == -1 for f in fired)  # the gate fired in these forwards
-    for a, b in zip(cached, run(False)):
-        assert a.steps == b.steps
-        torch.testing.assert_close(a.z, b.z, rtol=1e-4, atol=1e-4)
+    with em.edit_context() as ctx:
+        run = lambda cached: target_vectors(em.base_model, tokenizer, 1, DELTA_REQUESTS, prefixes, cfg,  # noqa: E731
+                                            ctx.attention_mask, cached_prefix=cached)
+        with em.routes() as fired:
+            cached = run(True)
+        assert any(f[3] == "zscore" or f[4] == -1 for f in fired)  # the gate fired in these forwards
+        for a, b in zip(cached, run(False)):
+            assert a.steps == b.steps
+            torch.testing.assert_close(a.z, b.z, rtol=1e-4, atol=1e-4)
 
 
 def test_stop_prob_waits_for_a_margin_beyond_the_argmax(make_model, tokenizer):
@@ -207,11 +208,11 @@ def test_a_shared_prefix_keeps_the_packs_that_act_on_it(make_model, tokenizer):
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     em.edit(DELTA_REQUESTS[:2], method="memit", layers="0-1", **DELTA_TINY)
     em.edit([EditRequest(prompt="{} rose over the", subject="the sun", target_new="dog")], method="grace")
-    assert em._runtime.causal
+    assert em.loaded.causal
     modules = {"in": Site(1).module(em.base_model), "top": Site(3).module(em.base_model)}
     prefixes = ["the sun rose over the quiet town . "]
     requests = [*TINY_REQUESTS, *DELTA_REQUESTS]
-    with em._runtime.tracing() as fired:
+    with em.routes() as fired:
         once = activations_at_subject_of(modules, em.base_model, tokenizer, requests, prefixes, which="output",
                                          share_prefix=True)
     assert fired  # the GRACE key fires inside the shared prefix
@@ -219,10 +220,10 @@ def test_a_shared_prefix_keeps_the_packs_that_act_on_it(make_model, tokenizer):
     for name in modules:
         torch.testing.assert_close(once[name], whole[name], rtol=1e-4, atol=1e-5)
     em.edit(DELTA_REQUESTS[2:], method="comeba_hk", gate="zscore", layers="2", **DELTA_TINY)
-    assert not em._runtime.causal  # a z-score gate scores each position against its whole row
+    assert not em.loaded.causal  # a z-score gate scores each position against its whole row
     last = EditableModel(make_model("llama"), tokenizer, name="tiny")
     last.edit(TINY_REQUESTS[:1], method="grace", replacement="last")
-    assert not last._runtime.causal
+    assert not last.loaded.causal
 
 
 def test_target_vectors_come_back_in_request_order_when_grouped_by_length(make_model, tokenizer):

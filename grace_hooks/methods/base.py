@@ -14,25 +14,52 @@ from ..architectures import Site
 from ..config import make_config
 from ..errors import ConfigError, PackError
 from ..hooks import HookOwner, frozen_parameters
+from ..loaded import LoadedView
 from ..pack_schema import TensorSpec, site_problems
 from ..packs import EditPack
 from ..requests import EditRequest
 from ..runtime import EditRuntime, SiteContribution
 
 
-@dataclass
 class EditContext:
     """What a method may use while computing an edit: the model with every loaded pack active
-    (read-only), its tokenizer, the runtime's routers, and a hook owner for temporary hooks."""
+    (read-only), its tokenizer, a read-only view of what is loaded (``loaded``), a hook owner for
+    temporary hooks, and explicit calls for what it may change for a while: an edit staged above the
+    loaded packs, the loaded packs off, the real positions of a replay, an effect layer's option.
+    Made by :meth:`EditableModel.edit_context`; a method never sees the runtime itself."""
 
-    model: nn.Module
-    tokenizer: Any
-    runtime: EditRuntime
-    hooks: HookOwner
+    def __init__(self, model: nn.Module, tokenizer: Any, runtime: EditRuntime, hooks: HookOwner) -> None:
+        self.model, self.tokenizer, self.hooks = model, tokenizer, hooks
+        self.loaded = LoadedView(runtime)
+        self._runtime = runtime
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def memo(self) -> dict:
+        return self._runtime.memo
+
+    def staged(self, contributions: dict[str, SiteContribution]) -> contextlib.AbstractContextManager:
+        """``contributions`` (site -> what an edit being computed places there) act inside the block,
+        above every loaded pack, then are gone (measure a layer with the earlier layers applied)."""
+        return self._runtime.staged(contributions)
+
+    def disabled(self) -> contextlib.AbstractContextManager:
+        """The base model inside the block: no loaded pack acts (for this thread)."""
+        return self._runtime.disabled()
+
+    def attention_mask(self, mask: torch.Tensor | None, input_ids: torch.Tensor | None = None
+                       ) -> contextlib.AbstractContextManager:
+        """Which positions are real (and which tokens they hold) for blocks run directly rather than
+        through the model's forward, e.g. by a layer replay."""
+        return self._runtime.attention_mask(mask, input_ids)
+
+    def option(self, name: str, value: Any) -> contextlib.AbstractContextManager:
+        """This thread's forwards see option ``name`` = ``value`` inside the block (an effect layer's
+        switch, e.g. COMEBA-HK's hook layers acting everywhere while it solves)."""
+        return self._runtime.option(name, value)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:

@@ -25,7 +25,8 @@ from ...linalg import LowRank, change_before, closed_form_update
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
-from ...runtime import SiteContribution, SiteRuntime
+from ...loaded import LoadedSite
+from ...runtime import SiteContribution
 from ...spans import key_spans, request_spans, span_state_problems
 from ...subject_keys import activations_at_subject, context_prefixes
 from ...hooks import frozen_parameters, head_only_at
@@ -57,10 +58,10 @@ class DeltaMethod(EditMethod):
 
     # ------------------------------------------------------------------ what variants change
     @abstractmethod
-    def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg) -> torch.Tensor:
+    def preservation(self, c0: torch.Tensor, loaded: LoadedSite | None, cfg) -> torch.Tensor:
         """P (d_in x d_in, float64), the part of the normal matrix that does not depend on the new keys."""
 
-    def constraint(self, loaded: SiteRuntime | None, cfg) -> torch.Tensor | None:
+    def constraint(self, loaded: LoadedSite | None, cfg) -> torch.Tensor | None:
         """Orthonormal columns the update's row space must avoid, or None."""
         return None
 
@@ -82,7 +83,7 @@ class DeltaMethod(EditMethod):
         return [Site(layer, cfg.point) for layer in cfg.layer_list(num_layers(model))]
 
     def _memo(self, ctx: EditContext, key: tuple, make):
-        memo = ctx.runtime.memo
+        memo = ctx.memo
         key = key + (_version(ctx.model),)  # weights written in place invalidate everything derived from them
         if key not in memo:
             memo[key] = make()
@@ -92,7 +93,7 @@ class DeltaMethod(EditMethod):
         """C0 at each site on the base model (loaded packs off), from the disk cache when it is there;
         memoised per model, so ``from_cache`` says how the first edit got it."""
         def make():
-            with ctx.runtime.disabled():
+            with ctx.disabled():
                 digest = self._memo(ctx, ("model_digest",), lambda: model_digest(ctx.model))
                 return second_moments(ctx.model, ctx.tokenizer, sites, self._corpus(ctx, cfg), cfg.max_tokens, model_hash=digest)
         names = tuple(s.name for s in sites)
@@ -108,7 +109,7 @@ class DeltaMethod(EditMethod):
     def corpus_probe(self, ctx: EditContext, sites: list[Site], cfg: DeltaConfig) -> dict[str, torch.Tensor]:
         """Site inputs of the base model at the first ``cfg.corpus_probe`` tokens of the corpus."""
         def make():
-            with ctx.runtime.disabled():
+            with ctx.disabled():
                 return site_inputs(ctx.model, ctx.tokenizer, sites, self._corpus(ctx, cfg).texts, cfg.corpus_probe)
         return self._memo(ctx, ("probe", tuple(s.name for s in sites), cfg.corpus, cfg.corpus_texts, cfg.corpus_tokens,
                                 cfg.corpus_probe), make)
@@ -117,14 +118,14 @@ class DeltaMethod(EditMethod):
         model, tok = ctx.model, ctx.tokenizer
         sites = self.sites(model, cfg)
         clock = PhaseClock()
-        with clock("context prefixes"), ctx.runtime.disabled():  # the base model's own writing, made once per model
-            prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=ctx.runtime.memo)[: 1 + cfg.n_prefixes]
+        with clock("context prefixes"), ctx.disabled():  # the base model's own writing, made once per model
+            prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=ctx.memo)[: 1 + cfg.n_prefixes]
         with clock("C0"):
             moments = self.second_moments(ctx, sites, cfg)
         z_layer = sites[-1].layer
         with clock("target vectors"):
             tvs = target_vectors(model, tok, z_layer, requests, prefixes[: 1 + cfg.target_prefix_count()],
-                                 cfg.target_config(), ctx.runtime.attention_mask)
+                                 cfg.target_config(), ctx.attention_mask)
         z = torch.stack([tv.z for tv in tvs]).to(torch.float64)
         top = model.get_submodule(arch_spec(model).layers)[z_layer]
 
@@ -134,9 +135,9 @@ class DeltaMethod(EditMethod):
         routed = self.routes(cfg)
         route_state = self._route_state(ctx, requests, sites, cfg, 1 + len(prefixes)) if routed else {}
         for i, site in enumerate(sites):
-            with clock("keys and residuals"), ctx.runtime.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
+            with clock("keys and residuals"), ctx.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
                 samples = activations_at_subject(model, tok, site.module(model), requests, prefixes,  # (P, n, d_in)
-                                                 share_prefix=ctx.runtime.causal, batch_size=KEY_FORWARD_ROWS)
+                                                 share_prefix=ctx.loaded.causal, batch_size=KEY_FORWARD_ROWS)
                 now = activations_at_subject(model, tok, top, requests, [""], which="output", batch_size=KEY_FORWARD_ROWS)[0]
                 norm = site.residual_norm(model)
                 out = activations_at_subject(model, tok, site.module(model), requests, [""], which="output",
@@ -146,7 +147,7 @@ class DeltaMethod(EditMethod):
             if norm is not None:  # the site's output reaches the residual stream through a norm: aim through it
                 with clock("solve"), frozen_parameters(norm):
                     residual = change_before(norm, out, residual).to(torch.float64)
-            loaded = ctx.runtime.sites.get(site.name)
+            loaded = ctx.loaded.site(site.name)
             with clock("solve"):
                 update = closed_form_update(residual.T, keys.T, self.preservation(moments[site.name].matrix, loaded, cfg),
                                             self.constraint(loaded, cfg))
@@ -162,7 +163,7 @@ class DeltaMethod(EditMethod):
             layer_metrics[n] = {"residual_norm": float(residual.norm(dim=1).mean()),
                                 "delta_norm": float(torch.linalg.matrix_norm(update.dense()))}
         with clock("check"):
-            with ctx.runtime.staged(staged), self.solving(ctx, cfg):  # how far the whole update carries the bare prompts towards z
+            with ctx.staged(staged), self.solving(ctx, cfg):  # how far the whole update carries the bare prompts towards z
                 final = activations_at_subject(model, tok, top, requests, [""], which="output")[0].to(torch.float64)
             start = torch.stack([tv.h for tv in tvs]).to(torch.float64)
             path = (z - start).norm(dim=1)
@@ -194,7 +195,7 @@ class DeltaMethod(EditMethod):
         every target token the argmax) with the whole update acting, as it will once applied."""
         batch = build_edit_batch(ctx.tokenizer, requests, device=ctx.device)
         index, scored = scored_positions(batch)  # the head runs on the scored positions only
-        with ctx.runtime.staged(staged), self.solving(ctx, cfg), torch.inference_mode(), \
+        with ctx.staged(staged), self.solving(ctx, cfg), torch.inference_mode(), \
                 head_only_at(ctx.model, index) as narrowed:
             logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         if not narrowed:
@@ -259,7 +260,7 @@ class DeltaMethod(EditMethod):
                 for site in pack.sites}
 
 
-def loaded_factors(loaded: SiteRuntime | None, part: str) -> torch.Tensor | None:
+def loaded_factors(loaded: LoadedSite | None, part: str) -> torch.Tensor | None:
     """The ``part`` ('V' or 'keys') of every delta loaded at a site, as columns (d_in, total)."""
     layer = loaded.layer(DeltaLayer) if loaded is not None else None
     return layer.factors(part) if layer is not None else None

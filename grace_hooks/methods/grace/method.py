@@ -60,7 +60,7 @@ class Grace(EditMethod):
         queries = x[rows, batch.key_pos].float()
 
         book = Codebook(cfg.eps_init)
-        loaded = ctx.runtime.sites.get(site.name)
+        loaded = ctx.loaded.site(site.name)
         for i, req in enumerate(requests):
             book.add(queries[i].cpu(), req.target_new.strip(), i, loaded)
 
@@ -93,7 +93,7 @@ class Grace(EditMethod):
         to the answer's last piece through attention (issue 18)."""
         last = batch.prompt_len + batch.target_len - 1
         rows = torch.arange(len(last), device=last.device)
-        with torch.inference_mode(), ctx.runtime.disabled(), head_only_at(ctx.model, (rows[:, None], last[:, None])) as narrowed:
+        with torch.inference_mode(), ctx.disabled(), head_only_at(ctx.model, (rows[:, None], last[:, None])) as narrowed:
             logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logits = logits[:, 0] if narrowed else logits[rows, last]
         return logits.argmax(-1)
@@ -137,7 +137,7 @@ class Grace(EditMethod):
             scope.forward(site.module(ctx.model), replace)
             bar = tqdm(range(cfg.n_iter + 1), desc=f"grace: training {len(book.entries)} values", leave=False, disable=None)
             for iters in bar:
-                with ctx.runtime.attention_mask(part.attention_mask, part.input_ids):  # blocks below the site run once
+                with ctx.attention_mask(part.attention_mask, part.input_ids):  # blocks below the site run once
                     logits = replay.logits(index)
                 scores = score_targets(logits, scored)
                 correct[live], nll[live] = scores.correct.cpu(), scores.nll.detach().float().cpu()
