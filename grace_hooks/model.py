@@ -16,6 +16,7 @@ from .health import site_health
 from .hooks import HookOwner
 from .loaded import LoadedView
 from .loading import load_base
+from .memo import WeightMemo
 from .methods import EditContext, get_method
 from .packs import (BaseInfo, EditPack, base_fingerprint, check_base, delete_pack_dir, load_pack, reading, save_pack,
                     validate_pack_name)
@@ -45,7 +46,7 @@ class EditableModel:
         self._runtime = EditRuntime(model)
         self._packs: dict[str, EditPack] = {}
         self._rank = 0  # grows with every pack applied: newer packs win where keys overlap
-        self._fingerprints: dict[tuple, str] = {}  # (site, weight version) -> fingerprint: loading 1,000 packs hashes once
+        self.memo = WeightMemo(model)  # what derives from the base weights (fingerprints, prefixes, C0), per weight version
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -133,7 +134,7 @@ class EditableModel:
         block; temporary hooks made through it are gone after it. ``edit`` uses it; so may a caller
         that computes an edit without applying it."""
         with self._runtime.lock, HookOwner().scoped() as scope:
-            yield EditContext(self.base_model, self.tokenizer, self._runtime, scope)
+            yield EditContext(self.base_model, self.tokenizer, self._runtime, scope, self.memo)
 
     @property
     def loaded(self) -> LoadedView:
@@ -141,13 +142,9 @@ class EditableModel:
         return LoadedView(self._runtime)
 
     def _fingerprint(self, sites: list[str]) -> str:
-        """The base fingerprint at ``sites``, hashed again only if a site weight was written since
-        (torch counts in-place writes in ``_version``)."""
-        weights = [Site.parse(s).module(self.base_model).weight for s in sorted(sites)]
-        key = tuple(sorted(sites)) + tuple((w.data_ptr(), w._version) for w in weights)
-        if key not in self._fingerprints:
-            self._fingerprints[key] = base_fingerprint(self.base_model, sites)
-        return self._fingerprints[key]
+        """The base fingerprint at ``sites``, hashed once per weight version (loading 1,000 packs hashes once)."""
+        key = ("fingerprint",) + tuple(sorted(sites))
+        return self.memo.get(key, lambda: base_fingerprint(self.base_model, sites))
 
     def save_pack(self, name: str, directory: str | Path, overwrite: bool = False) -> Path:
         return save_pack(self.pack(name), directory, name=name, overwrite=overwrite)

@@ -10,7 +10,7 @@ from grace_hooks.cli import main
 from grace_hooks.errors import ConfigError, PackError
 from grace_hooks.methods.comeba.hook_layer import ZSCORE_GATE, HookIncrement, HookLayer, zscores
 from grace_hooks.hooks import count_hooks
-from grace_hooks.linalg import preservation_matrix
+from grace_hooks.locate.linalg import preservation_matrix
 from grace_hooks.methods import get_method
 from grace_hooks.methods.comeba.squash import squash_packs
 from grace_hooks.adapters_dir import LOCK_NAME

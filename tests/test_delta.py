@@ -10,7 +10,7 @@ from conftest import DELTA_REQUESTS, DELTA_TINY, UNRELATED, last_logits, param_h
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.architectures import Site
 from grace_hooks.cli import main
-from grace_hooks.covariance import cached_sample_corpus, model_digest, second_moment
+from grace_hooks.locate.covariance import cached_sample_corpus, model_digest, second_moment
 from grace_hooks.errors import ConfigError, PackError
 from grace_hooks.export import export_peft
 from grace_hooks.hooks import count_hooks

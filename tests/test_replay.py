@@ -11,7 +11,7 @@ from grace_hooks import EditableModel, EditRequest
 from grace_hooks.architectures import ARCHITECTURES, num_layers
 from grace_hooks.hooks import count_hooks
 from grace_hooks.methods.grace import method as grace_method
-from grace_hooks.replay import LayerReplay
+from grace_hooks.locate.replay import LayerReplay
 from grace_hooks.tokens import build_edit_batch
 from tiny import _LLAMA_LIKE, TINY_CONFIGS, tiny_model
 

@@ -5,7 +5,7 @@ import torch
 
 from conftest import UNRELATED, last_logits
 from grace_hooks.architectures import Site
-from grace_hooks.replay import cache_argument
+from grace_hooks.locate.replay import cache_argument
 from grace_hooks.router import NO_KEY, KeyRouter
 from grace_hooks.methods.delta.effect import LowRankDelta
 from grace_hooks.runtime import EditRuntime, SiteContribution

@@ -26,7 +26,7 @@ from ..methods import get_method
 from ..methods.grace.config import DEFAULT_RELATIVE_DEPTH
 from ..model import EditableModel
 from ..requests import EditRequest
-from ..replay import LayerReplay
+from ..locate.replay import LayerReplay
 from ..tokens import build_edit_batch, score_targets, scored_positions
 from .metrics import Hit
 

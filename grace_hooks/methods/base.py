@@ -15,6 +15,7 @@ from ..config import make_config
 from ..errors import ConfigError, PackError
 from ..hooks import HookOwner, frozen_parameters
 from ..loaded import LoadedView
+from ..memo import WeightMemo
 from ..pack_schema import TensorSpec, site_problems
 from ..packs import EditPack
 from ..requests import EditRequest
@@ -24,22 +25,19 @@ from ..runtime import EditRuntime, SiteContribution
 class EditContext:
     """What a method may use while computing an edit: the model with every loaded pack active
     (read-only), its tokenizer, a read-only view of what is loaded (``loaded``), a hook owner for
-    temporary hooks, and explicit calls for what it may change for a while: an edit staged above the
+    temporary hooks, the model's cache of what derives from its weights (``memo``), and explicit calls for what it may change for a while: an edit staged above the
     loaded packs, the loaded packs off, the real positions of a replay, an effect layer's option.
     Made by :meth:`EditableModel.edit_context`; a method never sees the runtime itself."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, runtime: EditRuntime, hooks: HookOwner) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, runtime: EditRuntime, hooks: HookOwner, memo: WeightMemo) -> None:
         self.model, self.tokenizer, self.hooks = model, tokenizer, hooks
         self.loaded = LoadedView(runtime)
+        self.memo = memo  # the model's results derived from its weights (prefixes, C0, ...): ``memo.get(key, make)``
         self._runtime = runtime
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    @property
-    def memo(self) -> dict:
-        return self._runtime.memo
 
     def staged(self, contributions: dict[str, SiteContribution]) -> contextlib.AbstractContextManager:
         """``contributions`` (site -> what an edit being computed places there) act inside the block,

@@ -20,13 +20,13 @@ import torch
 from ...architectures import Site
 from ...errors import PackError
 from ...hooks import forward_until
-from ...linalg import preservation_matrix
+from ...locate.linalg import preservation_matrix
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
 from ...loaded import LoadedSite
 from ...runtime import SiteContribution
-from ...subject_keys import lookup_positions
+from ...locate.subject_keys import lookup_positions
 from ..base import EditContext, register
 from ..delta.method import DeltaMethod
 from .config import ComebaConfig

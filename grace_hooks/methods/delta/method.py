@@ -14,25 +14,25 @@ from __future__ import annotations
 import contextlib
 import logging
 from abc import abstractmethod
-from pathlib import Path
 
 import torch
 
 from ...architectures import Site, arch_spec, num_layers
 from ...config import make_config
-from ...covariance import Corpus, SecondMoment, cached_sample_corpus, model_digest, second_moments, site_inputs
-from ...linalg import LowRank, change_before, closed_form_update
+from ...hooks import frozen_parameters, head_only_at
+from ...loaded import LoadedSite
+from ...locate.covariance import SecondMoment
+from ...locate.linalg import LowRank, change_before, closed_form_update
+from ...locate.statistics import Statistics
+from ...locate.subject_keys import activations_at_subject
+from ...locate.target_vectors import target_vectors
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
-from ...loaded import LoadedSite
 from ...runtime import SiteContribution
 from ...spans import key_spans, request_spans, span_state_problems
-from ...subject_keys import activations_at_subject, context_prefixes
-from ...hooks import frozen_parameters, head_only_at
 from ...timing import PhaseClock
 from ...tokens import build_edit_batch, score_targets, scored_positions
-from ...target_vectors import target_vectors
 from ..base import ComputedEdit, EditContext, EditMethod
 from .config import DeltaConfig
 from .effect import DeltaLayer, LowRankDelta
@@ -43,11 +43,6 @@ MIN_RELATIVE_RADIUS = 0.05
 # requests per forward when keys are read, the ones of like length together: 42% fewer token
 # columns than one padded forward of 100 CounterFact prompts (benchmarks/RESULTS.md, issue 17)
 KEY_FORWARD_ROWS = 25
-
-
-def _version(model) -> int:
-    """Changes whenever a parameter is written in place (torch counts writes in ``_version``)."""
-    return sum(p._version for p in model.parameters())
 
 
 class DeltaMethod(EditMethod):
@@ -82,44 +77,25 @@ class DeltaMethod(EditMethod):
     def sites(self, model, cfg: DeltaConfig) -> list[Site]:
         return [Site(layer, cfg.point) for layer in cfg.layer_list(num_layers(model))]
 
-    def _memo(self, ctx: EditContext, key: tuple, make):
-        memo = ctx.memo
-        key = key + (_version(ctx.model),)  # weights written in place invalidate everything derived from them
-        if key not in memo:
-            memo[key] = make()
-        return memo[key]
+    @staticmethod
+    def statistics(ctx: EditContext) -> Statistics:
+        """The base model's measurements (prefixes, C0, corpus probe), made once per weight version."""
+        return Statistics(ctx.model, ctx.tokenizer, ctx.memo, ctx.disabled)
 
     def second_moments(self, ctx: EditContext, sites: list[Site], cfg: DeltaConfig) -> dict[str, SecondMoment]:
-        """C0 at each site on the base model (loaded packs off), from the disk cache when it is there;
-        memoised per model, so ``from_cache`` says how the first edit got it."""
-        def make():
-            with ctx.disabled():
-                digest = self._memo(ctx, ("model_digest",), lambda: model_digest(ctx.model))
-                return second_moments(ctx.model, ctx.tokenizer, sites, self._corpus(ctx, cfg), cfg.max_tokens, model_hash=digest)
-        names = tuple(s.name for s in sites)
-        return self._memo(ctx, ("C0", names, cfg.corpus, cfg.corpus_texts, cfg.corpus_tokens, cfg.max_tokens), make)
-
-    def _corpus(self, ctx: EditContext, cfg: DeltaConfig) -> Corpus:
-        if cfg.corpus is not None:
-            return Corpus.from_file(Path(cfg.corpus))
-        digest = self._memo(ctx, ("model_digest",), lambda: model_digest(ctx.model))
-        return self._memo(ctx, ("corpus", cfg.corpus_texts, cfg.corpus_tokens), lambda: cached_sample_corpus(
-            ctx.model, ctx.tokenizer, digest, cfg.corpus_texts, cfg.corpus_tokens))
+        """C0 at each site on the base model (loaded packs off), from the disk cache when it is there."""
+        return self.statistics(ctx).second_moments(sites, cfg.corpus_spec(), cfg.max_tokens)
 
     def corpus_probe(self, ctx: EditContext, sites: list[Site], cfg: DeltaConfig) -> dict[str, torch.Tensor]:
         """Site inputs of the base model at the first ``cfg.corpus_probe`` tokens of the corpus."""
-        def make():
-            with ctx.disabled():
-                return site_inputs(ctx.model, ctx.tokenizer, sites, self._corpus(ctx, cfg).texts, cfg.corpus_probe)
-        return self._memo(ctx, ("probe", tuple(s.name for s in sites), cfg.corpus, cfg.corpus_texts, cfg.corpus_tokens,
-                                cfg.corpus_probe), make)
+        return self.statistics(ctx).probe(sites, cfg.corpus_spec(), cfg.corpus_probe)
 
     def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: DeltaConfig) -> ComputedEdit:
         model, tok = ctx.model, ctx.tokenizer
         sites = self.sites(model, cfg)
         clock = PhaseClock()
-        with clock("context prefixes"), ctx.disabled():  # the base model's own writing, made once per model
-            prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=ctx.memo)[: 1 + cfg.n_prefixes]
+        with clock("context prefixes"):  # the base model's own writing, made once per weight version
+            prefixes = self.statistics(ctx).prefixes(cfg.prefix_tokens)[: 1 + cfg.n_prefixes]
         with clock("C0"):
             moments = self.second_moments(ctx, sites, cfg)
         z_layer = sites[-1].layer

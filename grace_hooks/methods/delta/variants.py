@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from ...linalg import orthonormal_basis, preservation_matrix
+from ...locate.linalg import orthonormal_basis, preservation_matrix
 from ...loaded import LoadedSite
 from ..base import register
 from .config import DeltaConfig, EncoreConfig, OEditConfig

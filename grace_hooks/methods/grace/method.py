@@ -10,7 +10,7 @@ from ...architectures import Site, relative_layer
 from ...hooks import head_only_at
 from ...pack_schema import MAX_ABS, TensorSpec, is_finite_number
 from ...packs import EditPack
-from ...replay import LayerReplay
+from ...locate.replay import LayerReplay
 from ...requests import EditRequest
 from ...router import NO_KEY, exact_assign
 from ...runtime import SiteContribution
