@@ -117,7 +117,7 @@ class EditableModel:
             new = EditPack(
                 name=name, method=method, config=vars(cfg), sites=computed.sites,
                 base=BaseInfo(self.name, self.base_model.config.model_type, self._fingerprint(computed.sites)),
-                requests=[r.to_dict() for r in reqs], tensors=computed.tensors, state=computed.state,
+                requests=[r.to_dict() for r in reqs], tensors=computed.tensors, state=computed.state, routing=computed.routing,
                 metrics=computed.metrics, library_version=__version__,
             )
             try:

@@ -184,9 +184,9 @@ def test_routed_pack_keys_and_spans_follow_the_scope(make_model, tokenizer, scop
     for site in pack.sites:
         assert len(pack.site_tensors(site)["route_keys"]) == keys_per_request * len(DELTA_REQUESTS)
     if scope == "key":
-        assert "subject_spans" not in pack.state
+        assert pack.routing.subject_spans is None
         return
-    assert pack.state["subject_spans"] == [[tokenizer(r.subject, add_special_tokens=False).input_ids] for r in DELTA_REQUESTS]
+    assert pack.routing.subject_spans == [[tokenizer(r.subject, add_special_tokens=False).input_ids] for r in DELTA_REQUESTS]
     base = last_logits(EditableModel(make_model("llama"), tokenizer, name="base"), tokenizer, ["the capital of gondor"])[0]
     assert torch.equal(last_logits(em, tokenizer, ["the capital of gondor"])[0], base)  # another subject: untouched
     with em.routes() as hits, torch.no_grad():

@@ -9,7 +9,7 @@ from grace_hooks.locate.replay import cache_argument
 from grace_hooks.router import NO_KEY, KeyRouter
 from grace_hooks.methods.delta.effect import LowRankDelta
 from grace_hooks.runtime import EditRuntime, SiteContribution
-from grace_hooks.spans import NO_TOKEN, SpanIndex, span_state_problems, subject_spans
+from grace_hooks.spans import NO_TOKEN, KeyRouting, SpanIndex, subject_spans
 
 SUBJECT = [7, 8]  # token ids of a two-token subject
 
@@ -110,7 +110,9 @@ def test_subject_spans_give_both_tokenisations(tokenizer):
     ({"answer_spans": [[[5]]], "key_requests": {"L1.mlp_out": [[0]]}}, "subject_spans"),
 ])
 def test_span_state_is_checked(state, problem):
-    problems = span_state_problems(state, 1, {"L1.mlp_out": 1})
+    routing, rest = KeyRouting.split_state(state)
+    assert rest == {}
+    problems = routing.problems(1, {"L1.mlp_out": 1})
     assert (problems == []) if problem is None else (len(problems) == 1 and problem in problems[0])
 
 

@@ -144,7 +144,7 @@ class PackEditor(Editor):
 
     def serves(self, index, row):
         name = self.pack_name(index)
-        owners = self.model.pack(name).state.get("key_requests")
+        owners = self.model.pack(name).routing.key_requests
 
         def test(hit: Hit) -> bool:
             site, pack, key = hit

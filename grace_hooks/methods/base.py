@@ -20,6 +20,7 @@ from ..pack_schema import TensorSpec, site_problems
 from ..packs import EditPack
 from ..requests import EditRequest
 from ..runtime import EditRuntime, SiteContribution
+from ..spans import KeyRouting
 
 
 class EditContext:
@@ -81,6 +82,7 @@ class ComputedEdit:
     sites: list[str]
     tensors: dict[str, torch.Tensor]
     state: dict[str, Any] = field(default_factory=dict)
+    routing: KeyRouting = field(default_factory=KeyRouting)  # what its router keys stand for (requests, spans)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,15 +107,25 @@ class EditMethod(ABC):
         """Problems with the method's own entries in ``pack.state`` (what ``contributions`` reads)."""
         return []
 
+    def config_of(self, pack: EditPack) -> Any:
+        """The pack's ``method_config`` read back through this method's typed config class (an option
+        an older pack did not store takes the class's default, never a default of its own here);
+        :class:`PackError` saying which option is wrong when it is not a valid config."""
+        if pack.method != self.name:
+            raise PackError(f"pack {pack.name!r} was made with {pack.method!r}, not {self.name!r}")
+        try:
+            return make_config(self.config_class, base=pack.config)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise PackError(f"pack {pack.name!r}: its method_config is not a valid {self.name} config ({exc}). "
+                            "The pack is corrupt or was made by another version; re-create it from its requests "
+                            "(grace-hooks edit)") from None
+
     def validate(self, pack: EditPack, dims: dict[str, tuple[int, int]]) -> Any:
         """Check a pack against this method's schema before anything of it is applied: its config
         as this method's typed config, each site's tensors (names, shapes against the site's
         ``(d_in, d_out)`` in ``dims``, finite values, sane radii) and its state. Returns the config;
         raises :class:`PackError` listing every problem found."""
-        try:
-            config = make_config(self.config_class, base=pack.config)
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise PackError(f"pack {pack.name!r}: its method_config is not a valid {self.name} config ({exc})") from None
+        config = self.config_of(pack)
         problems = [f"{site}: {p}" for site in pack.sites
                     for p in site_problems(pack.site_tensors(site), self.site_layouts(config),
                                            {"d_in": dims[site][0], "d_out": dims[site][1]})]

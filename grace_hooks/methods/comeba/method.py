@@ -127,4 +127,9 @@ class ComebaHK(DeltaMethod):
     def squash(self, packs: list[EditPack], name: str) -> EditPack:
         if any(p.method != self.name for p in packs):
             raise PackError(f"squash merges {self.name} packs only; got {[p.method for p in packs]}")
+        gates = [self.config_of(p).gate for p in packs]
+        for p, gate in zip(packs[1:], gates[1:]):
+            if gate != gates[0]:
+                raise PackError(f"pack {p.name!r} uses the {gate!r} gate but {packs[0].name!r} the {gates[0]!r} gate; "
+                                "squash packs of one chain only")
         return squash_packs(packs, name)

@@ -18,7 +18,6 @@ from abc import abstractmethod
 import torch
 
 from ...architectures import Site, arch_spec, num_layers
-from ...config import make_config
 from ...hooks import frozen_parameters, head_only_at
 from ...loaded import LoadedSite
 from ...locate.covariance import SecondMoment
@@ -30,7 +29,7 @@ from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
 from ...runtime import SiteContribution
-from ...spans import key_spans, request_spans, span_state_problems
+from ...spans import KeyRouting, request_spans
 from ...timing import PhaseClock
 from ...tokens import build_edit_batch, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod
@@ -109,7 +108,7 @@ class DeltaMethod(EditMethod):
         tensors: dict[str, torch.Tensor] = {}
         layer_metrics = {}
         routed = self.routes(cfg)
-        route_state = self._route_state(ctx, requests, sites, cfg, 1 + len(prefixes)) if routed else {}
+        routing = self._routing_of(ctx, requests, sites, cfg, 1 + len(prefixes)) if routed else KeyRouting()
         for i, site in enumerate(sites):
             with clock("keys and residuals"), ctx.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
                 samples = activations_at_subject(model, tok, site.module(model), requests, prefixes,  # (P, n, d_in)
@@ -135,7 +134,7 @@ class DeltaMethod(EditMethod):
                 tensors.update({f"{n}/route_keys": route_keys.float().contiguous(),
                                 f"{n}/route_radii": route_radii.float().contiguous()})
             staged[n] = self._contribution({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}/")},
-                                           routed, key_spans(route_state, n) if routed else None)
+                                           routed, routing.spans(n) if routed else None)
             layer_metrics[n] = {"residual_norm": float(residual.norm(dim=1).mean()),
                                 "delta_norm": float(torch.linalg.matrix_norm(update.dense()))}
         with clock("check"):
@@ -162,9 +161,8 @@ class DeltaMethod(EditMethod):
         log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z, %d of %d landed",
                  self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"],
                  100 * metrics["z_reached_mean"], sum(landed), len(landed))
-        state = {"mode": "routed" if routed else "global", "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
-        state.update(route_state)
-        return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, metrics=metrics)
+        state = {"corpus": {s.name: moments[s.name].corpus_source for s in sites}}
+        return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, routing=routing, metrics=metrics)
 
     def _landed(self, ctx: EditContext, requests: list[EditRequest], staged: dict[str, SiteContribution], cfg) -> list[bool]:
         """Whether each request's target is the greedy continuation of its own prompt (teacher-forced:
@@ -179,14 +177,14 @@ class DeltaMethod(EditMethod):
         return [bool(c) for c in score_targets(logits, scored).correct]
 
     @staticmethod
-    def _route_state(ctx: EditContext, requests: list[EditRequest], sites: list[Site], cfg, n_samples: int) -> dict:
+    def _routing_of(ctx: EditContext, requests: list[EditRequest], sites: list[Site], cfg, n_samples: int) -> KeyRouting:
         """``key_requests`` (router key -> the request it serves: recall, spans) and, with scope
         'span', ``subject_spans`` (the token spans of each request's subject)."""
         n = len(requests)
         if cfg.scope == "span":
-            return {"key_requests": {s.name: [[i] for i in range(n)] for s in sites},
-                    "subject_spans": request_spans(ctx.tokenizer, requests)}
-        return {"key_requests": {s.name: [[i % n] for i in range(n * n_samples)] for s in sites}}
+            return KeyRouting(key_requests={s.name: [[i] for i in range(n)] for s in sites},
+                              subject_spans=request_spans(ctx.tokenizer, requests))
+        return KeyRouting(key_requests={s.name: [[i % n] for i in range(n * n_samples)] for s in sites})
 
     def _routing(self, ctx: EditContext, sites: list[Site], site: Site, samples: torch.Tensor, keys: torch.Tensor,
                  cfg: DeltaConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +217,7 @@ class DeltaMethod(EditMethod):
         if not self.routes(config):
             return []
         keys = {site: len(pack.site_tensors(site).get("route_keys", ())) for site in pack.sites}
-        return span_state_problems(pack.state, pack.n_edits, keys)
+        return pack.routing.problems(pack.n_edits, keys)
 
     @staticmethod
     def _contribution(t: dict[str, torch.Tensor], routed: bool, spans=None) -> SiteContribution:
@@ -231,8 +229,8 @@ class DeltaMethod(EditMethod):
         return SiteContribution(delta)
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
-        routed = self.routes(make_config(self.config_class, base=pack.config))
-        return {site: self._contribution(pack.site_tensors(site), routed, key_spans(pack.state, site) if routed else None)
+        routed = self.routes(self.config_of(pack))
+        return {site: self._contribution(pack.site_tensors(site), routed, pack.routing.spans(site) if routed else None)
                 for site in pack.sites}
 
 
