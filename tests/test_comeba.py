@@ -13,6 +13,8 @@ from grace_hooks.hooks import count_hooks
 from grace_hooks.locate.linalg import preservation_matrix
 from grace_hooks.methods import get_method
 from grace_hooks.methods.comeba.squash import squash_packs
+from grace_hooks.folder_ops import squash_in_folder
+from grace_hooks.packs import load_pack
 from grace_hooks.adapters_dir import LOCK_NAME
 
 GATES = ("router", "zscore")
@@ -199,13 +201,14 @@ def test_squash_turns_dense_when_factors_would_be_larger():
     assert torch.equal(layer.change(x), x @ big["dense"].T)
 
 
-def test_squash_cli_replaces_the_chain_on_disk(make_model, tokenizer, tmp_path, monkeypatch):
+def test_squash_in_folder_replaces_the_chain_on_disk(make_model, tokenizer, tmp_path, monkeypatch):
     em = _chain(make_model, tokenizer, "router")
     chain = last_logits(em, tokenizer, PROBES)
     for name in ("b0", "b1", "b2"):
         em.save_pack(name, tmp_path)
-    run = CliRunner().invoke(main, ["squash", "b0", "b1", "b2", "--into", "merged", "--adapters", str(tmp_path)])
-    assert run.exit_code == 0, run.output
+    done = squash_in_folder(["b0", "b1", "b2"], "merged", tmp_path)  # what `grace-hooks squash` runs
+    assert (done.name, done.n_packs, done.n_edits) == ("merged", 3, sum(em.pack(n).n_edits for n in ("b0", "b1", "b2")))
+    assert done.bytes_after == load_pack(tmp_path / "merged").nbytes <= done.bytes_before  # router gate: keys kept
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != LOCK_NAME) == ["merged"]
     fresh = EditableModel(make_model("llama"), tokenizer, name="tiny")
     fresh.load_adapters(tmp_path)
