@@ -33,15 +33,21 @@ class WeightMemo:
 
     def get(self, key: Hashable, make: Callable[[], T]) -> T:
         """The result stored under ``key`` for the current weights, made by ``make()`` when missing
-        (everything stored is dropped once the weights have changed)."""
+        (everything stored is dropped once the weights have changed). ``make`` runs without the
+        memo's lock (it may run forwards, which take the runtime's): two threads may both make a
+        missing entry, and the first stored is kept."""
+        version = weights_version(self.model)
         with self._lock:
-            version = weights_version(self.model)
             if version != self._version:
                 self._store.clear()
                 self._version = version
-            if key not in self._store:
-                self._store[key] = make()
-            return self._store[key]
+            if key in self._store:
+                return self._store[key]
+        value = make()
+        with self._lock:
+            if self._version != version:  # the weights changed meanwhile: keep nothing made from the old ones
+                return value
+            return self._store.setdefault(key, value)
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
