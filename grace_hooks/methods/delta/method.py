@@ -161,7 +161,8 @@ class DeltaMethod(EditMethod):
         log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z, %d of %d landed",
                  self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"],
                  100 * metrics["z_reached_mean"], sum(landed), len(landed))
-        state = {"corpus": {s.name: moments[s.name].corpus_source for s in sites}}
+        # "mode" repeats the config for a person reading the header (the code reads the typed config)
+        state = {"mode": "routed" if routed else "global", "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
         return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, routing=routing, metrics=metrics)
 
     def _landed(self, ctx: EditContext, requests: list[EditRequest], staged: dict[str, SiteContribution], cfg) -> list[bool]:
