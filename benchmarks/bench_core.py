@@ -38,6 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import torch  # noqa: E402
+
+from grace_hooks.eval.generation import generate_one, reaches  # noqa: E402
 from grace_hooks.eval.runinfo import dir_bytes, git_info, loadavg, machine_info, median, replace_md_section  # noqa: E402
 SECTION = "## Core (issue 2): GRACE on SmolLM2-135M"
 MODEL = "smollm2-135m"
@@ -86,57 +89,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------- generation
-class Generator:
-    def __init__(self, model, max_new_tokens: int):
-        import torch
-
-        self.torch = torch
-        self.m = model
-        self.tok = model.tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-
-    def encode(self, text: str):
-        return self.tok(text, return_tensors="pt")
-
-    def generate(self, text: str, max_new_tokens: int | None = None, fixed_length: bool = True, scores: bool = False):
-        """Greedy generation, batch size 1. ``fixed_length``: EOS suppressed so that every call does
-        the same number of decoding steps (comparable timings)."""
-        n = max_new_tokens or self.max_new_tokens
-        enc = self.encode(text)
-        kw = dict(max_new_tokens=n, do_sample=False, pad_token_id=self.pad, num_beams=1)
-        if fixed_length:
-            kw["min_new_tokens"] = n
-        if scores:
-            kw.update(return_dict_in_generate=True, output_scores=True)
-        with self.torch.inference_mode():
-            t0 = time.perf_counter()
-            out = self.m.generate(**enc, **kw)
-            secs = time.perf_counter() - t0
-        seq = out.sequences if scores else out
-        new = seq[0, enc["input_ids"].shape[1]:]
-        res = {"seconds": secs, "new_tokens": int(new.shape[0]), "ids": new.tolist(),
-               "text": self.tok.decode(new, skip_special_tokens=True)}
-        if scores:
-            res["scores"] = self.torch.stack(out.scores)
-        return res
-
-    def prompt_logits(self, text: str):
-        with self.torch.inference_mode():
-            return self.m(**self.encode(text)).logits
+def prompt_logits(model, text: str):
+    with torch.inference_mode():
+        return model(**model.tokenizer(text, return_tensors="pt").to(model.device)).logits
 
 
-def starts_with_target(continuation: str, target: str) -> bool:
-    return continuation.lstrip().startswith(target.strip())
-
-
-def time_generation(gen: Generator, prompts: list[dict], rounds: int, level: int) -> dict:
+def time_generation(m, prompts: list[dict], rounds: int, level: int, max_new_tokens: int) -> dict:
     """Alternating rounds of (edited, base) / (base, edited) over every prompt; medians and ratios."""
-    m = gen.m
     # warm-up: one generation per mode (allocator, caches), not timed
-    gen.generate(prompts[0]["text"], max_new_tokens=4)
+    generate_one(m, prompts[0]["text"], 4, fixed_length=True)
     with m.disabled():
-        gen.generate(prompts[0]["text"], max_new_tokens=4)
+        generate_one(m, prompts[0]["text"], 4, fixed_length=True)
     per_round = {"edited": [], "base": []}
     per_prompt = {"edited": [[] for _ in prompts], "base": [[] for _ in prompts]}
     outputs = {}
@@ -148,11 +111,11 @@ def time_generation(gen: Generator, prompts: list[dict], rounds: int, level: int
             secs = toks = 0
             with ctx:
                 for i, p in enumerate(prompts):
-                    res = gen.generate(p["text"])
-                    secs += res["seconds"]
-                    toks += res["new_tokens"]
-                    per_prompt[mode][i].append(res["seconds"])
-                    outputs.setdefault(mode, {})[i] = res["ids"], res["text"]
+                    res = generate_one(m, p["text"], max_new_tokens, fixed_length=True)
+                    secs += res.seconds
+                    toks += len(res.ids)
+                    per_prompt[mode][i].append(res.seconds)
+                    outputs.setdefault(mode, {})[i] = res.ids, res.text
                     bar.update()
             per_round[mode].append({"seconds": secs, "tokens": toks, "tokens_per_s": toks / secs})
     bar.close()
@@ -178,8 +141,8 @@ def time_generation(gen: Generator, prompts: list[dict], rounds: int, level: int
                "median_seconds": {"edited": median(per_prompt["edited"][i]), "base": median(per_prompt["base"][i])}}
         if p.get("target"):
             row["target"] = p["target"]
-            row["edited_starts_with_target"] = starts_with_target(e_text, p["target"])
-            row["base_starts_with_target"] = starts_with_target(b_text, p["target"])
+            row["edited_starts_with_target"] = reaches(e_text, p["target"])
+            row["base_starts_with_target"] = reaches(b_text, p["target"])
             row["edited_at_this_level"] = p["record_index"] < level
         out["prompts"].append(row)
     log.info("generation @ %d edits: edited %.1f tok/s, base %.1f tok/s, ratio (paired median) %.3f",
@@ -260,8 +223,6 @@ def part_c(model, n_edits: int, repeats: int, workdir: Path) -> dict:
         loaded_info = EditableModel.from_pretrained(MODEL, adapters=adapters)
         with_adapters.append(time.perf_counter() - t0)
     # the reloaded model must behave exactly as the in-memory one on an edited prompt
-    import torch
-
     tok = model.tokenizer
     probe = model.pack(model.packs[0].name).requests[0]
     text = probe["prompt"].replace("{}", probe["subject"]) if "{}" in probe["prompt"] else probe["prompt"]
@@ -287,26 +248,25 @@ def part_c(model, n_edits: int, repeats: int, workdir: Path) -> dict:
     return res
 
 
-def part_d(model, gen: Generator, reqs, n_edits: int) -> dict:
-    import torch
+def part_d(model, reqs, n_edits: int, max_new_tokens: int) -> dict:
     from grace_hooks.tokens import target_text
 
     tok = model.tokenizer
     edited, base = [], []
     for r in progress(reqs[:n_edits], desc="(d) greedy success", unit="prompt", leave=False):
         n_tgt = len(tok(target_text(r.text, r.target_new), add_special_tokens=False)["input_ids"])
-        e = gen.generate(r.text, max_new_tokens=n_tgt + 1, fixed_length=False)
+        e = generate_one(model, r.text, n_tgt + 1)
         with model.disabled():
-            b = gen.generate(r.text, max_new_tokens=n_tgt + 1, fixed_length=False)
-        edited.append(starts_with_target(e["text"], r.target_new))
-        base.append(starts_with_target(b["text"], r.target_new))
+            b = generate_one(model, r.text, n_tgt + 1)
+        edited.append(reaches(e.text, r.target_new))
+        base.append(reaches(b.text, r.target_new))
     # locality: unrelated text prompts, and the CounterFact neighbourhood prompts of the edited records
     def identical(texts):
         same = []
         for t in progress(texts, desc="(d) logits vs base", unit="prompt", leave=False):
-            e = gen.prompt_logits(t)
+            e = prompt_logits(model, t)
             with model.disabled():
-                b = gen.prompt_logits(t)
+                b = prompt_logits(model, t)
             same.append(bool(torch.equal(e, b)))
         return same
 
@@ -316,10 +276,10 @@ def part_d(model, gen: Generator, reqs, n_edits: int) -> dict:
     # generation logits (every step's scores) on the unrelated prompts
     gen_same = []
     for t in UNRELATED_PROMPTS:
-        e = gen.generate(t, scores=True)
+        e = generate_one(model, t, max_new_tokens, fixed_length=True, scores=True)
         with model.disabled():
-            b = gen.generate(t, scores=True)
-        gen_same.append(bool(torch.equal(e["scores"], b["scores"])))
+            b = generate_one(model, t, max_new_tokens, fixed_length=True, scores=True)
+        gen_same.append(bool(torch.equal(e.scores, b.scores)))
     res = {
         "n_edited_prompts": len(edited),
         "greedy_success_edited": sum(edited) / len(edited), "greedy_success_base": sum(base) / len(base),
@@ -396,7 +356,6 @@ def main(argv=None) -> dict:
     logging.getLogger("grace_hooks").setLevel(logging.WARNING)  # per-call lines are logged here instead
 
     import faiss
-    import torch
     from grace_hooks import EditableModel, read_requests
 
     torch.set_num_threads(args.threads)
@@ -424,7 +383,6 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     model = EditableModel.from_pretrained(MODEL)
     log.info("loaded %s in %.1f s", MODEL, time.perf_counter() - t0)
-    gen = Generator(model, args.max_new_tokens)
 
     # (a)
     res["edit_timing"] = part_a(model, reqs, args.a_size)
@@ -441,7 +399,7 @@ def main(argv=None) -> dict:
             build_edits(model, reqs, have, level, args.batch, build, bar)
             have = level
         bar.clear()
-        res["generation"].append(time_generation(gen, prompts, args.rounds, level))
+        res["generation"].append(time_generation(model, prompts, args.rounds, level, args.max_new_tokens))
         bar.refresh()
     bar.close()
     total = sum(b["seconds"] for b in build)
@@ -452,7 +410,7 @@ def main(argv=None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench_core_"))
     try:
         # (d) first (all edits loaded, in-memory model), then (c) save + reload
-        res["greedy_and_locality"] = part_d(model, gen, reqs, n)
+        res["greedy_and_locality"] = part_d(model, reqs, n, args.max_new_tokens)
         res["adapters_load"] = part_c(model, n, args.load_repeats, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -21,11 +21,11 @@ import torch
 
 from grace_hooks import EditableModel
 from grace_hooks.config import DEFAULT_METHOD, make_config
-from grace_hooks.covariance import cached_sample_corpus, model_digest, sample_corpus, site_inputs
-from grace_hooks.linalg import closed_form_update, preservation_matrix
+from grace_hooks.locate.covariance import cached_sample_corpus, model_digest, sample_corpus, site_inputs
+from grace_hooks.locate.linalg import closed_form_update, preservation_matrix
 from grace_hooks.methods import get_method
 from grace_hooks.requests import read_requests
-from grace_hooks.subject_keys import activations_at_subject_of
+from grace_hooks.locate.subject_keys import activations_at_subject_of
 
 
 def main() -> None:

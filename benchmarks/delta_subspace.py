@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from grace_hooks.linalg import orthonormal_basis, project_out
+from grace_hooks.locate.linalg import orthonormal_basis, project_out
 from grace_hooks.packs import load_pack, pack_dirs
 
 

@@ -23,7 +23,7 @@ from grace_hooks.health import reference_texts
 from grace_hooks.hooks import HookOwner
 from grace_hooks.methods.delta import DeltaConfig
 from grace_hooks.requests import read_requests
-from grace_hooks.subject_keys import activations_at_subject, context_prefixes
+from grace_hooks.locate.subject_keys import activations_at_subject, context_prefixes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def main() -> None:
     em = EditableModel.from_pretrained(args.model)
     model, tok = em.base_model, em.tokenizer
     reqs = [r for r in read_requests(args.data, limit=args.n) if r.rephrase_prompt and r.subject in r.rephrase_prompt]
-    prefixes = context_prefixes(model, tok, 10, memo={})
+    prefixes = context_prefixes(model, tok, 10)
     rephrased = [EditRequest(prompt=r.rephrase_prompt.replace(r.subject, "{}", 1), subject=r.subject, target_new=r.target_new)
                  for r in reqs]
     rows = ["| site | key norm | spread | rephrase to key | nearest unrelated token | nearest other key |",

@@ -23,6 +23,7 @@ curve over ``--scales`` (the radius scale) is written beside the JSON as a PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
@@ -36,13 +37,13 @@ from tqdm import tqdm
 
 from grace_hooks import EditableModel
 from grace_hooks.config import make_config
-from grace_hooks.covariance import cached_sample_corpus, model_digest
+from grace_hooks.locate.covariance import cached_sample_corpus, model_digest
 from grace_hooks.hooks import HookOwner, forward_until
-from grace_hooks.methods import EditContext, get_method
+from grace_hooks.methods import get_method
 from grace_hooks.requests import read_requests
 from grace_hooks.router import NO_KEY, KeyRouter
 from grace_hooks.spans import NO_TOKEN, request_spans
-from grace_hooks.subject_keys import activations_at_subject_of, context_prefixes
+from grace_hooks.locate.subject_keys import activations_at_subject_of, context_prefixes
 
 log = logging.getLogger("router_scale")
 SUMMARY = ("recall", "wrong_edit", "false_fire_locality", "false_fire_tokens", "us_per_token", "bytes_per_key",
@@ -217,8 +218,8 @@ def main() -> None:
         raise SystemExit(f"{[str(p) for p in args.data]} hold {len(requests)} records, fewer than --n {args.n}")
     sites = impl.sites(model, cfg)
     modules = {s.name: s.module(model) for s in sites}
-    ctx = EditContext(model, tok, em._runtime, HookOwner())
-    prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=em._runtime.memo)[: 1 + cfg.n_prefixes]
+    ctx = contextlib.ExitStack().enter_context(em.edit_context())  # held for the whole run (one thread)
+    prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=ctx.memo)[: 1 + cfg.n_prefixes]
 
     t0 = time.perf_counter()
     samples = activations_at_subject_of(modules, model, tok, requests, prefixes, batch_size=64)

@@ -24,8 +24,8 @@ from grace_hooks.config import make_config
 from grace_hooks.eval.editors import MethodSpec
 from grace_hooks.methods.delta.config import EncoreConfig
 from grace_hooks.requests import read_requests
-from grace_hooks.subject_keys import context_prefixes
-from grace_hooks.target_vectors import target_vectors
+from grace_hooks.locate.subject_keys import context_prefixes
+from grace_hooks.locate.target_vectors import target_vectors
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     rows = []
     for setting in args.settings or [""]:
         cfg = make_config(EncoreConfig, dict(MethodSpec.parse(f"encore:{setting}").overrides))
-        prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=em._runtime.memo)[: 1 + cfg.target_prefix_count()]
+        prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=em.memo)[: 1 + cfg.target_prefix_count()]
         layer = cfg.layer_list(num_layers(model))[-1]
         t0 = time.perf_counter()
         found = target_vectors(model, tok, layer, requests, prefixes, cfg.target_config())

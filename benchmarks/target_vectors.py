@@ -22,8 +22,8 @@ from grace_hooks import EditableModel
 from grace_hooks.architectures import num_layers
 from grace_hooks.methods.delta.config import DeltaConfig
 from grace_hooks.requests import read_requests
-from grace_hooks.subject_keys import context_prefixes
-from grace_hooks.target_vectors import target_vectors
+from grace_hooks.locate.subject_keys import context_prefixes
+from grace_hooks.locate.target_vectors import target_vectors
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     cfg = DeltaConfig(stop=args.stop)
     layer = cfg.layer_list(num_layers(model))[-1]
     requests = read_requests(args.data, limit=args.n_requests)
-    prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo={})[: 1 + cfg.n_prefixes]
+    prefixes = context_prefixes(model, tok, cfg.prefix_tokens)[: 1 + cfg.n_prefixes]
     seconds: dict[str, list[float]] = {"cached": [], "full": []}
     found = {}
     for _ in range(args.rounds):

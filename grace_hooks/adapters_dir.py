@@ -108,6 +108,23 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_new_dir(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """Make the new folder ``dest`` whole or not at all: ``fill(tmp)`` writes a hidden sibling ``tmp``
+    (it does not exist yet), which is then renamed to ``dest``; on any failure it is removed."""
+    dest = Path(dest)
+    if dest.exists():
+        raise PackError(f"{dest} already exists; remove it or choose another destination")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = aside(dest, "tmp")
+    try:
+        fill(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 def delete_dir(final: Path) -> None:
     """Remove a pack folder: renamed away first, so a crash never leaves half a pack under its name."""
     gone = aside(final, "del")

@@ -6,11 +6,8 @@ code 2 (no traceback).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,14 +16,14 @@ import click
 
 from .config import DEFAULT_METHOD
 from .errors import GraceHooksError, PackError
-from .packs import PACK_JSON, PACK_TENSORS
 from .eval.lifelong import LifelongConfig
+from .folder_ops import EXPORT_FORMATS
 from .loading import DEFAULT_MODEL
+from .packs import PACK_JSON, PACK_TENSORS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADAPTERS = "adapters"
-EXPORT_FORMATS = ("native", "peft")
 
 
 class _Group(click.Group):
@@ -294,35 +291,13 @@ def rm_cmd(name: str, adapters: Path) -> None:
               help="native: the pack folder as is; peft: a PEFT adapter (weight-delta packs only).")
 def export_cmd(name: str, dest: Path, adapters: Path, fmt: str) -> None:
     """Copy pack NAME into folder DEST, as DEST/NAME (DEST is made when missing)."""
-    from .packs import load_pack, validate_pack_name
+    from .folder_ops import export_pack
 
-    src = adapters / validate_pack_name(name)
-    if not src.is_dir():
-        raise PackError(f"no pack named {name!r} in {adapters}")
-    if dest.exists() and not dest.is_dir():
-        raise PackError(f"{dest} is a file; DEST is the folder the pack is written into (as DEST/{name})")
-    pack = load_pack(src)  # refuses a corrupt or truncated pack before anything is copied
-    # Always DEST/NAME: the same command gives the same layout whether DEST exists yet or not.
-    target = dest / name
+    target = export_pack(name, adapters, dest, fmt)
     if fmt == "peft":
-        from .export import export_peft
-
-        export_peft(pack, target)
         click.echo(f"exported pack {name} as a PEFT LoRA adapter to {target}")
-        return
-    if target.exists():
-        raise PackError(f"{target} already exists; remove it or choose another destination")
-    if target.resolve() == src.resolve():
-        raise PackError(f"{target} is the pack itself")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        shutil.copytree(src, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    click.echo(f"exported pack {name} ({fmt}) to {target}")
+    else:
+        click.echo(f"exported pack {name} ({fmt}) to {target}")
 
 
 @main.command("squash")
@@ -332,26 +307,11 @@ def export_cmd(name: str, dest: Path, adapters: Path, fmt: str) -> None:
 def squash_cmd(names: tuple[str, ...], into: str, adapters: Path) -> None:
     """Merge the chain of packs NAMES (oldest first) into one pack INTO with the same outputs, in
     place of them (methods that can squash: comeba_hk)."""
-    from .methods import get_method
-    from .packs import delete_pack_dir, list_packs, load_pack, save_pack, validate_pack_name
+    from .folder_ops import squash_in_folder
 
-    into = validate_pack_name(into)
-    for n in names:
-        if not (adapters / validate_pack_name(n)).is_dir():
-            raise PackError(f"no pack named {n!r} in {adapters}")
-    order = [p.name for p in list_packs(adapters) if p.name in set(names)]
-    if order != list(names) or len(set(names)) != len(names):
-        raise PackError(f"give the chain oldest first, each pack once: {order}")
-    if into not in names and (adapters / into).exists():
-        raise PackError(f"{adapters / into} already exists; choose another name for the merged pack")
-    packs = [load_pack(adapters / n) for n in names]
-    merged = get_method(packs[0].method).squash(packs, into)
-    save_pack(merged, adapters, name=into, overwrite=into in names)
-    for n in names:
-        if n != into:
-            delete_pack_dir(n, adapters)
-    click.echo(f"squashed {len(names)} packs ({merged.n_edits} edits) into {into}: "
-               f"{sum(p.nbytes for p in packs):,} -> {merged.nbytes:,} bytes")
+    done = squash_in_folder(list(names), into, adapters)
+    click.echo(f"squashed {done.n_packs} packs ({done.n_edits} edits) into {done.name}: "
+               f"{done.bytes_before:,} -> {done.bytes_after:,} bytes")
 
 
 # ---------------------------------------------------------------------------- ask

@@ -9,13 +9,11 @@ weight update (GRACE's replacements).
 """
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from .adapters_dir import write_new_dir
 from .architectures import ARCHITECTURES, Site
 from .effects import NoLoraForm
 from .errors import PackError
@@ -55,17 +53,9 @@ def export_peft(pack: EditPack, dest: str | Path) -> Path:
         # A reference PEFT can load: an embedded short name ('smollm2-135m') means nothing outside this library.
         fan_in_fan_out=transposed.pop(), base_model_name_or_path=hf_reference(pack.base.name), inference_mode=True,
     )
-    dest = Path(dest)
-    if dest.exists():
-        raise PackError(f"{dest} already exists; remove it or choose another destination")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    def fill(tmp: Path) -> None:
         tmp.mkdir()
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt", "grace_hooks_pack": pack.name})
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+
+    return write_new_dir(Path(dest), fill)

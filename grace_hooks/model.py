@@ -14,7 +14,9 @@ from .config import DEFAULT_METHOD, make_config
 from .errors import ArchitectureError, EditError, PackError
 from .health import site_health
 from .hooks import HookOwner
+from .loaded import LoadedView
 from .loading import load_base
+from .memo import WeightMemo
 from .methods import EditContext, get_method
 from .packs import (BaseInfo, EditPack, base_fingerprint, check_base, delete_pack_dir, load_pack, reading, save_pack,
                     validate_pack_name)
@@ -44,7 +46,7 @@ class EditableModel:
         self._runtime = EditRuntime(model)
         self._packs: dict[str, EditPack] = {}
         self._rank = 0  # grows with every pack applied: newer packs win where keys overlap
-        self._fingerprints: dict[tuple, str] = {}  # (site, weight version) -> fingerprint: loading 1,000 packs hashes once
+        self.memo = WeightMemo(model)  # what derives from the base weights (fingerprints, prefixes, C0), per weight version
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -110,13 +112,12 @@ class EditableModel:
         with self._runtime.lock:
             if name in self._packs:
                 raise PackError(f"a pack named {name!r} is already loaded; choose another name")
-            with HookOwner().scoped() as scope:
-                ctx = EditContext(self.base_model, self.tokenizer, self._runtime, scope)
+            with self.edit_context() as ctx:
                 computed = impl.compute(ctx, reqs, cfg)
             new = EditPack(
                 name=name, method=method, config=vars(cfg), sites=computed.sites,
                 base=BaseInfo(self.name, self.base_model.config.model_type, self._fingerprint(computed.sites)),
-                requests=[r.to_dict() for r in reqs], tensors=computed.tensors, state=computed.state,
+                requests=[r.to_dict() for r in reqs], tensors=computed.tensors, state=computed.state, routing=computed.routing,
                 metrics=computed.metrics, library_version=__version__,
             )
             try:
@@ -126,14 +127,24 @@ class EditableModel:
                                 "Try other options (e.g. a lower learning rate or fewer requests per call)") from None
         return self._info(new)
 
+    @contextlib.contextmanager
+    def edit_context(self) -> Iterator[EditContext]:
+        """What a method gets to compute an edit (see :class:`~grace_hooks.methods.EditContext`): the
+        loaded packs as a read-only view, staging, caches. Forwards of other threads wait inside the
+        block; temporary hooks made through it are gone after it. ``edit`` uses it; so may a caller
+        that computes an edit without applying it."""
+        with self._runtime.lock, HookOwner().scoped() as scope:
+            yield EditContext(self.base_model, self.tokenizer, self._runtime, scope, self.memo)
+
+    @property
+    def loaded(self) -> LoadedView:
+        """A read-only view of what the loaded packs place at each site (what methods see)."""
+        return LoadedView(self._runtime)
+
     def _fingerprint(self, sites: list[str]) -> str:
-        """The base fingerprint at ``sites``, hashed again only if a site weight was written since
-        (torch counts in-place writes in ``_version``)."""
-        weights = [Site.parse(s).module(self.base_model).weight for s in sorted(sites)]
-        key = tuple(sorted(sites)) + tuple((w.data_ptr(), w._version) for w in weights)
-        if key not in self._fingerprints:
-            self._fingerprints[key] = base_fingerprint(self.base_model, sites)
-        return self._fingerprints[key]
+        """The base fingerprint at ``sites``, hashed once per weight version (loading 1,000 packs hashes once)."""
+        key = ("fingerprint",) + tuple(sorted(sites))
+        return self.memo.get(key, lambda: base_fingerprint(self.base_model, sites))
 
     def save_pack(self, name: str, directory: str | Path, overwrite: bool = False) -> Path:
         return save_pack(self.pack(name), directory, name=name, overwrite=overwrite)

@@ -27,6 +27,7 @@ from torch import nn
 from .adapters_dir import aside, delete_dir, locked, recover, replace_dir
 from .architectures import Site
 from .errors import ArchitectureError, FingerprintMismatch, PackError, PackNameError
+from .spans import KeyRouting
 from .pack_io import MAX_JSON_BYTES, MAX_TENSOR_BYTES, check_safetensors, parse_json, read_bounded
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class EditPack:
     base: BaseInfo
     requests: list[dict[str, Any]]
     tensors: dict[str, torch.Tensor]
-    state: dict[str, Any] = field(default_factory=dict)  # small method data (labels, radius shrinks)
+    state: dict[str, Any] = field(default_factory=dict)  # the method's own small data (labels, radius shrinks)
+    routing: KeyRouting = field(default_factory=KeyRouting)  # what its router keys stand for (requests, spans)
     metrics: dict[str, Any] = field(default_factory=dict)
     pack_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="microseconds"))
@@ -100,7 +102,7 @@ class EditPack:
             "format_version": FORMAT_VERSION, "name": self.name, "pack_id": self.pack_id, "method": self.method,
             "method_config": self.config, "sites": self.sites, "base_model": vars(self.base),
             "created_at": self.created_at, "library_version": self.library_version, "n_edits": self.n_edits,
-            "requests": self.requests, "state": self.state, "metrics": self.metrics,
+            "requests": self.requests, "state": {**self.state, **self.routing.as_state()}, "metrics": self.metrics,
         }
 
 
@@ -246,10 +248,11 @@ def load_pack(path: str | Path) -> EditPack:
     if stray:
         raise PackError(f"pack {name!r}: tensors {stray[:3]} do not belong to any of its sites {sorted(sites)}")
     base = header["base_model"]
+    routing, state = KeyRouting.split_state(header.get("state", {}))
     return EditPack(
         name=name, method=header["method"], config=header["method_config"], sites=header["sites"],
         base=BaseInfo(**{k: base[k] for k in ("name", "model_type", "fingerprint")}), requests=header["requests"],
-        tensors=tensors, state=header.get("state", {}), metrics=header.get("metrics", {}),
+        tensors=tensors, state=state, routing=routing, metrics=header.get("metrics", {}),
         pack_id=header.get("pack_id") or uuid.uuid4().hex, created_at=header.get("created_at", ""),
         library_version=header.get("library_version", ""),
     )

@@ -192,7 +192,6 @@ class EditRuntime:
         self.lock = threading.RLock()
         self._contexts = ThreadContexts()
         self._context_handles: list = []
-        self.memo: dict = {}  # per-model results that methods reuse across edits (context prefixes, C0, ...)
 
     # --- per-forward context ---
     @property
@@ -232,7 +231,7 @@ class EditRuntime:
     def attention_mask(self, mask: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> Iterator[None]:
         """Which positions are real (and, given ``input_ids``, which tokens they hold, for subject
         spans), for blocks run directly rather than through the model's forward (whose own call
-        would record them), e.g. by :class:`~grace_hooks.replay.LayerReplay`."""
+        would record them), e.g. by :class:`~grace_hooks.locate.replay.LayerReplay`."""
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         ctx = self.context
         tokens, seen = ctx.tokens, ctx.seen

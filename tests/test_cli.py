@@ -281,6 +281,33 @@ def test_export_errors(adapters, tmp_path):
     assert unknown.exit_code == 2 and "onnx" in unknown.stderr
 
 
+def test_export_pack_is_the_library_function_behind_export(made_packs, tmp_path):
+    from grace_hooks.errors import PackError
+    from grace_hooks.folder_ops import export_pack
+
+    target = export_pack("facts", made_packs, tmp_path / "shelf")
+    assert target == tmp_path / "shelf" / "facts"
+    assert (target / PACK_JSON).read_bytes() == (made_packs / "facts" / PACK_JSON).read_bytes()
+    with pytest.raises(PackError, match="already exists"):
+        export_pack("facts", made_packs, tmp_path / "shelf")
+    with pytest.raises(PackError, match="unknown export format 'onnx'"):
+        export_pack("facts", made_packs, tmp_path / "other", fmt="onnx")
+    with pytest.raises(PackError, match="no LoRA form"):
+        export_pack("facts", made_packs, tmp_path / "peft", fmt="peft")
+    assert not (tmp_path / "other").exists() and not (tmp_path / "peft" / "facts").exists()
+
+
+def test_the_module_runs_every_command_with_python_m():
+    """``python -m grace_hooks.cli`` registers every command before it runs (eval is the last one)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "grace_hooks.cli", "eval", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Lifelong-editing benchmark" in done.stdout and "--n-records" in done.stdout
+
+
 # ---------------------------------------------------------------------------- misc
 def test_verbose_shows_library_logs(made_packs, tmp_path):
     res = run("-v", "export", "facts", tmp_path / "copy", "--adapters", made_packs)

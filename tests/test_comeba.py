@@ -5,13 +5,16 @@ from click.testing import CliRunner
 
 from conftest import DELTA_REQUESTS, DELTA_TINY, UNRELATED, last_logits
 from grace_hooks import EditableModel, EditRequest
+from grace_hooks.architectures import Site
 from grace_hooks.cli import main
 from grace_hooks.errors import ConfigError, PackError
 from grace_hooks.methods.comeba.hook_layer import ZSCORE_GATE, HookIncrement, HookLayer, zscores
 from grace_hooks.hooks import count_hooks
-from grace_hooks.linalg import preservation_matrix
+from grace_hooks.locate.linalg import preservation_matrix
 from grace_hooks.methods import get_method
 from grace_hooks.methods.comeba.squash import squash_packs
+from grace_hooks.folder_ops import squash_in_folder
+from grace_hooks.packs import load_pack
 from grace_hooks.adapters_dir import LOCK_NAME
 
 GATES = ("router", "zscore")
@@ -75,7 +78,7 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
     out = em.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     ids, mask = enc.input_ids, enc.attention_mask
     running = em._runtime.context.state  # per site: (version, batch, positions seen, count, sum, sum of squares)
-    for name in em._runtime.sites:  # every position fed so far entered the statistics (the last token is never fed)
+    for name in em.loaded.sites:  # every position fed so far entered the statistics (the last token is never fed)
         assert int(running["zscore", name][3][0]) == out.shape[1] - 1
     with torch.no_grad():
         step = em(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -86,7 +89,7 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             step = em(input_ids=nxt, attention_mask=mask, past_key_values=step.past_key_values, use_cache=True)
     assert out[0, ids.shape[1]:].tolist() == tokens
-    for name in em._runtime.sites:
+    for name in em.loaded.sites:
         assert int(running["zscore", name][3][0]) == ids.shape[1] + 4
 
 
@@ -95,7 +98,7 @@ def test_each_batch_builds_on_the_keys_absorbed_before(make_model, tokenizer):
     em = _chain(make_model, tokenizer, "router", n=2)
     site = em.pack("b0").sites[0]
     k0 = em.pack("b0").site_tensors(site)["keys"]
-    rt = em._runtime.sites[site]
+    rt = em.loaded.site(site)
     c0 = torch.eye(k0.shape[1], dtype=torch.float64)
     impl = get_method("comeba_hk")
     cfg = impl.config_class(**{**DELTA_TINY})
@@ -115,8 +118,8 @@ def test_zscore_alpha_only_falls_and_every_edit_prompt_fires(make_model, tokeniz
     for r in DELTA_REQUESTS:  # the last subject token (the prompt's last) gets the hook output at every site
         enc = tokenizer(r.text, return_tensors="pt")
         seen = {}
-        hooks = [rt.module.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0]))
-                 for n, rt in em._runtime.sites.items()]
+        hooks = [Site.parse(n).module(em.base_model).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0]))
+                 for n in em.loaded.sites]
         try:
             with torch.no_grad():
                 em(**enc)
@@ -125,7 +128,7 @@ def test_zscore_alpha_only_falls_and_every_edit_prompt_fires(make_model, tokeniz
                 h.remove()
         at = -1 if alpha_from == "subject" else slice(None)  # the subject's last token ends these prompts
         for n, x in seen.items():
-            layer = em._runtime.sites[n].layer(HookLayer)
+            layer = em.loaded.site(n).layer(HookLayer)
             z, _ = zscores(layer.change(x).norm(dim=-1), torch.ones(x.shape[:2], dtype=torch.bool))
             assert (z[0, at] >= layer.alpha).any()
         with em.routes() as hits, torch.no_grad():  # the fires are traced (false-fire rate, recall)
@@ -198,13 +201,14 @@ def test_squash_turns_dense_when_factors_would_be_larger():
     assert torch.equal(layer.change(x), x @ big["dense"].T)
 
 
-def test_squash_cli_replaces_the_chain_on_disk(make_model, tokenizer, tmp_path, monkeypatch):
+def test_squash_in_folder_replaces_the_chain_on_disk(make_model, tokenizer, tmp_path, monkeypatch):
     em = _chain(make_model, tokenizer, "router")
     chain = last_logits(em, tokenizer, PROBES)
     for name in ("b0", "b1", "b2"):
         em.save_pack(name, tmp_path)
-    run = CliRunner().invoke(main, ["squash", "b0", "b1", "b2", "--into", "merged", "--adapters", str(tmp_path)])
-    assert run.exit_code == 0, run.output
+    done = squash_in_folder(["b0", "b1", "b2"], "merged", tmp_path)  # what `grace-hooks squash` runs
+    assert (done.name, done.n_packs, done.n_edits) == ("merged", 3, sum(em.pack(n).n_edits for n in ("b0", "b1", "b2")))
+    assert done.bytes_after == load_pack(tmp_path / "merged").nbytes <= done.bytes_before  # router gate: keys kept
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != LOCK_NAME) == ["merged"]
     fresh = EditableModel(make_model("llama"), tokenizer, name="tiny")
     fresh.load_adapters(tmp_path)
@@ -246,8 +250,8 @@ def test_health_reports_the_hook_layers_norm(make_model, tokenizer):
     em = _chain(make_model, tokenizer, "router", n=2)
     report = em.health(UNRELATED)
     for site, figures in report.items():
-        w0 = em._runtime.sites[site].site.weight(em.base_model).detach().double()
-        w_h = w0 + sum(i.matrix() for i in em._runtime.sites[site].layer(HookLayer).increments.values())
+        w0 = Site.parse(site).weight(em.base_model).detach().double()
+        w_h = w0 + sum(i.matrix() for i in em.loaded.site(site).layer(HookLayer).increments.values())
         assert figures["weight_norm_ratio"] == pytest.approx(1.0)  # nothing global
         assert figures["weight_norm_ratio_all"] == pytest.approx(float(w_h.norm() / w0.norm()))
         assert figures["weight_norm_ratio_all"] != pytest.approx(1.0)

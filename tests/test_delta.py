@@ -10,11 +10,11 @@ from conftest import DELTA_REQUESTS, DELTA_TINY, UNRELATED, last_logits, param_h
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.architectures import Site
 from grace_hooks.cli import main
-from grace_hooks.covariance import cached_sample_corpus, model_digest, second_moment
+from grace_hooks.locate.covariance import cached_sample_corpus, model_digest, second_moment
 from grace_hooks.errors import ConfigError, PackError
 from grace_hooks.export import export_peft
-from grace_hooks.hooks import HookOwner, count_hooks
-from grace_hooks.methods import EditContext, get_method
+from grace_hooks.hooks import count_hooks
+from grace_hooks.methods import get_method
 from grace_hooks.config import make_config
 from grace_hooks.methods.delta.config import EncoreConfig
 from grace_hooks.eval.metrics import score_pairs
@@ -61,9 +61,8 @@ def test_computing_an_edit_leaves_the_model_unchanged(make_model, tokenizer):
         enc = tokenizer(UNRELATED[:2] + [r.text for r in DELTA_REQUESTS], return_tensors="pt", padding=True)
         before_logits, before_hash, before_hooks = em(**enc).logits.detach(), param_hash(model), count_hooks(model)
         impl = get_method(method)
-        with HookOwner().scoped() as scope:
-            computed = impl.compute(EditContext(model, tokenizer, em._runtime, scope), DELTA_REQUESTS,
-                                    make_config(impl.config_class, DELTA_TINY))
+        with em.edit_context() as ctx:
+            computed = impl.compute(ctx, DELTA_REQUESTS, make_config(impl.config_class, DELTA_TINY))
         assert computed.sites and param_hash(model) == before_hash and count_hooks(model) == before_hooks
         assert torch.equal(em(**enc).logits, before_logits)
         assert [p.name for p in em.packs] == ["earlier"] and all(p.requires_grad for p in model.parameters())
@@ -185,9 +184,9 @@ def test_routed_pack_keys_and_spans_follow_the_scope(make_model, tokenizer, scop
     for site in pack.sites:
         assert len(pack.site_tensors(site)["route_keys"]) == keys_per_request * len(DELTA_REQUESTS)
     if scope == "key":
-        assert "subject_spans" not in pack.state
+        assert pack.routing.subject_spans is None
         return
-    assert pack.state["subject_spans"] == [[tokenizer(r.subject, add_special_tokens=False).input_ids] for r in DELTA_REQUESTS]
+    assert pack.routing.subject_spans == [[tokenizer(r.subject, add_special_tokens=False).input_ids] for r in DELTA_REQUESTS]
     base = last_logits(EditableModel(make_model("llama"), tokenizer, name="base"), tokenizer, ["the capital of gondor"])[0]
     assert torch.equal(last_logits(em, tokenizer, ["the capital of gondor"])[0], base)  # another subject: untouched
     with em.routes() as hits, torch.no_grad():

@@ -5,16 +5,21 @@ from conftest import TINY_REQUESTS, param_hash
 from grace_hooks.architectures import Site
 from grace_hooks.hooks import count_hooks
 from grace_hooks.methods.comeba.hook_layer import HookLayer
-from grace_hooks.subject_keys import context_prefixes, lookup_positions, subject_keys
-from grace_hooks.target_vectors import TargetVectorConfig, target_vector
+from grace_hooks.memo import WeightMemo
+from grace_hooks.locate.subject_keys import context_prefixes, lookup_positions, subject_keys
+from grace_hooks.locate.target_vectors import TargetVectorConfig, target_vector
 
 
-def test_prefixes_are_made_once_per_memo(make_model, tokenizer):
+def test_prefixes_are_made_once_per_weight_version(make_model, tokenizer):
     model = make_model("llama")
-    memo = {}
+    memo = WeightMemo(model)
     first = context_prefixes(model, tokenizer, n_tokens=3, memo=memo)
     assert first[0] == "" and len(first) == 6 and all(p.endswith(". ") for p in first[1:])
     assert context_prefixes(model, tokenizer, n_tokens=3, memo=memo) is first
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.0)  # a write in place (same values): what was derived is remade
+    assert ("context_prefixes", 3, 0) not in memo
+    assert context_prefixes(model, tokenizer, n_tokens=3, memo=memo) is not first
 
 
 def test_subject_keys_average_the_site_input_at_the_subject(make_model, tokenizer):
@@ -59,7 +64,7 @@ def test_target_vector_respects_the_clamp(make_model, tokenizer):
 def test_batched_target_vectors_equal_one_at_a_time(make_model, tokenizer):
     """Each request keeps its own delta, loss and early stop inside a batch (Adam is per coordinate)."""
     from conftest import DELTA_REQUESTS
-    from grace_hooks.target_vectors import target_vectors
+    from grace_hooks.locate.target_vectors import target_vectors
 
     model = make_model("qwen2")
     cfg = dict(steps=30, stop="most_probable", lr=1.0, clamp=4.0)
@@ -85,8 +90,8 @@ import pytest  # noqa: E402
 def test_cached_prefix_gives_the_full_replays_target_vectors(arch, make_model, tokenizer, monkeypatch):
     """Replaying only the columns from the key token on (keys aligned by left padding) is exact."""
     from conftest import DELTA_REQUESTS
-    from grace_hooks.replay import LayerReplay
-    from grace_hooks.target_vectors import target_vectors
+    from grace_hooks.locate.replay import LayerReplay
+    from grace_hooks.locate.target_vectors import target_vectors
 
     starts = []
     init = LayerReplay.__init__
@@ -109,21 +114,22 @@ def test_cached_prefix_is_exact_under_a_z_score_gate_below(make_model, tokenizer
     """A z-score gate scores the whole sequence; the cached columns come from a forward over all of it."""
     from conftest import DELTA_REQUESTS, DELTA_TINY
     from grace_hooks import EditableModel
-    from grace_hooks.target_vectors import target_vectors
+    from grace_hooks.locate.target_vectors import target_vectors
 
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     em.edit(DELTA_REQUESTS[:2], method="comeba_hk", gate="zscore", layers="0", **DELTA_TINY)
-    assert em._runtime.sites["L0.mlp_out"].layer(HookLayer).alpha is not None
+    assert em.loaded.site("L0.mlp_out").layer(HookLayer).alpha is not None
     cfg = TargetVectorConfig(steps=12, stop="most_probable", lr=1.0, clamp=4.0, batch_size=3)
     prefixes = ["", "the sun . ", "a dog ran in the park . "]
-    run = lambda cached: target_vectors(em.base_model, tokenizer, 1, DELTA_REQUESTS, prefixes, cfg,  # noqa: E731
-                                        em._runtime.attention_mask, cached_prefix=cached)
-    with em._runtime.tracing() as fired:
-        cached = run(True)
-    assert any(f[3] == "zscore" or f[4] == -1 for f in fired)  # the gate fired in these forwards
-    for a, b in zip(cached, run(False)):
-        assert a.steps == b.steps
-        torch.testing.assert_close(a.z, b.z, rtol=1e-4, atol=1e-4)
+    with em.edit_context() as ctx:
+        run = lambda cached: target_vectors(em.base_model, tokenizer, 1, DELTA_REQUESTS, prefixes, cfg,  # noqa: E731
+                                            ctx.attention_mask, cached_prefix=cached)
+        with em.routes() as fired:
+            cached = run(True)
+        assert any(f[3] == "zscore" or f[4] == -1 for f in fired)  # the gate fired in these forwards
+        for a, b in zip(cached, run(False)):
+            assert a.steps == b.steps
+            torch.testing.assert_close(a.z, b.z, rtol=1e-4, atol=1e-4)
 
 
 def test_stop_prob_waits_for_a_margin_beyond_the_argmax(make_model, tokenizer):
@@ -138,7 +144,7 @@ def test_stop_prob_waits_for_a_margin_beyond_the_argmax(make_model, tokenizer):
 
 
 def test_kl_factor_zero_runs_no_kl_prompts(make_model, tokenizer, monkeypatch):
-    import grace_hooks.target_vectors as tv_module
+    import grace_hooks.locate.target_vectors as tv_module
 
     model = make_model("llama")
     cfg = TargetVectorConfig(steps=5, lr=1.0)
@@ -155,8 +161,8 @@ def test_kl_factor_zero_runs_no_kl_prompts(make_model, tokenizer, monkeypatch):
 def test_kl_prompts_cut_after_the_subject_give_the_same_vectors(make_model, tokenizer, monkeypatch):
     """The KL term reads the subject token only, so cutting its prompts there changes nothing."""
     from conftest import DELTA_REQUESTS
-    from grace_hooks.replay import LayerReplay
-    from grace_hooks.target_vectors import target_vectors
+    from grace_hooks.locate.replay import LayerReplay
+    from grace_hooks.locate.target_vectors import target_vectors
     from grace_hooks.tokens import EditBatch
 
     model = make_model("llama")
@@ -177,7 +183,7 @@ def test_kl_prompts_cut_after_the_subject_give_the_same_vectors(make_model, toke
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma3_text"])
 def test_a_shared_prefix_run_once_gives_the_same_keys(arch, make_model, tokenizer, monkeypatch):
     """Keys behind a context prefix: the prefix runs once and every row continues its cache."""
-    import grace_hooks.subject_keys as keys_module
+    import grace_hooks.locate.subject_keys as keys_module
 
     model = make_model(arch)
     shared = []
@@ -202,16 +208,16 @@ def test_a_shared_prefix_keeps_the_packs_that_act_on_it(make_model, tokenizer):
     from conftest import DELTA_REQUESTS, DELTA_TINY
     from grace_hooks import EditableModel
     from grace_hooks.requests import EditRequest
-    from grace_hooks.subject_keys import activations_at_subject_of
+    from grace_hooks.locate.subject_keys import activations_at_subject_of
 
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     em.edit(DELTA_REQUESTS[:2], method="memit", layers="0-1", **DELTA_TINY)
     em.edit([EditRequest(prompt="{} rose over the", subject="the sun", target_new="dog")], method="grace")
-    assert em._runtime.causal
+    assert em.loaded.causal
     modules = {"in": Site(1).module(em.base_model), "top": Site(3).module(em.base_model)}
     prefixes = ["the sun rose over the quiet town . "]
     requests = [*TINY_REQUESTS, *DELTA_REQUESTS]
-    with em._runtime.tracing() as fired:
+    with em.routes() as fired:
         once = activations_at_subject_of(modules, em.base_model, tokenizer, requests, prefixes, which="output",
                                          share_prefix=True)
     assert fired  # the GRACE key fires inside the shared prefix
@@ -219,15 +225,15 @@ def test_a_shared_prefix_keeps_the_packs_that_act_on_it(make_model, tokenizer):
     for name in modules:
         torch.testing.assert_close(once[name], whole[name], rtol=1e-4, atol=1e-5)
     em.edit(DELTA_REQUESTS[2:], method="comeba_hk", gate="zscore", layers="2", **DELTA_TINY)
-    assert not em._runtime.causal  # a z-score gate scores each position against its whole row
+    assert not em.loaded.causal  # a z-score gate scores each position against its whole row
     last = EditableModel(make_model("llama"), tokenizer, name="tiny")
     last.edit(TINY_REQUESTS[:1], method="grace", replacement="last")
-    assert not last._runtime.causal
+    assert not last.loaded.causal
 
 
 def test_target_vectors_come_back_in_request_order_when_grouped_by_length(make_model, tokenizer):
     """Requests are optimised with those of like length; each vector still belongs to its request."""
-    from grace_hooks.target_vectors import _replayed_columns, target_vectors
+    from grace_hooks.locate.target_vectors import _replayed_columns, target_vectors
 
     model = make_model("llama")
     reqs = [TINY_REQUESTS[2], TINY_REQUESTS[0], TINY_REQUESTS[1]]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from grace_hooks.architectures import Site
-from grace_hooks.covariance import Corpus, sample_corpus, second_moment
-from grace_hooks.linalg import closed_form_update, orthonormal_basis, preservation_matrix, project_out
+from grace_hooks.locate.covariance import Corpus, sample_corpus, second_moment
+from grace_hooks.locate.linalg import closed_form_update, orthonormal_basis, preservation_matrix, project_out
 
 TEXTS = ("the cat sat on the mat", "the quick brown fox jumps over the lazy dog", "alice speaks french",
          "the capital of narnia is tokyo", "bob plays chess in the park")
@@ -103,7 +103,7 @@ def test_subspace_overlap_tells_orthogonal_packs_from_overlapping_ones():
 
 
 def test_model_digest_follows_the_weights_not_where_they_were_loaded(make_model):
-    from grace_hooks.covariance import model_digest
+    from grace_hooks.locate.covariance import model_digest
 
     model = make_model("llama")
     before = model_digest(model)
@@ -118,7 +118,7 @@ def test_model_digest_follows_the_weights_not_where_they_were_loaded(make_model)
 def test_corpus_comes_from_the_cache_then_the_shipped_folder_then_sampling(make_model, tokenizer, tmp_path, monkeypatch):
     import json
 
-    import grace_hooks.covariance as cov
+    import grace_hooks.locate.covariance as cov
 
     model = make_model("llama")
     name = "abc-seed0-n4-t8.json"
@@ -145,7 +145,7 @@ def test_corpus_comes_from_the_cache_then_the_shipped_folder_then_sampling(make_
 def test_change_before_a_norm_reaches_what_the_norm_can_give():
     """A site whose output passes a norm with large gains: the change that moves the norm's output by
     ``want`` is found (a reachable ``want``), where adding ``want`` itself overshoots by far."""
-    from grace_hooks.linalg import change_before
+    from grace_hooks.locate.linalg import change_before
 
     torch.manual_seed(0)
     gains = torch.cat([torch.full((8,), 300.0), torch.ones(56)])

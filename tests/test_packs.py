@@ -163,3 +163,40 @@ def test_fingerprint_is_hashed_once_per_site_until_the_weight_changes(make_model
     with torch.no_grad():
         em.base_model.model.layers[1].mlp.down_proj.weight.mul_(1.0)  # an in-place write, even a no-op one
     assert em._fingerprint(["L1.mlp_out"]) == first and len(calls) == 2
+
+
+def test_the_committed_demo_pack_reads_with_typed_fields_and_writes_back_the_same_header():
+    """A pack written before the routing fields were pack fields (adapters/demo-facts) reads into them,
+    its config reads back through its method's config class, and its header is written as it was."""
+    from pathlib import Path
+
+    from grace_hooks.methods import get_method
+    from grace_hooks.methods.delta.config import EncoreConfig
+
+    path = Path(__file__).resolve().parents[1] / "adapters" / "demo-facts"
+    pack = load_pack(path)
+    stored = json.loads((path / PACK_JSON).read_text())
+    assert pack.routing.key_requests == stored["state"]["key_requests"]
+    assert pack.routing.subject_spans == stored["state"]["subject_spans"] and pack.routing.answer_spans is None
+    assert "key_requests" not in pack.state and "subject_spans" not in pack.state
+    config = get_method(pack.method).config_of(pack)
+    assert isinstance(config, EncoreConfig) and config.mode == "routed" and vars(config) == stored["method_config"]
+    header = pack.header()
+    assert header["state"] == stored["state"] and header["method_config"] == stored["method_config"]
+
+
+@pytest.mark.parametrize("config, message", [({"replacement": "sideways"}, "'replacement' must be one of"),
+                                             ({"lr": "fast"}, "'lr'"), ({"radius": 1.0}, "unknown option 'radius'")])
+def test_a_stored_config_is_read_through_the_methods_config_class(saved, tmp_path, config, message):
+    """Whatever ``method_config`` a pack on disk holds is read as the method's typed config; a wrong
+    option is refused before anything is applied, with what was wrong."""
+    em, _ = saved
+    em.edit(TINY_REQUESTS[:1], method="grace", pack="g")
+    path = em.save_pack("g", tmp_path)
+    header = json.loads((path / PACK_JSON).read_text())
+    header["method_config"].update(config)
+    (path / PACK_JSON).write_text(json.dumps(header))
+    em.remove_pack("g")
+    with pytest.raises(PackError, match=message):
+        em.load_pack(path)
+    assert [p.name for p in em.packs] == ["facts"]

@@ -11,7 +11,7 @@ from grace_hooks import EditableModel, EditRequest
 from grace_hooks.architectures import ARCHITECTURES, num_layers
 from grace_hooks.hooks import count_hooks
 from grace_hooks.methods.grace import method as grace_method
-from grace_hooks.replay import LayerReplay
+from grace_hooks.locate.replay import LayerReplay
 from grace_hooks.tokens import build_edit_batch
 from tiny import _LLAMA_LIKE, TINY_CONFIGS, tiny_model
 
@@ -77,7 +77,7 @@ def test_replay_with_a_pack_loaded(arch, replacement, tokenizer):
             assert not torch.allclose(em(**enc).logits, full)  # the pack changes these logits
         for layer in (0, 1, 2):
             replay = LayerReplay(em.base_model, layer, enc.input_ids, enc.attention_mask)
-            with em._runtime.attention_mask(enc.attention_mask, enc.input_ids):  # the spans read the tokens
+            with em.edit_context() as ctx, ctx.attention_mask(enc.attention_mask, enc.input_ids):  # spans read the tokens
                 torch.testing.assert_close(replay.logits(), full, atol=1e-5, rtol=0)
 
 

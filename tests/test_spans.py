@@ -4,13 +4,12 @@ import pytest
 import torch
 
 from conftest import UNRELATED, last_logits
-from grace_hooks import EditableModel
 from grace_hooks.architectures import Site
-from grace_hooks.replay import cache_argument
+from grace_hooks.locate.replay import cache_argument
 from grace_hooks.router import NO_KEY, KeyRouter
 from grace_hooks.methods.delta.effect import LowRankDelta
-from grace_hooks.runtime import SiteContribution
-from grace_hooks.spans import NO_TOKEN, SpanIndex, span_state_problems, subject_spans
+from grace_hooks.runtime import EditRuntime, SiteContribution
+from grace_hooks.spans import NO_TOKEN, KeyRouting, SpanIndex, subject_spans
 
 SUBJECT = [7, 8]  # token ids of a two-token subject
 
@@ -111,23 +110,25 @@ def test_subject_spans_give_both_tokenisations(tokenizer):
     ({"answer_spans": [[[5]]], "key_requests": {"L1.mlp_out": [[0]]}}, "subject_spans"),
 ])
 def test_span_state_is_checked(state, problem):
-    problems = span_state_problems(state, 1, {"L1.mlp_out": 1})
+    routing, rest = KeyRouting.split_state(state)
+    assert rest == {}
+    problems = routing.problems(1, {"L1.mlp_out": 1})
     assert (problems == []) if problem is None else (len(problems) == 1 and problem in problems[0])
 
 
-def _site_outputs(em, tokenizer, site, text, step_by_step=False):
+def _site_outputs(model, tokenizer, site, text, step_by_step=False):
     """The site's output at each position of ``text``, by one forward or token by token with a cache."""
     out = []
-    h = site.module(em.base_model).register_forward_hook(lambda m, a, o: out.append(o[0].detach()))
+    h = site.module(model).register_forward_hook(lambda m, a, o: out.append(o[0].detach()))
     ids = tokenizer(text, return_tensors="pt").input_ids
     try:
         with torch.no_grad():
             if not step_by_step:
-                em(input_ids=ids)
+                model(input_ids=ids)
             else:
                 cache = None
                 for t in range(ids.shape[1]):
-                    out_t = em.base_model(input_ids=ids[:, t:t + 1], use_cache=True, **{cache_argument(em.base_model): cache})
+                    out_t = model(input_ids=ids[:, t:t + 1], use_cache=True, **{cache_argument(model): cache})
                     cache = out_t.past_key_values
     finally:
         h.remove()
@@ -135,20 +136,21 @@ def _site_outputs(em, tokenizer, site, text, step_by_step=False):
 
 
 def test_a_spanned_delta_acts_only_at_its_subject_even_with_a_huge_radius(make_model, tokenizer):
-    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    model = make_model("llama")
+    rt = EditRuntime(model)  # the core runtime under test, on its own
     site = Site(1)
-    d_in, d_out = site.dims(em.base_model)
+    d_in, d_out = site.dims(model)
     g = torch.Generator().manual_seed(0)
     U, V = torch.randn(d_out, 2, generator=g), torch.randn(d_in, 2, generator=g)
     spans = subject_spans(tokenizer, "alice speaks")
-    base = _site_outputs(em, tokenizer, site, "bob says alice speaks french")
-    base_unrelated = last_logits(em, tokenizer, UNRELATED + ["alice works for bob"])
-    em._runtime.add_pack("p", 1, {site.name: SiteContribution(LowRankDelta(U, V, routed=True), keys=torch.zeros(1, d_in),
+    base = _site_outputs(model, tokenizer, site, "bob says alice speaks french")
+    base_unrelated = last_logits(model, tokenizer, UNRELATED + ["alice works for bob"])
+    rt.add_pack("p", 1, {site.name: SiteContribution(LowRankDelta(U, V, routed=True), keys=torch.zeros(1, d_in),
                                                               radii=torch.tensor([1e6]), spans=[spans])})
-    got = _site_outputs(em, tokenizer, site, "bob says alice speaks french")
+    got = _site_outputs(model, tokenizer, site, "bob says alice speaks french")
     changed = (got != base).any(-1).nonzero().squeeze(1).tolist()
     assert changed == [3]  # 'speaks', where the subject ends; the key alone would take every position
-    stepped = _site_outputs(em, tokenizer, site, "bob says alice speaks french", step_by_step=True)
+    stepped = _site_outputs(model, tokenizer, site, "bob says alice speaks french", step_by_step=True)
     assert torch.allclose(stepped, got, atol=1e-5)  # the span crosses cached forwards and still matches
-    for a, b in zip(last_logits(em, tokenizer, UNRELATED + ["alice works for bob"]), base_unrelated):
+    for a, b in zip(last_logits(model, tokenizer, UNRELATED + ["alice works for bob"]), base_unrelated):
         assert torch.equal(a, b)  # 'alice' without 'speaks' is not the subject

@@ -26,7 +26,7 @@ from ..methods import get_method
 from ..methods.grace.config import DEFAULT_RELATIVE_DEPTH
 from ..model import EditableModel
 from ..requests import EditRequest
-from ..replay import LayerReplay
+from ..locate.replay import LayerReplay
 from ..tokens import build_edit_batch, score_targets, scored_positions
 from .metrics import Hit
 
@@ -144,7 +144,7 @@ class PackEditor(Editor):
 
     def serves(self, index, row):
         name = self.pack_name(index)
-        owners = self.model.pack(name).state.get("key_requests")
+        owners = self.model.pack(name).routing.key_requests
 
         def test(hit: Hit) -> bool:
             site, pack, key = hit

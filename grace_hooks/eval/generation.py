@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -72,13 +73,37 @@ def greedy_batch(model, prompts: Sequence[str], max_new_tokens: int | Sequence[i
     return out
 
 
-def timed_generation(model, prompt: str, new_tokens: int) -> tuple[float, list[int]]:
-    """Seconds for ``new_tokens`` greedy tokens (EOS cannot stop it early, so calls compare)."""
+@dataclass
+class Generation:
+    """One greedy continuation: its new token ids and text, the seconds ``generate`` took, and each
+    step's scores when asked for."""
+
+    ids: list[int]
+    text: str
+    seconds: float
+    scores: torch.Tensor | None = None  # (steps, 1, vocab)
+
+
+def generate_one(model, prompt: str, max_new_tokens: int, fixed_length: bool = False, scores: bool = False) -> Generation:
+    """Greedy continuation of one prompt (batch size 1), timed. ``fixed_length``: EOS cannot stop it
+    early, so every call decodes the same number of steps (timings compare)."""
     tok = model.tokenizer
     enc = tok(prompt, return_tensors="pt").to(model.device)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=_pad_id(tok))
+    if fixed_length:
+        kw["min_new_tokens"] = max_new_tokens
+    if scores:
+        kw.update(return_dict_in_generate=True, output_scores=True)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        seq = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             num_beams=1, pad_token_id=_pad_id(tok))
+        out = model.generate(**enc, **kw)
         secs = time.perf_counter() - t0
-    return secs, seq[0, enc["input_ids"].shape[1]:].tolist()
+    new = (out.sequences if scores else out)[0, enc["input_ids"].shape[1]:]
+    return Generation(new.tolist(), tok.decode(new, skip_special_tokens=True), secs,
+                      torch.stack(out.scores) if scores else None)
+
+
+def timed_generation(model, prompt: str, new_tokens: int) -> tuple[float, list[int]]:
+    """Seconds for ``new_tokens`` greedy tokens (EOS cannot stop it early, so calls compare)."""
+    g = generate_one(model, prompt, new_tokens, fixed_length=True)
+    return g.seconds, g.ids

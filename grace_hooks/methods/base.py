@@ -14,25 +14,51 @@ from ..architectures import Site
 from ..config import make_config
 from ..errors import ConfigError, PackError
 from ..hooks import HookOwner, frozen_parameters
+from ..loaded import LoadedView
+from ..memo import WeightMemo
 from ..pack_schema import TensorSpec, site_problems
 from ..packs import EditPack
 from ..requests import EditRequest
 from ..runtime import EditRuntime, SiteContribution
+from ..spans import KeyRouting
 
 
-@dataclass
 class EditContext:
     """What a method may use while computing an edit: the model with every loaded pack active
-    (read-only), its tokenizer, the runtime's routers, and a hook owner for temporary hooks."""
+    (read-only), its tokenizer, a read-only view of what is loaded (``loaded``), a hook owner for
+    temporary hooks, the model's cache of what derives from its weights (``memo``), and explicit calls for what it may change for a while: an edit staged above the
+    loaded packs, the loaded packs off, the real positions of a replay, an effect layer's option.
+    Made by :meth:`EditableModel.edit_context`; a method never sees the runtime itself."""
 
-    model: nn.Module
-    tokenizer: Any
-    runtime: EditRuntime
-    hooks: HookOwner
+    def __init__(self, model: nn.Module, tokenizer: Any, runtime: EditRuntime, hooks: HookOwner, memo: WeightMemo) -> None:
+        self.model, self.tokenizer, self.hooks = model, tokenizer, hooks
+        self.loaded = LoadedView(runtime)
+        self.memo = memo  # the model's results derived from its weights (prefixes, C0, ...): ``memo.get(key, make)``
+        self._runtime = runtime
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def staged(self, contributions: dict[str, SiteContribution]) -> contextlib.AbstractContextManager:
+        """``contributions`` (site -> what an edit being computed places there) act inside the block,
+        above every loaded pack, then are gone (measure a layer with the earlier layers applied)."""
+        return self._runtime.staged(contributions)
+
+    def disabled(self) -> contextlib.AbstractContextManager:
+        """The base model inside the block: no loaded pack acts (for this thread)."""
+        return self._runtime.disabled()
+
+    def attention_mask(self, mask: torch.Tensor | None, input_ids: torch.Tensor | None = None
+                       ) -> contextlib.AbstractContextManager:
+        """Which positions are real (and which tokens they hold) for blocks run directly rather than
+        through the model's forward, e.g. by a layer replay."""
+        return self._runtime.attention_mask(mask, input_ids)
+
+    def option(self, name: str, value: Any) -> contextlib.AbstractContextManager:
+        """This thread's forwards see option ``name`` = ``value`` inside the block (an effect layer's
+        switch, e.g. COMEBA-HK's hook layers acting everywhere while it solves)."""
+        return self._runtime.option(name, value)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
@@ -56,6 +82,7 @@ class ComputedEdit:
     sites: list[str]
     tensors: dict[str, torch.Tensor]
     state: dict[str, Any] = field(default_factory=dict)
+    routing: KeyRouting = field(default_factory=KeyRouting)  # what its router keys stand for (requests, spans)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,15 +107,25 @@ class EditMethod(ABC):
         """Problems with the method's own entries in ``pack.state`` (what ``contributions`` reads)."""
         return []
 
+    def config_of(self, pack: EditPack) -> Any:
+        """The pack's ``method_config`` read back through this method's typed config class (an option
+        an older pack did not store takes the class's default, never a default of its own here);
+        :class:`PackError` saying which option is wrong when it is not a valid config."""
+        if pack.method != self.name:
+            raise PackError(f"pack {pack.name!r} was made with {pack.method!r}, not {self.name!r}")
+        try:
+            return make_config(self.config_class, base=pack.config)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise PackError(f"pack {pack.name!r}: its method_config is not a valid {self.name} config ({exc}). "
+                            "The pack is corrupt or was made by another version; re-create it from its requests "
+                            "(grace-hooks edit)") from None
+
     def validate(self, pack: EditPack, dims: dict[str, tuple[int, int]]) -> Any:
         """Check a pack against this method's schema before anything of it is applied: its config
         as this method's typed config, each site's tensors (names, shapes against the site's
         ``(d_in, d_out)`` in ``dims``, finite values, sane radii) and its state. Returns the config;
         raises :class:`PackError` listing every problem found."""
-        try:
-            config = make_config(self.config_class, base=pack.config)
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise PackError(f"pack {pack.name!r}: its method_config is not a valid {self.name} config ({exc})") from None
+        config = self.config_of(pack)
         problems = [f"{site}: {p}" for site in pack.sites
                     for p in site_problems(pack.site_tensors(site), self.site_layouts(config),
                                            {"d_in": dims[site][0], "d_out": dims[site][1]})]

@@ -184,10 +184,11 @@ class HookIncrement(Effect):
         return self.matrix()
 
 
-def hook_layers_everywhere(runtime) -> contextlib.AbstractContextManager:
+def hook_layers_everywhere(ctx) -> contextlib.AbstractContextManager:
     """Hook layers act at every real position inside the block, whatever their gate (COMEBA-HK
-    measures keys and residuals through the hook layers this way while it solves a batch)."""
-    return runtime.option(EVERYWHERE, True)
+    measures keys and residuals through the hook layers this way while it solves a batch);
+    ``ctx``: the method's EditContext."""
+    return ctx.option(EVERYWHERE, True)
 
 
 __all__ = ["EVERYWHERE", "HookIncrement", "HookLayer", "ZSCORE_GATE", "hook_layers_everywhere", "lowrank_is_smaller",

@@ -20,12 +20,13 @@ import torch
 from ...architectures import Site
 from ...errors import PackError
 from ...hooks import forward_until
-from ...linalg import preservation_matrix
+from ...locate.linalg import preservation_matrix
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
-from ...runtime import SiteContribution, SiteRuntime
-from ...subject_keys import lookup_positions
+from ...loaded import LoadedSite
+from ...runtime import SiteContribution
+from ...locate.subject_keys import lookup_positions
 from ..base import EditContext, register
 from ..delta.method import DeltaMethod
 from .config import ComebaConfig
@@ -43,7 +44,7 @@ class ComebaHK(DeltaMethod):
     config_class = ComebaConfig
     capabilities = frozenset({"hook_layer", "routed", "squash"})
 
-    def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg: ComebaConfig) -> torch.Tensor:
+    def preservation(self, c0: torch.Tensor, loaded: LoadedSite | None, cfg: ComebaConfig) -> torch.Tensor:
         layer = loaded.layer(HookLayer) if loaded is not None else None
         earlier = [i.keys for i in layer.increments.values()] if layer is not None else []
         previous = torch.cat(earlier).T if earlier else None
@@ -55,7 +56,7 @@ class ComebaHK(DeltaMethod):
     def solving(self, ctx: EditContext, cfg: ComebaConfig):
         """Router gate: the hook layers act where they will act, at router hits. z-score gate: at every
         position (the reference code's temporary hooks; the gate's alpha is only known afterwards)."""
-        return hook_layers_everywhere(ctx.runtime) if cfg.gate == "zscore" else contextlib.nullcontext()
+        return hook_layers_everywhere(ctx) if cfg.gate == "zscore" else contextlib.nullcontext()
 
     def finish(self, ctx: EditContext, requests: list[EditRequest], sites: list[Site],
                staged: dict[str, SiteContribution], tensors: dict[str, torch.Tensor], cfg: ComebaConfig) -> dict:
@@ -89,14 +90,14 @@ class ComebaHK(DeltaMethod):
         pending = {n: replace(c, effect=replace(c.effect, alpha=math.inf)) for n, c in staged.items()}
         alphas: dict[str, float] = {}
         for site in sites:
-            loaded = ctx.runtime.sites.get(site.name)
+            loaded = ctx.loaded.site(site.name)
             layer = loaded.layer(HookLayer) if loaded is not None else None
             before = layer.alpha if layer is not None and layer.alpha is not None else cfg.alpha
             captured = []
-            with ctx.runtime.staged(pending), ctx.hooks.scoped() as scope, torch.no_grad():
+            with ctx.staged(pending), ctx.hooks.scoped() as scope, torch.no_grad():
                 scope.forward(site.module(ctx.model), lambda m, a, o: captured.append(a[0].detach()))
                 forward_until(ctx.model, site.module(ctx.model), **enc)
-                change = ctx.runtime.sites[site.name].layer(HookLayer).change(captured[0])
+                change = ctx.loaded.site(site.name).layer(HookLayer).change(captured[0])
             z = zscores(change.norm(dim=-1), enc.attention_mask.bool())[0]
             z = z.max(dim=1).values if cfg.alpha_from == "prompt_max" else z[rows, cols.to(z.device)]
             finite = z[torch.isfinite(z)]
@@ -126,4 +127,9 @@ class ComebaHK(DeltaMethod):
     def squash(self, packs: list[EditPack], name: str) -> EditPack:
         if any(p.method != self.name for p in packs):
             raise PackError(f"squash merges {self.name} packs only; got {[p.method for p in packs]}")
+        gates = [self.config_of(p).gate for p in packs]
+        for p, gate in zip(packs[1:], gates[1:]):
+            if gate != gates[0]:
+                raise PackError(f"pack {p.name!r} uses the {gate!r} gate but {packs[0].name!r} the {gates[0]!r} gate; "
+                                "squash packs of one chain only")
         return squash_packs(packs, name)

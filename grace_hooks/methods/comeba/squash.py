@@ -13,6 +13,7 @@ import torch
 
 from ...errors import PackError
 from ...packs import EditPack
+from ...spans import KeyRouting
 from .hook_layer import HookIncrement, lowrank_is_smaller
 
 
@@ -30,9 +31,6 @@ def _check_chain(packs: list[EditPack]) -> None:
         if p.sites != first.sites:
             raise PackError(f"pack {p.name!r} edits {p.sites} but {first.name!r} edits {first.sites}: "
                             "only packs of one chain (same blocks) can be squashed")
-        if p.config.get("gate") != first.config.get("gate"):
-            raise PackError(f"pack {p.name!r} uses the {p.config.get('gate')!r} gate but {first.name!r} the "
-                            f"{first.config.get('gate')!r} gate; squash packs of one chain only")
         if p.base.fingerprint != first.base.fingerprint:
             raise PackError(f"pack {p.name!r} was made for another base ({p.base.name}) than {first.name!r} "
                             f"({first.base.name})")
@@ -66,22 +64,20 @@ def squash_packs(packs: list[EditPack], name: str) -> EditPack:
     tensors = {}
     for site in last.sites:
         tensors.update({f"{site}/{k}": v for k, v in _site_tensors([p.site_tensors(site) for p in packs]).items()})
-    state = dict(last.state)
-    if "key_requests" in last.state:  # router key -> request, renumbered into the joined request list
+    routing = KeyRouting()
+    if last.routing.key_requests is not None:  # router key -> request, renumbered into the joined request list
         joined: dict[str, list] = {}
         offset = 0
         for p in packs:
-            for site, owners in p.state.get("key_requests", {}).items():
+            for site, owners in (p.routing.key_requests or {}).items():
                 joined.setdefault(site, []).extend([[i + offset for i in o] for o in owners])
             offset += p.n_edits
-        state["key_requests"] = joined
-    if all("subject_spans" in p.state for p in packs):  # one list per request, in the joined order
-        state["subject_spans"] = [s for p in packs for s in p.state["subject_spans"]]
-    else:  # a chain mixing scopes: its keys decide alone
-        state.pop("subject_spans", None)
+        routing.key_requests = joined
+    if all(p.routing.subject_spans is not None for p in packs):  # one list per request, in the joined order
+        routing.subject_spans = [s for p in packs for s in p.routing.subject_spans]  # (a chain mixing scopes: none)
     return EditPack(
         name=name, method=last.method, config=dict(last.config), sites=list(last.sites), base=last.base,
-        requests=[r for p in packs for r in p.requests], tensors=tensors, state=state,
+        requests=[r for p in packs for r in p.requests], tensors=tensors, state=dict(last.state), routing=routing,
         metrics={"squashed": [p.name for p in packs], "pack_metrics": [p.metrics for p in packs]},
         created_at=last.created_at, library_version=last.library_version,
     )

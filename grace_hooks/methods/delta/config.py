@@ -5,7 +5,8 @@ from dataclasses import dataclass, fields
 from ...config import option
 from ...errors import ConfigError
 from ...spans import SCOPE_HELP, SCOPES
-from ...target_vectors import TargetVectorConfig
+from ...locate.statistics import CorpusSpec
+from ...locate.target_vectors import TargetVectorConfig
 
 MODES = ("global", "routed")
 # tuned on CounterFact train (1,000 edits), checked on val (benchmarks/RESULTS.md, issue 16)
@@ -51,6 +52,9 @@ class SolveConfig(TargetVectorConfig):
         if self.radius_scale is not None:
             return self.radius_scale
         return SPAN_RADIUS_SCALE if self.scope == "span" else KEY_RADIUS_SCALE
+
+    def corpus_spec(self) -> CorpusSpec:
+        return CorpusSpec(self.corpus, self.corpus_texts, self.corpus_tokens)
 
     def target_config(self) -> TargetVectorConfig:
         return TargetVectorConfig(**{f.name: getattr(self, f.name) for f in fields(TargetVectorConfig)})

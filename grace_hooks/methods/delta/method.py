@@ -14,24 +14,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from abc import abstractmethod
-from pathlib import Path
 
 import torch
 
 from ...architectures import Site, arch_spec, num_layers
-from ...config import make_config
-from ...covariance import Corpus, SecondMoment, cached_sample_corpus, model_digest, second_moments, site_inputs
-from ...linalg import LowRank, change_before, closed_form_update
+from ...hooks import frozen_parameters, head_only_at
+from ...loaded import LoadedSite
+from ...locate.covariance import SecondMoment
+from ...locate.linalg import LowRank, change_before, closed_form_update
+from ...locate.statistics import Statistics
+from ...locate.subject_keys import activations_at_subject
+from ...locate.target_vectors import target_vectors
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
-from ...runtime import SiteContribution, SiteRuntime
-from ...spans import key_spans, request_spans, span_state_problems
-from ...subject_keys import activations_at_subject, context_prefixes
-from ...hooks import frozen_parameters, head_only_at
+from ...runtime import SiteContribution
+from ...spans import KeyRouting, request_spans
 from ...timing import PhaseClock
 from ...tokens import build_edit_batch, score_targets, scored_positions
-from ...target_vectors import target_vectors
 from ..base import ComputedEdit, EditContext, EditMethod
 from .config import DeltaConfig
 from .effect import DeltaLayer, LowRankDelta
@@ -44,11 +44,6 @@ MIN_RELATIVE_RADIUS = 0.05
 KEY_FORWARD_ROWS = 25
 
 
-def _version(model) -> int:
-    """Changes whenever a parameter is written in place (torch counts writes in ``_version``)."""
-    return sum(p._version for p in model.parameters())
-
-
 class DeltaMethod(EditMethod):
     """A weight-delta method: subclasses give the preservation term P and the update's constraint."""
 
@@ -57,10 +52,10 @@ class DeltaMethod(EditMethod):
 
     # ------------------------------------------------------------------ what variants change
     @abstractmethod
-    def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg) -> torch.Tensor:
+    def preservation(self, c0: torch.Tensor, loaded: LoadedSite | None, cfg) -> torch.Tensor:
         """P (d_in x d_in, float64), the part of the normal matrix that does not depend on the new keys."""
 
-    def constraint(self, loaded: SiteRuntime | None, cfg) -> torch.Tensor | None:
+    def constraint(self, loaded: LoadedSite | None, cfg) -> torch.Tensor | None:
         """Orthonormal columns the update's row space must avoid, or None."""
         return None
 
@@ -81,50 +76,31 @@ class DeltaMethod(EditMethod):
     def sites(self, model, cfg: DeltaConfig) -> list[Site]:
         return [Site(layer, cfg.point) for layer in cfg.layer_list(num_layers(model))]
 
-    def _memo(self, ctx: EditContext, key: tuple, make):
-        memo = ctx.runtime.memo
-        key = key + (_version(ctx.model),)  # weights written in place invalidate everything derived from them
-        if key not in memo:
-            memo[key] = make()
-        return memo[key]
+    @staticmethod
+    def statistics(ctx: EditContext) -> Statistics:
+        """The base model's measurements (prefixes, C0, corpus probe), made once per weight version."""
+        return Statistics(ctx.model, ctx.tokenizer, ctx.memo, ctx.disabled)
 
     def second_moments(self, ctx: EditContext, sites: list[Site], cfg: DeltaConfig) -> dict[str, SecondMoment]:
-        """C0 at each site on the base model (loaded packs off), from the disk cache when it is there;
-        memoised per model, so ``from_cache`` says how the first edit got it."""
-        def make():
-            with ctx.runtime.disabled():
-                digest = self._memo(ctx, ("model_digest",), lambda: model_digest(ctx.model))
-                return second_moments(ctx.model, ctx.tokenizer, sites, self._corpus(ctx, cfg), cfg.max_tokens, model_hash=digest)
-        names = tuple(s.name for s in sites)
-        return self._memo(ctx, ("C0", names, cfg.corpus, cfg.corpus_texts, cfg.corpus_tokens, cfg.max_tokens), make)
-
-    def _corpus(self, ctx: EditContext, cfg: DeltaConfig) -> Corpus:
-        if cfg.corpus is not None:
-            return Corpus.from_file(Path(cfg.corpus))
-        digest = self._memo(ctx, ("model_digest",), lambda: model_digest(ctx.model))
-        return self._memo(ctx, ("corpus", cfg.corpus_texts, cfg.corpus_tokens), lambda: cached_sample_corpus(
-            ctx.model, ctx.tokenizer, digest, cfg.corpus_texts, cfg.corpus_tokens))
+        """C0 at each site on the base model (loaded packs off), from the disk cache when it is there."""
+        return self.statistics(ctx).second_moments(sites, cfg.corpus_spec(), cfg.max_tokens)
 
     def corpus_probe(self, ctx: EditContext, sites: list[Site], cfg: DeltaConfig) -> dict[str, torch.Tensor]:
         """Site inputs of the base model at the first ``cfg.corpus_probe`` tokens of the corpus."""
-        def make():
-            with ctx.runtime.disabled():
-                return site_inputs(ctx.model, ctx.tokenizer, sites, self._corpus(ctx, cfg).texts, cfg.corpus_probe)
-        return self._memo(ctx, ("probe", tuple(s.name for s in sites), cfg.corpus, cfg.corpus_texts, cfg.corpus_tokens,
-                                cfg.corpus_probe), make)
+        return self.statistics(ctx).probe(sites, cfg.corpus_spec(), cfg.corpus_probe)
 
     def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: DeltaConfig) -> ComputedEdit:
         model, tok = ctx.model, ctx.tokenizer
         sites = self.sites(model, cfg)
         clock = PhaseClock()
-        with clock("context prefixes"), ctx.runtime.disabled():  # the base model's own writing, made once per model
-            prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=ctx.runtime.memo)[: 1 + cfg.n_prefixes]
+        with clock("context prefixes"):  # the base model's own writing, made once per weight version
+            prefixes = self.statistics(ctx).prefixes(cfg.prefix_tokens)[: 1 + cfg.n_prefixes]
         with clock("C0"):
             moments = self.second_moments(ctx, sites, cfg)
         z_layer = sites[-1].layer
         with clock("target vectors"):
             tvs = target_vectors(model, tok, z_layer, requests, prefixes[: 1 + cfg.target_prefix_count()],
-                                 cfg.target_config(), ctx.runtime.attention_mask)
+                                 cfg.target_config(), ctx.attention_mask)
         z = torch.stack([tv.z for tv in tvs]).to(torch.float64)
         top = model.get_submodule(arch_spec(model).layers)[z_layer]
 
@@ -132,11 +108,11 @@ class DeltaMethod(EditMethod):
         tensors: dict[str, torch.Tensor] = {}
         layer_metrics = {}
         routed = self.routes(cfg)
-        route_state = self._route_state(ctx, requests, sites, cfg, 1 + len(prefixes)) if routed else {}
+        routing = self._routing_of(ctx, requests, sites, cfg, 1 + len(prefixes)) if routed else KeyRouting()
         for i, site in enumerate(sites):
-            with clock("keys and residuals"), ctx.runtime.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
+            with clock("keys and residuals"), ctx.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
                 samples = activations_at_subject(model, tok, site.module(model), requests, prefixes,  # (P, n, d_in)
-                                                 share_prefix=ctx.runtime.causal, batch_size=KEY_FORWARD_ROWS)
+                                                 share_prefix=ctx.loaded.causal, batch_size=KEY_FORWARD_ROWS)
                 now = activations_at_subject(model, tok, top, requests, [""], which="output", batch_size=KEY_FORWARD_ROWS)[0]
                 norm = site.residual_norm(model)
                 out = activations_at_subject(model, tok, site.module(model), requests, [""], which="output",
@@ -146,7 +122,7 @@ class DeltaMethod(EditMethod):
             if norm is not None:  # the site's output reaches the residual stream through a norm: aim through it
                 with clock("solve"), frozen_parameters(norm):
                     residual = change_before(norm, out, residual).to(torch.float64)
-            loaded = ctx.runtime.sites.get(site.name)
+            loaded = ctx.loaded.site(site.name)
             with clock("solve"):
                 update = closed_form_update(residual.T, keys.T, self.preservation(moments[site.name].matrix, loaded, cfg),
                                             self.constraint(loaded, cfg))
@@ -158,11 +134,11 @@ class DeltaMethod(EditMethod):
                 tensors.update({f"{n}/route_keys": route_keys.float().contiguous(),
                                 f"{n}/route_radii": route_radii.float().contiguous()})
             staged[n] = self._contribution({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}/")},
-                                           routed, key_spans(route_state, n) if routed else None)
+                                           routed, routing.spans(n) if routed else None)
             layer_metrics[n] = {"residual_norm": float(residual.norm(dim=1).mean()),
                                 "delta_norm": float(torch.linalg.matrix_norm(update.dense()))}
         with clock("check"):
-            with ctx.runtime.staged(staged), self.solving(ctx, cfg):  # how far the whole update carries the bare prompts towards z
+            with ctx.staged(staged), self.solving(ctx, cfg):  # how far the whole update carries the bare prompts towards z
                 final = activations_at_subject(model, tok, top, requests, [""], which="output")[0].to(torch.float64)
             start = torch.stack([tv.h for tv in tvs]).to(torch.float64)
             path = (z - start).norm(dim=1)
@@ -185,16 +161,16 @@ class DeltaMethod(EditMethod):
         log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z, %d of %d landed",
                  self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"],
                  100 * metrics["z_reached_mean"], sum(landed), len(landed))
+        # "mode" repeats the config for a person reading the header (the code reads the typed config)
         state = {"mode": "routed" if routed else "global", "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
-        state.update(route_state)
-        return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, metrics=metrics)
+        return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, routing=routing, metrics=metrics)
 
     def _landed(self, ctx: EditContext, requests: list[EditRequest], staged: dict[str, SiteContribution], cfg) -> list[bool]:
         """Whether each request's target is the greedy continuation of its own prompt (teacher-forced:
         every target token the argmax) with the whole update acting, as it will once applied."""
         batch = build_edit_batch(ctx.tokenizer, requests, device=ctx.device)
         index, scored = scored_positions(batch)  # the head runs on the scored positions only
-        with ctx.runtime.staged(staged), self.solving(ctx, cfg), torch.inference_mode(), \
+        with ctx.staged(staged), self.solving(ctx, cfg), torch.inference_mode(), \
                 head_only_at(ctx.model, index) as narrowed:
             logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         if not narrowed:
@@ -202,14 +178,14 @@ class DeltaMethod(EditMethod):
         return [bool(c) for c in score_targets(logits, scored).correct]
 
     @staticmethod
-    def _route_state(ctx: EditContext, requests: list[EditRequest], sites: list[Site], cfg, n_samples: int) -> dict:
+    def _routing_of(ctx: EditContext, requests: list[EditRequest], sites: list[Site], cfg, n_samples: int) -> KeyRouting:
         """``key_requests`` (router key -> the request it serves: recall, spans) and, with scope
         'span', ``subject_spans`` (the token spans of each request's subject)."""
         n = len(requests)
         if cfg.scope == "span":
-            return {"key_requests": {s.name: [[i] for i in range(n)] for s in sites},
-                    "subject_spans": request_spans(ctx.tokenizer, requests)}
-        return {"key_requests": {s.name: [[i % n] for i in range(n * n_samples)] for s in sites}}
+            return KeyRouting(key_requests={s.name: [[i] for i in range(n)] for s in sites},
+                              subject_spans=request_spans(ctx.tokenizer, requests))
+        return KeyRouting(key_requests={s.name: [[i % n] for i in range(n * n_samples)] for s in sites})
 
     def _routing(self, ctx: EditContext, sites: list[Site], site: Site, samples: torch.Tensor, keys: torch.Tensor,
                  cfg: DeltaConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +218,7 @@ class DeltaMethod(EditMethod):
         if not self.routes(config):
             return []
         keys = {site: len(pack.site_tensors(site).get("route_keys", ())) for site in pack.sites}
-        return span_state_problems(pack.state, pack.n_edits, keys)
+        return pack.routing.problems(pack.n_edits, keys)
 
     @staticmethod
     def _contribution(t: dict[str, torch.Tensor], routed: bool, spans=None) -> SiteContribution:
@@ -254,12 +230,12 @@ class DeltaMethod(EditMethod):
         return SiteContribution(delta)
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
-        routed = self.routes(make_config(self.config_class, base=pack.config))
-        return {site: self._contribution(pack.site_tensors(site), routed, key_spans(pack.state, site) if routed else None)
+        routed = self.routes(self.config_of(pack))
+        return {site: self._contribution(pack.site_tensors(site), routed, pack.routing.spans(site) if routed else None)
                 for site in pack.sites}
 
 
-def loaded_factors(loaded: SiteRuntime | None, part: str) -> torch.Tensor | None:
+def loaded_factors(loaded: LoadedSite | None, part: str) -> torch.Tensor | None:
     """The ``part`` ('V' or 'keys') of every delta loaded at a site, as columns (d_in, total)."""
     layer = loaded.layer(DeltaLayer) if loaded is not None else None
     return layer.factors(part) if layer is not None else None

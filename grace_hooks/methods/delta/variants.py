@@ -5,8 +5,8 @@ import logging
 
 import torch
 
-from ...linalg import orthonormal_basis, preservation_matrix
-from ...runtime import SiteRuntime
+from ...locate.linalg import orthonormal_basis, preservation_matrix
+from ...loaded import LoadedSite
 from ..base import register
 from .config import DeltaConfig, EncoreConfig, OEditConfig
 from .method import DeltaMethod, loaded_factors
@@ -21,7 +21,7 @@ class Memit(DeltaMethod):
     name = "memit"
     config_class = DeltaConfig
 
-    def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg: DeltaConfig) -> torch.Tensor:
+    def preservation(self, c0: torch.Tensor, loaded: LoadedSite | None, cfg: DeltaConfig) -> torch.Tensor:
         return preservation_matrix(c0.shape[0], c0, cfg.c0_weight(c0.shape[0]))
 
 
@@ -33,7 +33,7 @@ class Encore(DeltaMethod):
     name = "encore"
     config_class = EncoreConfig
 
-    def preservation(self, c0: torch.Tensor, loaded: SiteRuntime | None, cfg: EncoreConfig) -> torch.Tensor:
+    def preservation(self, c0: torch.Tensor, loaded: LoadedSite | None, cfg: EncoreConfig) -> torch.Tensor:
         previous = loaded_factors(loaded, "keys") if cfg.previous_edits else None
         return preservation_matrix(c0.shape[0], c0, cfg.c0_weight(c0.shape[0]), cfg.norm_lambda, previous)
 
@@ -45,7 +45,7 @@ class OEdit(Memit):
     name = "oedit"
     config_class = OEditConfig
 
-    def constraint(self, loaded: SiteRuntime | None, cfg: OEditConfig) -> torch.Tensor | None:
+    def constraint(self, loaded: LoadedSite | None, cfg: OEditConfig) -> torch.Tensor | None:
         earlier = loaded_factors(loaded, "V" if cfg.orthogonal_to == "updates" else "keys")
         if earlier is None:
             return None

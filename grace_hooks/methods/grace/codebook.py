@@ -18,18 +18,18 @@ import numpy as np
 import torch
 
 from ...router import NO_KEY
-from ...runtime import SiteRuntime
+from ...loaded import LoadedSite
 from .effect import Replacements
 
 SPLIT_MARGIN = 1e-5  # the paper's code keeps the nearest key just inside d/2
 
 
-def _value(loaded: SiteRuntime, key_id: int) -> torch.Tensor:
+def _value(loaded: LoadedSite, key_id: int) -> torch.Tensor:
     """The replacement value of a loaded key (zeros for a key of another family)."""
     layer = loaded.layer(Replacements)
     where = loaded.key_pack(key_id)
     if layer is None or where is None:
-        return torch.zeros(loaded.d_out)
+        return torch.zeros(loaded.dims[1])
     return layer.value(key_id, where[0]).clone()
 
 
@@ -57,11 +57,11 @@ class Codebook:
         j = int(d.argmin())
         return float(d[j]), j
 
-    def add(self, q: torch.Tensor, label: str, request: int, loaded: SiteRuntime | None) -> None:
+    def add(self, q: torch.Tensor, label: str, request: int, loaded: LoadedSite | None) -> None:
         d_own, j_own = self._nearest_own(q)
         d_old, id_old = (float("inf"), NO_KEY)
         if loaded is not None:
-            dist, ids = loaded.router.nearest(q[None].float().cpu().numpy())
+            dist, ids = loaded.nearest(q[None].float().cpu().numpy())
             d_old, id_old = float(dist[0]), int(ids[0])
         if d_own <= d_old:
             if j_own < 0:
@@ -70,8 +70,8 @@ class Codebook:
             near = self.entries[j_own]
             self._rule(q, label, request, d_own, near.radius, near.label, own=near)
         else:
-            radius = float(loaded.router.radius(np.array([id_old]))[0])
-            self._rule(q, label, request, d_old, radius, loaded.labels[id_old], old=(loaded, id_old))
+            radius = float(loaded.radius(np.array([id_old]))[0])
+            self._rule(q, label, request, d_old, radius, loaded.label(id_old), old=(loaded, id_old))
 
     def _rule(self, q, label, request, d, radius, near_label, own: Entry | None = None, old=None) -> None:
         if d > self.eps_init + radius:

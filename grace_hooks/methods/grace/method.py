@@ -10,11 +10,11 @@ from ...architectures import Site, relative_layer
 from ...hooks import head_only_at
 from ...pack_schema import MAX_ABS, TensorSpec, is_finite_number
 from ...packs import EditPack
-from ...replay import LayerReplay
+from ...locate.replay import LayerReplay
 from ...requests import EditRequest
 from ...router import NO_KEY, exact_assign
 from ...runtime import SiteContribution
-from ...spans import key_spans, request_answer_spans, request_spans, span_state_problems
+from ...spans import KeyRouting, request_answer_spans, request_spans
 from ...tokens import EditBatch, build_edit_batch, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod, register
 from .codebook import Codebook
@@ -60,7 +60,7 @@ class Grace(EditMethod):
         queries = x[rows, batch.key_pos].float()
 
         book = Codebook(cfg.eps_init)
-        loaded = ctx.runtime.sites.get(site.name)
+        loaded = ctx.loaded.site(site.name)
         for i, req in enumerate(requests):
             book.add(queries[i].cpu(), req.target_new.strip(), i, loaded)
 
@@ -71,12 +71,12 @@ class Grace(EditMethod):
         n = site.name
         state = {
             "labels": {n: [e.label for e in book.entries]},
-            "key_requests": {n: [list(map(int, e.requests)) for e in book.entries]},  # which requests each key serves
             "shrink": [{"site": n, "pack_id": p, "key": k, "radius": r} for (p, k), r in book.shrinks.items()],
         }
+        routing = KeyRouting(key_requests={n: [list(map(int, e.requests)) for e in book.entries]})  # each key's requests
         if cfg.scope == "span":  # a key fires once its subject has occurred, until its answer has been written
-            state["subject_spans"] = request_spans(ctx.tokenizer, requests)
-            state["answer_spans"] = request_answer_spans(ctx.tokenizer, requests)
+            routing.subject_spans = request_spans(ctx.tokenizer, requests)
+            routing.answer_spans = request_answer_spans(ctx.tokenizer, requests)
         metrics = {
             "teacher_forced_success": float(correct.float().mean()),
             "iterations": iters,
@@ -84,7 +84,7 @@ class Grace(EditMethod):
                          "shrunk_earlier_keys": len(book.shrinks)},
         }
         tensors = {f"{n}/keys": keys.contiguous(), f"{n}/radii": radii, f"{n}/values": values.contiguous()}
-        return ComputedEdit(sites=[n], tensors=tensors, state=state, metrics=metrics)
+        return ComputedEdit(sites=[n], tensors=tensors, state=state, routing=routing, metrics=metrics)
 
     @staticmethod
     def _answer_ends(ctx: EditContext, batch: EditBatch) -> torch.Tensor:
@@ -93,7 +93,7 @@ class Grace(EditMethod):
         to the answer's last piece through attention (issue 18)."""
         last = batch.prompt_len + batch.target_len - 1
         rows = torch.arange(len(last), device=last.device)
-        with torch.inference_mode(), ctx.runtime.disabled(), head_only_at(ctx.model, (rows[:, None], last[:, None])) as narrowed:
+        with torch.inference_mode(), ctx.disabled(), head_only_at(ctx.model, (rows[:, None], last[:, None])) as narrowed:
             logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logits = logits[:, 0] if narrowed else logits[rows, last]
         return logits.argmax(-1)
@@ -137,7 +137,7 @@ class Grace(EditMethod):
             scope.forward(site.module(ctx.model), replace)
             bar = tqdm(range(cfg.n_iter + 1), desc=f"grace: training {len(book.entries)} values", leave=False, disable=None)
             for iters in bar:
-                with ctx.runtime.attention_mask(part.attention_mask, part.input_ids):  # blocks below the site run once
+                with ctx.attention_mask(part.attention_mask, part.input_ids):  # blocks below the site run once
                     logits = replay.logits(index)
                 scores = score_targets(logits, scored)
                 correct[live], nll[live] = scores.correct.cpu(), scores.nll.detach().float().cpu()
@@ -191,17 +191,17 @@ class Grace(EditMethod):
                 problems.append(f"state.shrink entry {str(s)[:80]} must give a site of the pack, an earlier pack_id, "
                                 "a key index >= 0 and a finite radius")
         keys = {site: len(pack.site_tensors(site).get("keys", ())) for site in pack.sites}
-        return problems + span_state_problems(state, pack.n_edits, keys)
+        return problems + pack.routing.problems(pack.n_edits, keys)
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
         out = {}
-        last_only = pack.config.get("replacement", "in_scope") == "last"
+        last_only = self.config_of(pack).replacement == "last"
         for site in pack.sites:
             t = pack.site_tensors(site)
             shrink = [(s["pack_id"], int(s["key"]), float(s["radius"])) for s in pack.state.get("shrink", []) if s["site"] == site]
             out[site] = SiteContribution(
                 Replacement(t["values"]), keys=t["keys"], radii=t["radii"],
                 labels=pack.state.get("labels", {}).get(site, []), last_only=last_only, shrink=shrink,
-                spans=key_spans(pack.state, site), anchor="seen", closers=key_spans(pack.state, site, "answer_spans"),
+                spans=pack.routing.spans(site), anchor="seen", closers=pack.routing.spans(site, "answer_spans"),
             )
         return out

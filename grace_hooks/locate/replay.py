@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import arch_spec
-from .hooks import HookOwner, forward_until
+from ..architectures import arch_spec
+from ..hooks import HookOwner, forward_until
 
 try:
     from transformers.cache_utils import Cache, DynamicCache

@@ -1,8 +1,8 @@
 """Keys at the last subject token, averaged over short context prefixes the model writes itself
 (MEMIT, Meng et al. 2023, sec. 4.3: k = mean over prefixes x_j of the site input at the subject).
 
-The prefixes depend only on the model, so they are made once per model and kept in the caller's
-per-model memo (the edit runtime's), never in a module global.
+The prefixes depend only on the model's weights, so they are made once per weight version and kept
+in the model's memo (:class:`~grace_hooks.memo.WeightMemo`), never in a module global.
 """
 from __future__ import annotations
 
@@ -11,20 +11,21 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import Site
-from .hooks import HookOwner, forward_until
+from ..architectures import Site
+from ..hooks import HookOwner, forward_until
+from ..memo import WeightMemo
 from .replay import continue_shared_prefix
-from .requests import EditRequest
-from .tokens import subject_last_index
+from ..requests import EditRequest
+from ..tokens import subject_last_index
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 
 
-def context_prefixes(model, tokenizer, n_tokens: int = 10, seed: int = 0, memo: dict | None = None) -> list[str]:
-    """``""`` (the bare prompt) plus one short sampled text per start word, each ending in ". "."""
-    key = ("context_prefixes", n_tokens, seed)
-    if memo is not None and key in memo:
-        return memo[key]
+def context_prefixes(model, tokenizer, n_tokens: int = 10, seed: int = 0, memo: WeightMemo | None = None) -> list[str]:
+    """``""`` (the bare prompt) plus one short sampled text per start word, each ending in ". ";
+    kept in ``memo`` (the model's, for as long as its weights stay the same) when one is given."""
+    if memo is not None:
+        return memo.get(("context_prefixes", n_tokens, seed), lambda: context_prefixes(model, tokenizer, n_tokens, seed))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -35,8 +36,6 @@ def context_prefixes(model, tokenizer, n_tokens: int = 10, seed: int = 0, memo: 
             seq = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=n_tokens, pad_token_id=pad)
         text = tokenizer.decode(seq[0], skip_special_tokens=True).replace("{", " ").replace("}", " ").strip()
         out.append(text + ". ")
-    if memo is not None:
-        memo[key] = out
     return out
 
 

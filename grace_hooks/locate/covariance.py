@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .architectures import Site, deepest
-from .hooks import HookOwner, forward_until
-from .loading import cache_dir
+from ..architectures import Site, deepest
+from ..hooks import HookOwner, forward_until
+from ..loading import cache_dir
 
 log = logging.getLogger(__name__)
 

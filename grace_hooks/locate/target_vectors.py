@@ -15,13 +15,13 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import arch_spec
-from .config import option
-from .hooks import frozen_parameters
+from ..architectures import arch_spec
+from ..config import option
+from ..hooks import frozen_parameters
 from .replay import LayerReplay
-from .requests import EditRequest
+from ..requests import EditRequest
 from .subject_keys import lookup_positions
-from .tokens import EditBatch, build_pair_batch, score_targets, scored_positions, target_text
+from ..tokens import EditBatch, build_pair_batch, score_targets, scored_positions, target_text
 
 
 @dataclass
