@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/counterfact-train.json")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--set", dest="overrides", default="", help="method options for both solves, e.g. norm_lambda=0")
+    ap.add_argument("--set", dest="overrides", default="", help="method options for both solves, e.g. norm_lambda=0 "
+                                                                 "or passes=3 (sweeps over the edited blocks)")
     ap.add_argument("--only-norm", action="store_true", help="run only the solve through the norm")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/norm_aware_solve.json"))
     args = ap.parse_args()
@@ -53,7 +54,9 @@ def main() -> None:
     rows = []
     overrides = dict(MethodSpec.parse(f"encore:{args.overrides}").overrides) if args.overrides else {}
     solves = (("as is", {}), ("through the norm", spec.residual_norms))
-    for label, norms in solves[1:] if args.only_norm else solves:
+    if not spec.residual_norms:  # e.g. Llama: nothing to aim through, one solve (to compare other options)
+        solves = (("no norm (as is)", {}),)
+    for label, norms in solves[-1:] if args.only_norm else solves:
         architectures.ARCHITECTURES[model_type] = dataclasses.replace(spec, residual_norms=norms)
         try:
             em.edit(reqs, pack="bench", corpus=str(corpus), max_tokens=4000, corpus_probe=4000, **overrides)

@@ -167,6 +167,7 @@ def test_health_reports_weight_growth_and_activation_drift(make_model, tokenizer
     ({"layers": "1-3"}, "must lie in 0..2"),
     ({"mode": "everywhere"}, "must be one of"),
     ({"norm_lambda": 1.0}, "unknown option"),  # an ENCORE option given to MEMIT
+    ({"passes": 0}, "at least one sweep"),
 ])
 def test_bad_delta_config_is_refused(make_model, tokenizer, overrides, message):
     em = EditableModel(make_model("llama"), tokenizer)
@@ -216,6 +217,21 @@ def test_edit_reports_per_request_landing_and_phase_seconds(make_model, tokenize
     assert {"target vectors", "keys and residuals", "solve", "check"} <= set(metrics["seconds"])
     scores = score_pairs(em, [r.text for r in DELTA_REQUESTS], [r.target_new for r in DELTA_REQUESTS])
     assert metrics["landed"] == [bool(a == 1.0) for a in scores.accuracy]  # what the applied pack really does
+
+
+def test_a_second_sweep_adds_its_residual_to_u_and_closes_on_z(make_model, tokenizer):
+    """passes=2: V = M^-1 K and the keys stay those of the first sweep (the pack keeps its size); U gains
+    the second sweep's residuals; the update then carries the prompts closer to z (a heavy C0 weight
+    leaves a gap for the second sweep to close)."""
+    one = _edited(make_model, tokenizer, "memit", mom2_weight=50.0)
+    two = _edited(make_model, tokenizer, "memit", mom2_weight=50.0, passes=2)
+    p1, p2 = one.pack("p1"), two.pack("p1")
+    for site in p1.sites:
+        a, b = p1.site_tensors(site), p2.site_tensors(site)
+        assert b["U"].shape == a["U"].shape and torch.equal(a["keys"], b["keys"]) and torch.equal(a["V"], b["V"])
+        assert not torch.equal(a["U"], b["U"]) and "residual_norm_sweep2" in p2.metrics["layers"][site]
+    assert p2.metrics["z_reached_mean"] > p1.metrics["z_reached_mean"] + 0.05
+    assert p2.metrics["landed_share"] >= p1.metrics["landed_share"]
 
 
 def test_edit_without_a_method_uses_the_default(make_model, tokenizer):

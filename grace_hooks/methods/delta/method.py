@@ -109,34 +109,39 @@ class DeltaMethod(EditMethod):
         layer_metrics = {}
         routed = self.routes(cfg)
         routing = self._routing_of(ctx, requests, sites, cfg, 1 + len(prefixes)) if routed else KeyRouting()
-        for i, site in enumerate(sites):
-            with clock("keys and residuals"), ctx.staged(staged), self.solving(ctx, cfg):  # the blocks below already carry their share
-                samples = activations_at_subject(model, tok, site.module(model), requests, prefixes,  # (P, n, d_in)
-                                                 share_prefix=ctx.loaded.causal, batch_size=KEY_FORWARD_ROWS)
-                now = activations_at_subject(model, tok, top, requests, [""], which="output", batch_size=KEY_FORWARD_ROWS)[0]
-                norm = site.residual_norm(model)
-                out = activations_at_subject(model, tok, site.module(model), requests, [""], which="output",
-                                             batch_size=KEY_FORWARD_ROWS)[0] if norm is not None else None
-            keys = samples.mean(0)
-            residual = (z - now.to(torch.float64)) / (len(sites) - i)  # MEMIT: spread over the blocks left
-            if norm is not None:  # the site's output reaches the residual stream through a norm: aim through it
-                with clock("solve"), frozen_parameters(norm):
-                    residual = change_before(norm, out, residual).to(torch.float64)
-            loaded = ctx.loaded.site(site.name)
-            with clock("solve"):
-                update = closed_form_update(residual.T, keys.T, self.preservation(moments[site.name].matrix, loaded, cfg),
-                                            self.constraint(loaded, cfg))
-            n = site.name
-            tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
-                            f"{n}/keys": keys.float().contiguous()})
-            if routed:  # a global pack needs no router keys
-                route_keys, route_radii = self._routing(ctx, sites, site, samples, keys, cfg)
-                tensors.update({f"{n}/route_keys": route_keys.float().contiguous(),
-                                f"{n}/route_radii": route_radii.float().contiguous()})
-            staged[n] = self._contribution({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}/")},
-                                           routed, routing.spans(n) if routed else None)
-            layer_metrics[n] = {"residual_norm": float(residual.norm(dim=1).mean()),
-                                "delta_norm": float(torch.linalg.matrix_norm(update.dense()))}
+        keys_of: dict[str, torch.Tensor] = {}
+        for sweep in range(cfg.passes):
+            for i, site in enumerate(sites):
+                n = site.name
+                if sweep == 0:  # later sweeps keep the keys: V = M^-1 K, and so the pack's size, stays
+                    with clock("keys and residuals"), ctx.staged(staged), self.solving(ctx, cfg):  # the blocks below carry their share
+                        samples = activations_at_subject(model, tok, site.module(model), requests, prefixes,  # (P, n, d_in)
+                                                         share_prefix=ctx.loaded.causal, batch_size=KEY_FORWARD_ROWS)
+                    keys_of[n] = samples.mean(0)
+                keys = keys_of[n]
+                with ctx.staged(staged), self.solving(ctx, cfg):
+                    residual = self._residual(ctx, requests, site, top, z, len(sites) - i, clock)
+                if sweep == 0:
+                    loaded = ctx.loaded.site(site.name)
+                    with clock("solve"):
+                        update = closed_form_update(residual.T, keys.T,
+                                                    self.preservation(moments[site.name].matrix, loaded, cfg),
+                                                    self.constraint(loaded, cfg))
+                    tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
+                                    f"{n}/keys": keys.float().contiguous()})
+                    if routed:  # a global pack needs no router keys
+                        route_keys, route_radii = self._routing(ctx, sites, site, samples, keys, cfg)
+                        tensors.update({f"{n}/route_keys": route_keys.float().contiguous(),
+                                        f"{n}/route_radii": route_radii.float().contiguous()})
+                else:  # V = M^-1 K depends on the keys alone: a later sweep's update R' V^T only adds R' to U
+                    tensors[f"{n}/U"] = (tensors[f"{n}/U"].to(torch.float64) + residual.T).float().contiguous()
+                staged[n] = self._contribution({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}/")},
+                                               routed, routing.spans(n) if routed else None)
+                sweep_norm = float(residual.norm(dim=1).mean())
+                layer_metrics.setdefault(n, {"residual_norm": sweep_norm})  # what the first sweep had to write
+                layer_metrics[n]["delta_norm"] = float(torch.linalg.matrix_norm(staged[n].effect.dense_update()))
+                if sweep:
+                    layer_metrics[n][f"residual_norm_sweep{sweep + 1}"] = sweep_norm
         with clock("check"):
             with ctx.staged(staged), self.solving(ctx, cfg):  # how far the whole update carries the bare prompts towards z
                 final = activations_at_subject(model, tok, top, requests, [""], which="output")[0].to(torch.float64)
@@ -164,6 +169,24 @@ class DeltaMethod(EditMethod):
         # "mode" repeats the config for a person reading the header (the code reads the typed config)
         state = {"mode": "routed" if routed else "global", "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
         return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, routing=routing, metrics=metrics)
+
+    @staticmethod
+    def _residual(ctx: EditContext, requests: list[EditRequest], site: Site, top, z: torch.Tensor, blocks_left: int,
+                  clock: PhaseClock) -> torch.Tensor:
+        """(n, d_out) float64: what the update at ``site`` must add to its output, with what acts now
+        (call inside the staged block): MEMIT's (z - the top block's output) / blocks left, aimed
+        through the norm between the site and the residual stream where the architecture has one."""
+        model, tok = ctx.model, ctx.tokenizer
+        norm = site.residual_norm(model)
+        with clock("keys and residuals"):
+            now = activations_at_subject(model, tok, top, requests, [""], which="output", batch_size=KEY_FORWARD_ROWS)[0]
+            out = activations_at_subject(model, tok, site.module(model), requests, [""], which="output",
+                                         batch_size=KEY_FORWARD_ROWS)[0] if norm is not None else None
+        residual = (z - now.to(torch.float64)) / blocks_left  # MEMIT: spread over the blocks left
+        if norm is None:
+            return residual
+        with clock("solve"), frozen_parameters(norm):  # the site's output reaches the residual through a norm: aim through it
+            return change_before(norm, out, residual).to(torch.float64)
 
     def _landed(self, ctx: EditContext, requests: list[EditRequest], staged: dict[str, SiteContribution], cfg) -> list[bool]:
         """Whether each request's target is the greedy continuation of its own prompt (teacher-forced:
