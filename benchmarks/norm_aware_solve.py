@@ -68,7 +68,8 @@ def main() -> None:
             architectures.ARCHITECTURES[model_type] = spec
         rows.append({"solve": label, "options": args.overrides, "n": len(reqs), "greedy_prompt": sum(prompt) / len(reqs),
                      "greedy_paraphrase": sum(para) / len(reqs), "landed_share": metrics["landed_share"],
-                     "z_reached_mean": metrics["z_reached_mean"], "seconds": metrics["seconds"]})
+                     "z_reached_mean": metrics["z_reached_mean"], "target_prob_mean": metrics["target_prob_mean"],
+                     "target_steps_mean": metrics["target_steps_mean"], "seconds": metrics["seconds"]})
         print(json.dumps(rows[-1]), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     if args.json.exists():  # one file for every run of the script: rows accumulate

@@ -234,6 +234,20 @@ def test_a_second_sweep_adds_its_residual_to_u_and_closes_on_z(make_model, token
     assert p2.metrics["landed_share"] >= p1.metrics["landed_share"]
 
 
+def test_z_through_norm_acts_only_where_a_norm_follows_the_site(make_model, tokenizer):
+    """z_through_norm changes nothing on Llama (no norm after the MLP); on Gemma 3 it changes z and
+    so the update, and the pack still applies and rolls back."""
+    plain = _edited(make_model, tokenizer, "encore", norm_lambda=1.0)
+    asked = _edited(make_model, tokenizer, "encore", norm_lambda=1.0, z_through_norm=True)
+    assert all(torch.equal(t, asked.pack("p1").tensors[k]) for k, t in plain.pack("p1").tensors.items())
+    free = _edited(make_model, tokenizer, "encore", arch="gemma3_text", norm_lambda=1.0)
+    through = _edited(make_model, tokenizer, "encore", arch="gemma3_text", norm_lambda=1.0, z_through_norm=True)
+    site = through.pack("p1").sites[0]
+    assert not torch.equal(free.pack("p1").site_tensors(site)["U"], through.pack("p1").site_tensors(site)["U"])
+    through.remove_pack("p1")
+    assert count_hooks(through.base_model) == 0
+
+
 def test_edit_without_a_method_uses_the_default(make_model, tokenizer):
     from grace_hooks.config import DEFAULT_METHOD
 

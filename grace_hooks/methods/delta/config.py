@@ -41,6 +41,11 @@ class SolveConfig(TargetVectorConfig):
     max_tokens: int = option(100_000, "at most this many key vectors in C0")
     n_prefixes: int = option(5, "model-written context prefixes besides the bare prompt (MEMIT: 5, of 10 tokens)")
     prefix_tokens: int = option(10, "length of each model-written context prefix (MEMIT: 10)")
+    z_through_norm: bool = option(False, "where the last edited block's output reaches the residual stream through a "
+                                         "norm (Gemma 2/3), optimise z as what that block can write through it: z - h = "
+                                         "norm(m + v) - norm(m). Off: on Gemma 3 (20 edits) z was reached further "
+                                         "(0.71 against 0.15-0.38) but no more edits landed, at 1.7x the time "
+                                         "(benchmarks/RESULTS.md)")
     passes: int = option(1, "sweeps over the edited blocks: each later sweep writes what the update so far leaves "
                             "between the last edited block's output and z, with the first sweep's keys (so the pack "
                             "keeps its size: only U grows by the new residuals); 1 = MEMIT")

@@ -24,7 +24,7 @@ from ...locate.covariance import SecondMoment
 from ...locate.linalg import LowRank, change_before, closed_form_update
 from ...locate.statistics import Statistics
 from ...locate.subject_keys import activations_at_subject
-from ...locate.target_vectors import target_vectors
+from ...locate.target_vectors import ThroughNorm, target_vectors
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
@@ -99,8 +99,9 @@ class DeltaMethod(EditMethod):
             moments = self.second_moments(ctx, sites, cfg)
         z_layer = sites[-1].layer
         with clock("target vectors"):
+            through = self._through_norm(ctx, requests, sites[-1]) if cfg.z_through_norm else None
             tvs = target_vectors(model, tok, z_layer, requests, prefixes[: 1 + cfg.target_prefix_count()],
-                                 cfg.target_config(), ctx.attention_mask)
+                                 cfg.target_config(), ctx.attention_mask, through=through)
         z = torch.stack([tv.z for tv in tvs]).to(torch.float64)
         top = model.get_submodule(arch_spec(model).layers)[z_layer]
 
@@ -169,6 +170,17 @@ class DeltaMethod(EditMethod):
         # "mode" repeats the config for a person reading the header (the code reads the typed config)
         state = {"mode": "routed" if routed else "global", "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
         return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, routing=routing, metrics=metrics)
+
+    @staticmethod
+    def _through_norm(ctx: EditContext, requests: list[EditRequest], site: Site) -> ThroughNorm | None:
+        """Where ``site``'s output reaches the residual stream through a norm: that norm and the
+        site's output at each request's key (z is then what the site can write); else None."""
+        norm = site.residual_norm(ctx.model)
+        if norm is None:
+            return None
+        out = activations_at_subject(ctx.model, ctx.tokenizer, site.module(ctx.model), requests, [""], which="output",
+                                     batch_size=KEY_FORWARD_ROWS)[0]
+        return ThroughNorm(norm, out)
 
     @staticmethod
     def _residual(ctx: EditContext, requests: list[EditRequest], site: Site, top, z: torch.Tensor, blocks_left: int,
