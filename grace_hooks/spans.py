@@ -142,19 +142,20 @@ class SpanIndex:
 
 
 def _index_spans(table: dict[Span, list[int]], key_id: int, spans: list[list[int]]) -> list[Span]:
-    tuples = [tuple(int(t) for t in s) for s in spans if len(s)]
+    # a span given twice (an answer that tokenises alike after a space and at the start) is indexed once
+    tuples = list(dict.fromkeys(tuple(int(t) for t in s) for s in spans if len(s)))
     for s in tuples:
         table.setdefault(s, []).append(key_id)
     return tuples
 
 
 def _unindex_spans(table: dict[Span, list[int]], key_id: int, spans) -> None:
-    for s in spans:
-        left = [k for k in table[s] if k != key_id]
+    for s in set(spans):
+        left = [k for k in table.get(s, ()) if k != key_id]
         if left:
             table[s] = left
         else:
-            del table[s]
+            table.pop(s, None)
 
 
 SCOPES = ("span", "key")

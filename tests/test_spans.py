@@ -82,6 +82,17 @@ def test_removed_keys_leave_the_index():
     assert 0 not in index and 1 in index and index.lengths() == [1]
 
 
+def test_a_key_given_the_same_span_twice_is_indexed_and_removed_once():
+    """A router key that serves two requests of one subject (zsRE has such pairs) carries their
+    spans and answers twice; removing its pack once must leave the index empty (it raised KeyError)."""
+    index = SpanIndex()
+    index.add(np.array([4]), [[SUBJECT, SUBJECT]], "seen", closers=[[[5], [5]]])
+    hits = index.ends(np.array([[1, 7, 8, 5]]))
+    assert hits == [[(2, 4)]]  # one hit, not one per copy
+    index.remove(np.array([4]))
+    assert 4 not in index and index.lengths() == [] and index.ends(np.array([[1, 7, 8, 5]])) == [[]]
+
+
 def test_router_tests_spanned_keys_only_at_their_candidates():
     router = KeyRouter(2)
     router.add(np.zeros((1, 2), np.float32), np.array([100.0]), rank=1, spans=[[SUBJECT]])
