@@ -88,6 +88,9 @@ def test_grace_run_keeps_unrelated_inputs_identical(make_model, tokenizer, tmp_p
     assert last["bit_identical_text"] == 1.0 and last["perplexity_ratio"] == 1.0 and last["false_fire_text"] == 0.0
     # the prompt's answer in chat form holds the target (no template here: the prompt itself); other answers unchanged
     assert last["chat_success"] == 1.0 and last["chat_success_base"] == 0.0 and last["chat_locality"] == 1.0
+    # examples: (question, base answer, edited answer); the edited answers hold the target, the base ones do not
+    for question, base, edited in last["chat_success_examples"]:
+        assert isinstance(question, str) and base != edited
 
 
 def test_none_baseline_measures_the_base(make_model, tokenizer, tmp_path):

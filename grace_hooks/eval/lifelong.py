@@ -272,7 +272,8 @@ class LifelongRun:
             name = "chat_success" if part == "prompt" else "chat_success_rephrase"
             out[name] = float(np.mean(chat_success(answers, targets)))
             out[name + "_base"] = float(np.mean(chat_success(base, targets)))
-            out[name + "_examples"] = [[q, a] for q, a in zip(questions[:3], answers[:3])]
+            # (question, base answer, edited answer): what a reader needs to see what the figure means
+            out[name + "_examples"] = [[q, b, a] for q, b, a in zip(questions[:3], base[:3], answers[:3])]
         return out
 
     def _health(self, editor: Editor) -> dict[str, Any]:
