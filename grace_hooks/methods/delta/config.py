@@ -123,7 +123,7 @@ class EncoreConfig(DeltaConfig):
                                             "reach z (1 = the paper's weight)")
     passes: int = option(2, "sweeps over the edited blocks; the second writes what the first left between the update's "
                             "output and z (100 CounterFact edits, SmolLM2: z reached 0.70 -> 0.90, landed 93% -> 100%, "
-                            "time +1%; benchmarks/RESULTS.md) (1 = the paper)")
+                            "about 4% more time; benchmarks/RESULTS.md) (1 = the paper)")
     norm_lambda: float = option(20.0, "lambda_N on |dW|^2 (ENCORE's update_norm_lambda for Llama3-8B)")
     previous_edits: bool = option(True, "add sum K_p K_p^T of the keys of every loaded delta pack at the site")
 
