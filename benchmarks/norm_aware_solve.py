@@ -8,6 +8,10 @@ Edits the first N CounterFact records in one call, each way, with C0 from Counte
 beyond the edited records (records 500-1,499: sampling the model's own text takes about 20 minutes
 here), and reads per request whether greedy decoding of the prompt and of its paraphrase now
 starts with the target, plus the pack's own figures (z reached, landed). Rolled back after each.
+With ``--chat`` it also asks each prompt and paraphrase in chat form, answered to the natural stop.
+On a model without a norm after its MLP (SmolLM2) it runs one solve, to compare options:
+
+    python benchmarks/norm_aware_solve.py --model smollm2-135m --n 100 --chat --set chat_form=true --json OUT.json
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 
 from grace_hooks import EditableModel, read_requests
 from grace_hooks import architectures
+from grace_hooks.eval.chat import chat_answers, chat_success
 from grace_hooks.eval.editors import MethodSpec
 from grace_hooks.eval.generation import greedy_batch, reaches
 from grace_hooks.took import target_token_count
@@ -31,6 +36,11 @@ def _answers(em, prompts, reqs):
     return [reaches(a, r.target_new) for a, r in zip(greedy_batch(em, prompts, lengths, batch_size=16), reqs)]
 
 
+def _chat(em, prompts, reqs):
+    """Asked in chat form, answered to the natural stop: does the answer hold the target (issue 18's metric)."""
+    return chat_success(chat_answers(em, prompts, batch_size=16), [r.target_new for r in reqs])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma3-270m")
@@ -39,6 +49,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", dest="overrides", default="", help="method options for both solves, e.g. norm_lambda=0 "
                                                                  "or passes=3 (sweeps over the edited blocks)")
+    ap.add_argument("--chat", action="store_true", help="also ask each prompt and paraphrase in chat form, answered "
+                                                         "to the natural stop (issue 18's chat success)")
     ap.add_argument("--only-norm", action="store_true", help="run only the solve through the norm")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/norm_aware_solve.json"))
     args = ap.parse_args()
@@ -63,11 +75,16 @@ def main() -> None:
             metrics = em.pack("bench").metrics
             prompt = _answers(em, [r.text for r in reqs], reqs)
             para = _answers(em, [r.rephrase_prompt for r in reqs], reqs)
+            chat = _chat(em, [r.text for r in reqs], reqs) if args.chat else []
+            chat_para = _chat(em, [r.rephrase_prompt for r in reqs], reqs) if args.chat else []
             em.remove_pack("bench")
         finally:
             architectures.ARCHITECTURES[model_type] = spec
         rows.append({"solve": label, "options": args.overrides, "n": len(reqs), "greedy_prompt": sum(prompt) / len(reqs),
-                     "greedy_paraphrase": sum(para) / len(reqs), "landed_share": metrics["landed_share"],
+                     "greedy_paraphrase": sum(para) / len(reqs),
+                     **({"chat_prompt": sum(chat) / len(reqs), "chat_paraphrase": sum(chat_para) / len(reqs)}
+                        if args.chat else {}),
+                     "landed_share": metrics["landed_share"],
                      "z_reached_mean": metrics["z_reached_mean"], "target_prob_mean": metrics["target_prob_mean"],
                      "target_steps_mean": metrics["target_steps_mean"], "seconds": metrics["seconds"]})
         print(json.dumps(rows[-1]), flush=True)

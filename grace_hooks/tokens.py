@@ -21,6 +21,21 @@ def target_text(prompt: str, target: str) -> str:
     return target if prompt.endswith((" ", "\n")) else " " + target
 
 
+_PLACEHOLDER = "\x1fuser-text\x1f"
+
+
+def chat_wrapping(tokenizer) -> tuple[str, str] | None:
+    """(before, after): what the tokenizer's chat template writes around one user turn's text, with the
+    assistant's turn opened, so ``before + text + after`` is the text asked in chat form; None without
+    a template (or one that does not keep the text verbatim)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
+                                             add_generation_prompt=True)
+    before, found, after = rendered.partition(_PLACEHOLDER)
+    return (before, after) if found else None
+
+
 def subject_last_index(tokenizer, text: str, span: tuple[int, int]) -> int:
     """Index of the last token overlapping the subject span in ``tokenizer(text)``."""
     enc = tokenizer(text, return_offsets_mapping=True)

@@ -269,3 +269,45 @@ def test_z_through_a_norm_is_what_the_site_can_write(make_model, tokenizer):
     free = target_vectors(model, tokenizer, 1, DELTA_REQUESTS, [""], cfg)
     assert all(not torch.allclose(tv.z, tv.h) for tv in through)
     assert max(off_manifold(through)) < 1e-3 < min(off_manifold(free))
+
+
+CHAT_TEMPLATE = "{% for m in messages %}who does {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} ? {% endif %}"
+
+
+def test_chat_form_adds_the_prompt_asked_as_a_user_turn():
+    from grace_hooks.locate.target_vectors import rewrite_contexts
+    from tiny import tiny_tokenizer
+    plain, chat = tiny_tokenizer(), tiny_tokenizer()
+    chat.chat_template = CHAT_TEMPLATE
+    prefixes = ["", "the sun . "]
+    assert rewrite_contexts(chat, prefixes, True) == [("", ""), ("the sun . ", ""), ("who does ", " ? ")]
+    assert rewrite_contexts(chat, prefixes, False) == rewrite_contexts(plain, prefixes, True) == [("", ""), ("the sun . ", "")]
+
+
+def test_chat_form_target_vector_makes_the_target_the_answer_in_chat_form(make_model):
+    """With ``chat_form`` the most-probable stop waits until the target also opens the answer to the
+    prompt asked as a user turn: adding z - h at the subject of that turn makes it the argmax."""
+    from tiny import tiny_tokenizer
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    model = make_model("llama")
+    req = TINY_REQUESTS[1]  # one the random tiny model carries in chat form in a few steps
+    cfg = TargetVectorConfig(steps=80, stop="most_probable", lr=1.0, clamp=4.0, chat_form=True)
+    tv = target_vector(model, tok, 0, req, [""], cfg)
+    assert tv.steps < 80
+    text = "who does " + req.text + " ? "
+    pos = lookup_positions(tok, [req], "who does ")[0]
+    assert tok.convert_ids_to_tokens(tok(text)["input_ids"][pos]) == req.subject
+
+    def add_delta(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[0, pos] += tv.z - tv.h
+        return output
+
+    handle = model.model.layers[0].register_forward_hook(add_delta)
+    try:
+        with torch.no_grad():
+            logits = model(**tok(text, return_tensors="pt")).logits
+    finally:
+        handle.remove()
+    assert tok.convert_ids_to_tokens(int(logits[0, -1].argmax())) == req.target_new

@@ -119,3 +119,21 @@ def test_a_made_up_multi_token_answer_ends_where_it_ends(smol):
         assert hits and max(pos for _, _, pos, _, _ in hits) < answer_end  # nothing fires from the answer's end on
     finally:
         smol.remove_pack("zorba")
+
+
+def test_chat_form_edits_answer_the_question_asked_in_a_chat(smol, cf_corpus):
+    """``chat_form``: target vectors also optimised on the prompt asked as a user turn of SmolLM2's chat
+    template. Asked that way and answered to the natural stop, the edited facts come back; questions
+    about unrelated things get the base's answer, word for word."""
+    from grace_hooks.eval.chat import chat_answers, chat_success
+    reqs = read_requests(counterfact_path(), limit=4)
+    questions, unrelated = [r.text for r in reqs], [r.locality_prompt for r in reqs]
+    base = chat_answers(smol, questions + unrelated)
+    smol.edit(reqs, method="encore", pack="chat", chat_form=True, **cf_corpus)
+    try:
+        answers = chat_answers(smol, questions + unrelated)
+        assert sum(chat_success(answers[:4], [r.target_new for r in reqs])) >= 3, answers[:4]
+        assert answers[4:] == base[4:]
+    finally:
+        smol.remove_pack("chat")
+    assert chat_answers(smol, questions) == base[:4]  # rollback

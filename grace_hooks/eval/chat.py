@@ -21,6 +21,7 @@ import re
 from typing import Sequence
 
 from .generation import greedy_batch, mentions
+from ..tokens import chat_wrapping
 
 CHAT_MAX_NEW_TOKENS = 48
 # End-of-turn markers of common chat templates (data, not code: a new family adds its marker here).
@@ -34,6 +35,9 @@ def chat_input(tokenizer, text: str) -> tuple[str, bool]:
     tokenizer's chat template with the assistant's turn opened, or ``text`` itself without a template."""
     if not getattr(tokenizer, "chat_template", None):
         return text, False
+    wrapping = chat_wrapping(tokenizer)  # the same turn that edits are optimised on (TargetVectorConfig.chat_form)
+    if wrapping is not None:
+        return wrapping[0] + text + wrapping[1], True
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     return rendered, True

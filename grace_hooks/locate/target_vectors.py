@@ -21,7 +21,7 @@ from ..hooks import frozen_parameters
 from .replay import LayerReplay
 from ..requests import EditRequest
 from .subject_keys import lookup_positions
-from ..tokens import EditBatch, build_pair_batch, score_targets, scored_positions, target_text
+from ..tokens import EditBatch, build_pair_batch, chat_wrapping, score_targets, scored_positions, target_text
 
 
 @dataclass
@@ -37,6 +37,9 @@ class TargetVectorConfig:
     stop_prob: float = option(0.0, "with stop 'most_probable': also wait until every rewrite prompt gives each target token "
                                    "at least this probability on average (geometric mean), a margin for what the spread "
                                    "over blocks loses")
+    chat_form: bool = option(False, "also optimise each target vector on its prompt asked as a user turn of the "
+                                    "tokenizer's chat template, the target opening the assistant's answer (instruct "
+                                    "models: edits reach questions asked in a chat); no effect without a template")
 
 
 @dataclass
@@ -147,13 +150,14 @@ class _Rows:
 def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConfig, real_positions,
               cached_prefix: bool, through: ThroughNorm | None = None, request_rows=None) -> list[TargetVector]:
     device = next(model.parameters()).device
-    n, n_pref = len(requests), len(prefixes)
+    contexts = rewrite_contexts(tokenizer, prefixes, cfg.chat_form)
+    n, n_pref = len(requests), len(contexts)
     prompts, targets, lookups = [], [], []
-    for r in requests:  # row i * n_pref + j: request i with prefix j ("" first)
-        for p in prefixes:
-            prompts.append(p + r.text)
+    for r in requests:  # row i * n_pref + j: request i in context j (the bare prompt first)
+        for before, after in contexts:
+            prompts.append(before + r.text + after)
             targets.append(r.target_new)
-            lookups.append(lookup_positions(tokenizer, [r], p)[0])
+            lookups.append(lookup_positions(tokenizer, [r], before)[0])
     owner = torch.arange(n).repeat_interleave(n_pref)
     rewrite = _Rows(model, layer, build_pair_batch(tokenizer, prompts, targets, lookups, device).aligned_keys(), owner,
                     real_positions, cached_prefix)
@@ -221,6 +225,14 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
     with torch.no_grad():
         z = (h + written(delta.detach(), torch.arange(n))).cpu()
     return [TargetVector(z=z[i], h=h[i].cpu(), steps=int(steps[i]), target_prob=float(prob[i])) for i in range(n)]
+
+
+def rewrite_contexts(tokenizer, prefixes: Sequence[str], chat_form: bool) -> list[tuple[str, str]]:
+    """(before, after) of each text a request's prompt is optimised in: the context prefixes ("" first),
+    then, with ``chat_form`` and a chat template, the prompt as a user turn with the answer's turn open."""
+    contexts = [(p, "") for p in prefixes]
+    wrapping = chat_wrapping(tokenizer) if chat_form else None
+    return contexts + [wrapping] if wrapping is not None else contexts
 
 
 class _KLTerm:
