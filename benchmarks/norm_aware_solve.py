@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from grace_hooks import EditableModel, read_requests
+from grace_hooks import EditableModel
+from grace_hooks.errors import EditRequestError
+from grace_hooks.requests import record_to_request
 from grace_hooks import architectures
 from grace_hooks.eval.chat import chat_answers, chat_success
 from grace_hooks.eval.editors import MethodSpec
@@ -34,6 +36,18 @@ from grace_hooks.took import target_token_count
 def _answers(em, prompts, reqs):
     lengths = [target_token_count(em.tokenizer, p, r.target_new) for p, r in zip(prompts, reqs)]
     return [reaches(a, r.target_new) for a, r in zip(greedy_batch(em, prompts, lengths, batch_size=16), reqs)]
+
+
+def _usable_requests(path: str, limit: int):
+    """The file's first ``limit`` records as edit requests, leaving out the few that are not usable as
+    one (zsRE holds records with an empty answer)."""
+    out = []
+    for record in json.loads(Path(path).read_text(encoding="utf-8"))[:limit]:
+        try:
+            out.append(record_to_request(record).validate())
+        except EditRequestError:
+            continue
+    return out
 
 
 def _chat(em, prompts, reqs):
@@ -56,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     em = EditableModel.from_pretrained(args.model)
-    records = read_requests(args.data, limit=1500)
+    records = _usable_requests(args.data, 1500)
     reqs = records[: args.n]
     corpus = Path(tempfile.mkdtemp()) / "corpus.txt"
     corpus.write_text("\n\n".join(f"{r.text} {r.ground_truth}. {r.rephrase_prompt or ''}" for r in records[500:]),
