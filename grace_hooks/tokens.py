@@ -5,7 +5,7 @@ Shared by every method and by the evaluation code: one place for "where is the k
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -34,6 +34,16 @@ def chat_wrapping(tokenizer) -> tuple[str, str] | None:
                                              add_generation_prompt=True)
     before, found, after = rendered.partition(_PLACEHOLDER)
     return (before, after) if found else None
+
+
+def chat_form_requests(tokenizer, requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """Each request with its prompt asked as a user turn of the tokenizer's chat template, the answer's
+    turn open and the subject verbatim; [] without a template (see :func:`chat_wrapping`)."""
+    wrapping = chat_wrapping(tokenizer)
+    if wrapping is None:
+        return []
+    before, after = wrapping
+    return [replace(r, prompt=before + r.text + after) for r in requests]
 
 
 def subject_last_index(tokenizer, text: str, span: tuple[int, int]) -> int:

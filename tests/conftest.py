@@ -29,6 +29,8 @@ DELTA_REQUESTS = [
 # scatter its activations), C0 weight 1 (3 keys against a 128-dim C0) and a long target optimisation.
 DELTA_TINY = dict(corpus_texts=32, corpus_tokens=32, n_prefixes=0, mom2_weight=1.0, clamp=4.0, lr=1.0, steps=50,
                   stop="most_probable")
+# A chat template for the tiny word-level tokenizer: one user turn reads "who does {text} ? ".
+CHAT_TEMPLATE = "{% for m in messages %}who does {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} ? {% endif %}"
 UNRELATED = ["the cat sat on the mat", "the quick brown fox jumps over the lazy dog", "carol speaks french",
              "the capital of gondor is", "frank works for the company"]
 

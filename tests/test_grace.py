@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TINY_REQUESTS, UNRELATED, last_logits, next_token, target_id
+from conftest import CHAT_TEMPLATE, TINY_REQUESTS, UNRELATED, last_logits, next_token, target_id
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.hooks import count_hooks
 
@@ -97,3 +97,27 @@ def test_span_scope_keeps_a_wide_key_to_texts_that_name_its_subject(make_model, 
     assert next_token(em, tokenizer, NARNIA.format("narnia")) == tokenizer.convert_tokens_to_ids("tokyo")
     unchanged = torch.equal(last_logits(em, tokenizer, [other])[0], base)
     assert unchanged == (scope == "span")  # 'narnia' is not in the other prompt: only the span rule sees it
+
+
+@pytest.mark.parametrize("chat_form", [False, True])
+def test_chat_form_keys_the_prompt_asked_as_a_user_turn(make_model, chat_form):
+    """``chat_form``: a second key per edit at the end of its prompt asked as a user turn, serving the
+    same request; asked that way, the answer opens with the target (and only with the option), and
+    removing the pack gives the base's answer back."""
+    from tiny import tiny_tokenizer
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    em = _em(make_model, tok)
+    req = TINY_REQUESTS[0]
+    asked = "who does " + req.text + " ? "
+    base = next_token(em, tok, asked)
+    assert base != target_id(tok, req)
+    em.edit([req], method="grace", pack="p", chat_form=chat_form)
+    pack = em.pack("p")
+    assert pack.metrics["codebook"]["entries"] == (2 if chat_form else 1)
+    assert all(served == [0] for served in next(iter(pack.routing.key_requests.values())))
+    assert next_token(em, tok, req.text) == target_id(tok, req)
+    assert (next_token(em, tok, asked) == target_id(tok, req)) == chat_form
+    assert pack.metrics.get("chat_form_success") == (1.0 if chat_form else None)
+    em.remove_pack("p")
+    assert next_token(em, tok, asked) == base

@@ -1,7 +1,7 @@
 """Subject keys over context prefixes and target-vector optimisation (shared by weight-delta methods)."""
 import torch
 
-from conftest import TINY_REQUESTS, param_hash
+from conftest import CHAT_TEMPLATE, TINY_REQUESTS, param_hash
 from grace_hooks.architectures import Site
 from grace_hooks.hooks import count_hooks
 from grace_hooks.methods.comeba.hook_layer import HookLayer
@@ -269,9 +269,6 @@ def test_z_through_a_norm_is_what_the_site_can_write(make_model, tokenizer):
     free = target_vectors(model, tokenizer, 1, DELTA_REQUESTS, [""], cfg)
     assert all(not torch.allclose(tv.z, tv.h) for tv in through)
     assert max(off_manifold(through)) < 1e-3 < min(off_manifold(free))
-
-
-CHAT_TEMPLATE = "{% for m in messages %}who does {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} ? {% endif %}"
 
 
 def test_chat_form_adds_the_prompt_asked_as_a_user_turn():

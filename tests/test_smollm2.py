@@ -121,15 +121,17 @@ def test_a_made_up_multi_token_answer_ends_where_it_ends(smol):
         smol.remove_pack("zorba")
 
 
-def test_chat_form_edits_answer_the_question_asked_in_a_chat(smol, cf_corpus):
-    """``chat_form``: target vectors also optimised on the prompt asked as a user turn of SmolLM2's chat
-    template. Asked that way and answered to the natural stop, the edited facts come back; questions
-    about unrelated things get the base's answer, word for word."""
+@pytest.mark.parametrize("method", ["encore", "grace"])
+def test_chat_form_edits_answer_the_question_asked_in_a_chat(smol, cf_corpus, method):
+    """``chat_form``: the default's target vectors also optimised on the prompt asked as a user turn of
+    SmolLM2's chat template; GRACE also keys the edit at the end of that turn. Asked that way and
+    answered to the natural stop, the edited facts come back; questions about unrelated things get
+    the base's answer, word for word."""
     from grace_hooks.eval.chat import chat_answers, chat_success
     reqs = read_requests(counterfact_path(), limit=4)
     questions, unrelated = [r.text for r in reqs], [r.locality_prompt for r in reqs]
     base = chat_answers(smol, questions + unrelated)
-    smol.edit(reqs, method="encore", pack="chat", chat_form=True, **cf_corpus)
+    smol.edit(reqs, method=method, pack="chat", chat_form=True, **(cf_corpus if method == "encore" else {}))
     try:
         answers = chat_answers(smol, questions + unrelated)
         assert sum(chat_success(answers[:4], [r.target_new for r in reqs])) >= 3, answers[:4]

@@ -19,6 +19,7 @@ class GraceConfig:
     replacement: str = option("in_scope", "'in_scope': every position whose own input is within a key's radius; 'last': only the last real position of each forward (the paper's query token)", ("in_scope", "last"))
     scope: str = option("span", SCOPE_HELP + "; a GRACE key's subject must occur at or before the position", SCOPES)
     end_answer: bool = option(True, "also train the token the base model writes after the answer, so that the answer ends there instead of repeating its last piece ('Zorbatownownown...')")
+    chat_form: bool = option(False, "also key each edit at the end of its prompt asked as a user turn of the tokenizer's chat template, the value trained so the answer opens with the target (no effect without a template; scope 'span' keeps the key to forwards that name the subject)")
     value_init: str = option("cold", "'cold': uniform random (the paper's default); 'warm': the site's current output at the key", ("cold", "warm"))
     lr: float = option(1.0, "Adam learning rate for the values (paper: 1.0)")
     n_iter: int = option(100, "most Adam steps (paper: 100); stops once every target token is the argmax")

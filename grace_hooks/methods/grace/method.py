@@ -15,7 +15,7 @@ from ...requests import EditRequest
 from ...router import NO_KEY, exact_assign
 from ...runtime import SiteContribution
 from ...spans import KeyRouting, request_answer_spans, request_spans
-from ...tokens import EditBatch, build_edit_batch, score_targets, scored_positions
+from ...tokens import EditBatch, build_edit_batch, chat_form_requests, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod, register
 from .codebook import Codebook
 from .config import DEFAULT_RELATIVE_DEPTH, GraceConfig
@@ -48,7 +48,9 @@ class Grace(EditMethod):
 
     def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: GraceConfig) -> ComputedEdit:
         site = self.site(ctx.model, cfg)
-        batch = build_edit_batch(ctx.tokenizer, requests, cfg.key, device=ctx.device)
+        rows_requests = list(requests) + (chat_form_requests(ctx.tokenizer, requests) if cfg.chat_form else [])
+        owner = [i % len(requests) for i in range(len(rows_requests))]  # row -> the request it keys
+        batch = build_edit_batch(ctx.tokenizer, rows_requests, cfg.key, device=ctx.device)
         if cfg.end_answer:
             batch = batch.with_next_tokens(self._answer_ends(ctx, batch))
         captured = []  # the site's input and output, from the forward that sets up the replay
@@ -56,12 +58,12 @@ class Grace(EditMethod):
             scope.forward(site.module(ctx.model), lambda m, a, o: captured.append((a[0].detach(), o.detach())))
             replay = LayerReplay(ctx.model, site.layer, batch.input_ids, batch.attention_mask)
         x, y = captured[0]
-        rows = torch.arange(len(requests), device=x.device)
+        rows = torch.arange(len(rows_requests), device=x.device)
         queries = x[rows, batch.key_pos].float()
 
         book = Codebook(cfg.eps_init)
         loaded = ctx.loaded.site(site.name)
-        for i, req in enumerate(requests):
+        for i, req in enumerate(rows_requests):
             book.add(queries[i].cpu(), req.target_new.strip(), i, loaded)
 
         keys = torch.stack([e.key for e in book.entries])
@@ -73,12 +75,15 @@ class Grace(EditMethod):
             "labels": {n: [e.label for e in book.entries]},
             "shrink": [{"site": n, "pack_id": p, "key": k, "radius": r} for (p, k), r in book.shrinks.items()],
         }
-        routing = KeyRouting(key_requests={n: [list(map(int, e.requests)) for e in book.entries]})  # each key's requests
+        served = [sorted({owner[r] for r in e.requests}) for e in book.entries]
+        routing = KeyRouting(key_requests={n: served})  # each key's requests
         if cfg.scope == "span":  # a key fires once its subject has occurred, until its answer has been written
             routing.subject_spans = request_spans(ctx.tokenizer, requests)
             routing.answer_spans = request_answer_spans(ctx.tokenizer, requests)
+        n_req = len(requests)
         metrics = {
-            "teacher_forced_success": float(correct.float().mean()),
+            "teacher_forced_success": float(correct[:n_req].float().mean()),
+            **({"chat_form_success": float(correct[n_req:].float().mean())} if len(correct) > n_req else {}),
             "iterations": iters,
             "codebook": {"entries": len(book.entries), "splits": book.splits, "expansions": book.expansions,
                          "shrunk_earlier_keys": len(book.shrinks)},
@@ -163,7 +168,7 @@ class Grace(EditMethod):
                     kept = live.to(rows.device)[rows]
                     scoped = (number.to(rows.device)[rows[kept]], cols[kept], entry[kept])
             bar.close()
-        log.info("grace: %d requests, %d codebook entries, %d steps, %.0f%% teacher-forced success",
+        log.info("grace: %d prompts, %d codebook entries, %d steps, %.0f%% teacher-forced success",
                  n_rows, len(book.entries), iters, 100 * float(correct.float().mean()))
         return values.detach().cpu().float(), iters, correct
 
