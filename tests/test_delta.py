@@ -68,11 +68,14 @@ def test_computing_an_edit_leaves_the_model_unchanged(make_model, tokenizer):
         assert [p.name for p in em.packs] == ["earlier"] and all(p.requires_grad for p in model.parameters())
 
 
-def test_encore_carries_earlier_keys_through_packs(make_model, tokenizer, tmp_path):
-    """ENCORE's normal matrix holds lambda_N I + sum K_p K_p^T of the loaded packs; a chain
-    continued after a reload gives the same second pack."""
-    em = _edited(make_model, tokenizer, "encore", norm_lambda=1.0)
-    em.edit(MORE, method="encore", pack="p2", **ENCORE_TINY)
+@pytest.mark.parametrize("previous_edits", [True, None])
+def test_encore_carries_earlier_keys_through_packs(make_model, tokenizer, tmp_path, previous_edits):
+    """ENCORE's normal matrix holds lambda_N I + sum K_p K_p^T of the loaded packs (by default only in
+    global mode: these routed edits leave the earlier keys out); a chain continued after a reload gives
+    the same second pack."""
+    cfg = {**ENCORE_TINY, "previous_edits": previous_edits}
+    em = _edited(make_model, tokenizer, "encore", **cfg)
+    em.edit(MORE, method="encore", pack="p2", **cfg)
     p1, p2 = em.pack("p1"), em.pack("p2")
     for site in p2.sites:
         t1 = {k: v.to(torch.float64) for k, v in p1.site_tensors(site).items()}
@@ -80,12 +83,14 @@ def test_encore_carries_earlier_keys_through_packs(make_model, tokenizer, tmp_pa
         K1, K2 = t1["keys"].T, t2["keys"].T
         lam = make_config(EncoreConfig, ENCORE_TINY).c0_weight(len(K1))  # routed: a tenth of mom2_weight
         assert lam == pytest.approx(0.1)
-        M = lam * _c0(em, site, DELTA_TINY) + 1.0 * torch.eye(len(K1)) + K1 @ K1.T + K2 @ K2.T
+        M = lam * _c0(em, site, DELTA_TINY) + 1.0 * torch.eye(len(K1)) + K2 @ K2.T
+        if previous_edits:
+            M = M + K1 @ K1.T
         torch.testing.assert_close(M @ t2["V"], K2, rtol=1e-4, atol=1e-4)
     em.save_pack("p1", tmp_path)
     again = EditableModel(make_model("llama"), tokenizer, name="tiny-llama")
     again.load_adapters(tmp_path)
-    again.edit(MORE, method="encore", pack="p2", **ENCORE_TINY)
+    again.edit(MORE, method="encore", pack="p2", **cfg)
     for name, t in p2.tensors.items():
         torch.testing.assert_close(again.pack("p2").tensors[name], t, rtol=1e-4, atol=1e-5)
 

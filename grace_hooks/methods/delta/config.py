@@ -125,10 +125,17 @@ class EncoreConfig(DeltaConfig):
                             "output and z (100 CounterFact edits, SmolLM2: z reached 0.70 -> 0.90, landed 93% -> 100%, "
                             "about 4% more time; benchmarks/RESULTS.md) (1 = the paper)")
     norm_lambda: float = option(20.0, "lambda_N on |dW|^2 (ENCORE's update_norm_lambda for Llama3-8B)")
-    previous_edits: bool = option(True, "add sum K_p K_p^T of the keys of every loaded delta pack at the site")
+    previous_edits: bool | None = option(None, "add sum K_p K_p^T of the keys of every loaded delta pack at the site "
+                                               "(the paper); None = in global mode only: a routed delta acts only on "
+                                               "its own subjects, and with 5,000 edits loaded the term held a new batch "
+                                               "to 53% landed against 100% without it, earlier edits holding alike "
+                                               "(benchmarks/RESULTS.md)")
 
     def c0_weight(self, d_in: int) -> float:
         return super().c0_weight(d_in) * (self.routed_c0_fraction if self.mode == "routed" else 1.0)
+
+    def keeps_previous_edits(self) -> bool:
+        return self.mode == "global" if self.previous_edits is None else self.previous_edits
 
 
 @dataclass

@@ -28,13 +28,14 @@ class Memit(DeltaMethod):
 @register
 class Encore(DeltaMethod):
     """ENCORE (Gupta et al. 2025, the norm-constrained MEMIT update):
-    P = lambda_p C0 + lambda_N I + sum over earlier edits of K_p K_p^T (the keys the loaded packs carry)."""
+    P = lambda_p C0 + lambda_N I + sum over earlier edits of K_p K_p^T (the keys the loaded packs carry;
+    by default only in global mode, see EncoreConfig.previous_edits)."""
 
     name = "encore"
     config_class = EncoreConfig
 
     def preservation(self, c0: torch.Tensor, loaded: LoadedSite | None, cfg: EncoreConfig) -> torch.Tensor:
-        previous = loaded_factors(loaded, "keys") if cfg.previous_edits else None
+        previous = loaded_factors(loaded, "keys") if cfg.keeps_previous_edits() else None
         return preservation_matrix(c0.shape[0], c0, cfg.c0_weight(c0.shape[0]), cfg.norm_lambda, previous)
 
 

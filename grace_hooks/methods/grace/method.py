@@ -88,6 +88,8 @@ class Grace(EditMethod):
             "codebook": {"entries": len(book.entries), "splits": book.splits, "expansions": book.expansions,
                          "shrunk_earlier_keys": len(book.shrinks)},
         }
+        log.info("grace: %d requests, %d prompts, %d codebook entries, %d steps, %.0f%% teacher-forced success",
+                 n_req, len(rows_requests), len(book.entries), iters, 100 * metrics["teacher_forced_success"])
         tensors = {f"{n}/keys": keys.contiguous(), f"{n}/radii": radii, f"{n}/values": values.contiguous()}
         return ComputedEdit(sites=[n], tensors=tensors, state=state, routing=routing, metrics=metrics)
 
@@ -168,8 +170,6 @@ class Grace(EditMethod):
                     kept = live.to(rows.device)[rows]
                     scoped = (number.to(rows.device)[rows[kept]], cols[kept], entry[kept])
             bar.close()
-        log.info("grace: %d prompts, %d codebook entries, %d steps, %.0f%% teacher-forced success",
-                 n_rows, len(book.entries), iters, 100 * float(correct.float().mean()))
         return values.detach().cpu().float(), iters, correct
 
     def site_layouts(self, config: GraceConfig) -> list[dict[str, TensorSpec]]:
