@@ -5,11 +5,12 @@ and do the earlier edits still hold?
     python benchmarks/edit_on_top.py --adapters DIR --offset 5000 --batch 100 --set "" --set previous_edits=false \
         --json benchmarks/results/edit_on_top.json
 
-Loads the packs of ``DIR`` (e.g. the first 5,000 edits of a lifelong run) onto the base, then for each
-``--set`` edits records ``offset .. offset + batch`` of ``--data`` with the method and those options,
-reads the new pack's own figures (share of requests whose target is now the greedy continuation of
-their prompt, share of the way to z, seconds), scores ES (new target more likely than the true one)
-on the new records and on every ``--stride``-th earlier record, and removes the new pack again.
+Loads the packs of ``DIR`` (e.g. the first 5,000 edits of a lifelong run) onto the base. Then, for
+each ``--set``, it edits records ``offset .. offset + batch`` of ``--data`` (or the first ``batch`` of
+``--new-data``) with the method and those options, reads the new pack's own figures (share of
+requests whose target is now the greedy continuation of their prompt, share of the way to z,
+seconds), scores ES (new target more likely than the true one) on the new records and on every
+``--stride``-th earlier record, and removes the new pack again.
 Nothing is written to ``DIR``.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--offset", type=int, required=True, help="first record of the new batch (records before it are the earlier edits)")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--stride", type=int, default=10, help="every stride-th earlier record is scored for retention")
+    ap.add_argument("--new-data", default=None, help="take the new batch from the start of this file instead (when --data "
+                                                     "has no records after --offset)")
     ap.add_argument("--method", default="encore")
     ap.add_argument("--set", action="append", default=None, help="KEY=VALUE,... options of one run (repeatable; '' = defaults)")
     ap.add_argument("--threads", type=int, default=1)
@@ -50,6 +53,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     records = read_requests(args.data, limit=args.offset + args.batch)
     new, earlier = records[args.offset:], records[:args.offset:args.stride]
+    if args.new_data:
+        new = read_requests(args.new_data, limit=args.batch)
     em = EditableModel.from_pretrained(args.model, adapters=args.adapters)
     rows = []
     try:

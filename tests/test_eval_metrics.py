@@ -157,3 +157,28 @@ def test_retention_counts_only_edits_that_worked():
     # edits 0, 1, 3 worked right after; of those, 0 and 3 still work; edit 2 never worked, edit 4 unknown
     assert retention([True, False, True, True, False], [1.0, 1.0, 0.0, 1.0, None]) == pytest.approx(2 / 3)
     assert retention([True], [0.0]) is None
+
+
+def test_names_edited_subject_wants_another_records_subject_as_whole_words():
+    from grace_hooks.eval.metrics import names_edited_subject
+    subjects = {"John Lennon", "Paris", "Toko Yasuda"}
+    assert names_edited_subject("john lennon performs on the", "Toko Yasuda", subjects)  # case ignored
+    assert not names_edited_subject("The Parisian metro is", "Toko Yasuda", subjects)  # not a whole word
+    assert not names_edited_subject("Toko Yasuda plays the", "Toko Yasuda", subjects)  # the record's own subject
+    assert not names_edited_subject(None, "x", subjects) and not names_edited_subject("the cat sat", "x", subjects)
+
+
+def test_unrelated_locality_counts_only_the_prompts_that_name_no_edited_subject():
+    from grace_hooks.eval.metrics import PairScores, unrelated_locality
+
+    def scores(digests, hits):
+        n = len(digests)
+        return {"locality/true": PairScores(np.zeros(n), np.zeros(n), [[] for _ in range(n)], digests, hits)}
+
+    edited = scores(["a", "X", "c", "Y", ""], [set(), {("s", "p", 0)}, set(), {("s", "p", 1)}, set()])
+    base = scores(["a", "b", "c", "d", ""], None)
+    # prompt 1 names an edited subject (its fire is right); prompt 3 does not (a false fire); prompt 4 is missing
+    got = unrelated_locality(edited, base, [True, False, True, True, True])
+    assert got["unrelated_locality_prompts"] == 3.0
+    assert got["bit_identical_unrelated"] == pytest.approx(2 / 3) and got["false_fire_unrelated"] == pytest.approx(1 / 3)
+    assert "false_fire_unrelated" not in unrelated_locality(base, base, [True] * 5)  # not traced

@@ -19,7 +19,7 @@ STREAM = [EditRequest(prompt="the capital of {} is", subject=s, target_new=t, gr
                       locality_ground_truth="paris") for s, t in zip(SUBJECTS, TARGETS)]
 CFG = LifelongConfig(n_records=6, batch=2, checkpoint_every=2, eval_sample=3, eval_batch=4, gen_tokens=2, gen_rounds=1)
 STABLE = ("ES", "ERR", "PS", "NS", "NS_base", "generation_success", "bit_identical", "perplexity_ratio", "router_recall",
-          "false_fire", "sample_size", "edits")
+          "false_fire", "sample_size", "edits", "bit_identical_unrelated", "false_fire_unrelated")
 
 
 def test_checkpoint_counts():
@@ -88,6 +88,9 @@ def test_grace_run_keeps_unrelated_inputs_identical(make_model, tokenizer, tmp_p
     assert last["bit_identical_text"] == 1.0 and last["perplexity_ratio"] == 1.0 and last["false_fire_text"] == 0.0
     # the prompt's answer in chat form holds the target (no template here: the prompt itself); other answers unchanged
     assert last["chat_success"] == 1.0 and last["chat_success_base"] == 0.0 and last["chat_locality"] == 1.0
+    # "the capital of city is" names no edited subject: every sampled locality prompt counts as unrelated
+    assert last["unrelated_locality_prompts"] == last["sample_size"] and last["bit_identical_unrelated"] == 1.0
+    assert last["false_fire_unrelated"] == 0.0 and last["chat_locality_unrelated"] == 1.0
     # examples: (question, base answer, edited answer); the edited answers hold the target, the base ones do not
     for question, base, edited in last["chat_success_examples"]:
         assert isinstance(question, str) and base != edited

@@ -33,7 +33,8 @@ from ..requests import EditRequest
 from .editors import Editor, MethodSpec, make_editor
 from .chat import chat_answers, chat_success
 from .generation import timed_generation
-from .metrics import PairScores, counterfact_metrics, generation_success, retention, score_records, score_texts
+from .metrics import (PairScores, counterfact_metrics, generation_success, names_edited_subject, retention, score_records,
+                      score_texts, unrelated_locality)
 from .runinfo import dir_bytes, median, p90, peak_rss_mib
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,10 @@ class LifelongRun:
         s_base.update(_take(base, sample))
         serves = [editor.serves(i // self.cfg.batch, i % self.cfg.batch) for i in sample] if editor.routed else None
         ck.update({k: v for k, v in counterfact_metrics(s_edited, s_base, serves).items() if not k.startswith("ES")})
+        subjects = {self.requests[i].subject for i in every}
+        unrelated = {i for i in sample if not names_edited_subject(self.requests[i].locality_prompt, self.requests[i].subject, subjects)}
+        if "locality/true" in s_edited:
+            ck.update(unrelated_locality(s_edited, s_base, [i in unrelated for i in sample]))
         gen, gen_base = self._generation(editor, sample)
         ck["generation_success"], ck["generation_success_base"] = float(np.mean(gen)), float(np.mean(gen_base))
         if all(self.requests[i].rephrase_prompt for i in sample):  # greedy on the paraphrase: starts with / mentions the target
@@ -242,16 +247,17 @@ class LifelongRun:
             ck["generation_success_rephrase"], ck["generation_success_rephrase_base"] = float(np.mean(starts)), float(np.mean(starts_base))
             ck["generation_mentions_rephrase"], ck["generation_mentions_rephrase_base"] = float(np.mean(said)), float(np.mean(said_base))
         if self.cfg.chat_sample:
-            ck.update(self._chat(editor, sample[::max(1, math.ceil(len(sample) / self.cfg.chat_sample))]))
+            ck.update(self._chat(editor, sample[::max(1, math.ceil(len(sample) / self.cfg.chat_sample))], unrelated))
         ck.update(self._health(editor))
         ck.update(self._speed(editor, m))
         ck.update(self._costs(editor, state, m))
         ck["eval_seconds"] = time.perf_counter() - t0
         return ck
 
-    def _chat(self, editor: Editor, idx: list[int]) -> dict[str, Any]:
+    def _chat(self, editor: Editor, idx: list[int], unrelated: set[int]) -> dict[str, Any]:
         """Questions in chat form answered to their natural stop (:mod:`grace_hooks.eval.chat`): the
-        edit's prompt and paraphrase contain the new target; unrelated answers equal the base's."""
+        edit's prompt and paraphrase contain the new target; unrelated answers equal the base's (also
+        over the records in ``unrelated`` alone: locality questions that name no edited subject)."""
         out: dict[str, Any] = {"chat_sample_size": len(idx)}
         reqs = [self.requests[i] for i in idx]
         for part, field in (("prompt", "text"), ("rephrase", "rephrase_prompt"), ("locality", "locality_prompt")):
@@ -267,6 +273,8 @@ class LifelongRun:
             base = self.base.chat[key]
             if part == "locality":
                 out["chat_locality"] = float(np.mean([a == b for a, b in zip(answers, base)]))
+                same = [a == b for i, a, b in zip(rows, answers, base) if i in unrelated]
+                out["chat_locality_unrelated"] = float(np.mean(same)) if same else None
                 continue
             targets = [self.requests[i].target_new for i in rows]
             name = "chat_success" if part == "prompt" else "chat_success_rephrase"

@@ -11,7 +11,9 @@ scores of a record can be measured once, side by side with the edited ones, and 
   prompt / rephrase prompt; locality = share of argmax tokens on the locality prompt and its
   answer that are unchanged against the base.
 - Routing: router recall = share of rephrase prompts in scope of (a key serving) their own edit;
-  false-fire rate = share of locality prompts in scope of any key.
+  false-fire rate = share of locality prompts in scope of any key. In a long stream many locality
+  prompts name a subject that another record edits ("John Lennon performs on the"), where the
+  router is right to act: the ``*_unrelated`` figures count only the prompts that name none.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -159,6 +161,27 @@ def counterfact_metrics(edited: dict[str, PairScores], base: dict[str, PairScore
     reph = edited.get("rephrase/new")
     if serves is not None and reph is not None and reph.hits is not None:
         m["router_recall"] = _mean([float(any(map(f, h))) for f, h, d in zip(serves, reph.hits, reph.digest) if d])
+    return m
+
+
+def names_edited_subject(prompt: str | None, own_subject: str, subjects: Collection[str]) -> bool:
+    """Whether ``prompt`` names, as whole words, the subject of an edit other than its own record's."""
+    if not prompt:
+        return False
+    low = prompt.lower()
+    return any(s != own_subject and s.lower() in low and mentions(prompt, s) for s in subjects)
+
+
+def unrelated_locality(edited: dict[str, PairScores], base: dict[str, PairScores],
+                       unrelated: Sequence[bool]) -> dict[str, float | None]:
+    """Bit-identical share and false-fire rate over the locality prompts with ``unrelated[i]`` (those
+    that name no edited subject: :func:`names_edited_subject`), and how many there were."""
+    e, b = edited["locality/true"], base["locality/true"]
+    rows = [i for i, u in enumerate(unrelated) if u and e.digest[i]]
+    m: dict[str, float | None] = {"unrelated_locality_prompts": float(len(rows)),
+                                  "bit_identical_unrelated": _mean([float(e.digest[i] == b.digest[i]) for i in rows])}
+    if e.hits is not None:
+        m["false_fire_unrelated"] = _mean([float(bool(e.hits[i])) for i in rows])
     return m
 
 

@@ -14,8 +14,9 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("ERR", "ERR", "%"),
     ("reliability", "reliability", "%"), ("generality", "generality", "%"), ("locality", "locality", "%"),
     ("ppl ratio", "perplexity_ratio", "x"), ("bit-identical", "bit_identical", "%"),
+    ("bit-identical (unrelated)", "bit_identical_unrelated", "%"),
     ("W norm growth", "weight_norm_ratio_max", "x"), ("act. drift", "activation_drift_max", "x"),
-    ("recall", "router_recall", "%"), ("false fire", "false_fire", "%"),
+    ("recall", "router_recall", "%"), ("false fire", "false_fire", "%"), ("false fire (unrelated)", "false_fire_unrelated", "%"),
     ("s/edit (median)", "seconds_per_edit_median", "s"), ("s/edit (p90)", "seconds_per_edit_p90", "s"),
     ("tok/s ratio", "time_ratio_to_base", "inv"), ("bytes/edit disk", "bytes_per_edit_disk", "n"),
 ]
