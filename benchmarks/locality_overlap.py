@@ -18,8 +18,10 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from grace_hooks import EditableModel
+from grace_hooks.eval.metrics import names_edited_subject
 from grace_hooks.requests import read_requests
 
 
@@ -45,7 +47,7 @@ def main() -> None:
     em = EditableModel.from_pretrained(args.model, adapters=args.adapters)
     groups: dict[str, list[tuple[bool, bool]]] = {"names_an_edited_subject": [], "names_none": []}
     try:
-        for r in records[::args.stride]:
+        for r in tqdm(records[::args.stride], desc="locality prompts", unit="prompt"):
             if not r.locality_prompt:
                 continue
             ids = em.tokenizer(r.locality_prompt, return_tensors="pt").input_ids  # the prompt, as the harness counts fires
@@ -54,7 +56,7 @@ def main() -> None:
                     edited = em(input_ids=ids).logits
                 with em.disabled():
                     base = em(input_ids=ids).logits
-            named = any(s in r.locality_prompt for s in subjects if s != r.subject)
+            named = names_edited_subject(r.locality_prompt, r.subject, subjects)  # as the harness splits them
             groups["names_an_edited_subject" if named else "names_none"].append((bool(hits), torch.equal(edited, base)))
     finally:
         em.close()

@@ -48,8 +48,9 @@ class Grace(EditMethod):
 
     def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: GraceConfig) -> ComputedEdit:
         site = self.site(ctx.model, cfg)
+        n_req = len(requests)
         rows_requests = list(requests) + (chat_form_requests(ctx.tokenizer, requests) if cfg.chat_form else [])
-        owner = [i % len(requests) for i in range(len(rows_requests))]  # row -> the request it keys
+        owner = [i % n_req for i in range(len(rows_requests))]  # row -> the request it keys
         batch = build_edit_batch(ctx.tokenizer, rows_requests, cfg.key, device=ctx.device)
         if cfg.end_answer:
             batch = batch.with_next_tokens(self._answer_ends(ctx, batch))
@@ -80,7 +81,6 @@ class Grace(EditMethod):
         if cfg.scope == "span":  # a key fires once its subject has occurred, until its answer has been written
             routing.subject_spans = request_spans(ctx.tokenizer, requests)
             routing.answer_spans = request_answer_spans(ctx.tokenizer, requests)
-        n_req = len(requests)
         metrics = {
             "teacher_forced_success": float(correct[:n_req].float().mean()),
             **({"chat_form_success": float(correct[n_req:].float().mean())} if len(correct) > n_req else {}),
