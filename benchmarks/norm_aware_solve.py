@@ -1,22 +1,23 @@
 #!/usr/bin/env python
-"""Routed weight deltas on a model whose MLP output reaches the residual stream through a norm
-(Gemma 3): the solve taken as is against the solve that aims through the norm.
+"""The default method's edits of the first N records in one call, each read back at once: whether
+greedy decoding of the prompt and of its paraphrase now starts with the target, plus the pack's own
+figures (z reached, landed, seconds per phase). Rolled back after.
 
     python benchmarks/norm_aware_solve.py --model gemma3-270m --n 20 --json benchmarks/results/norm_aware_solve.json
 
-Edits the first N CounterFact records in one call, each way, with C0 from CounterFact sentences
-beyond the edited records (records 500-1,499: sampling the model's own text takes about 20 minutes
-here), and reads per request whether greedy decoding of the prompt and of its paraphrase now
-starts with the target, plus the pack's own figures (z reached, landed). Rolled back after each.
-With ``--chat`` it also asks each prompt and paraphrase in chat form, answered to the natural stop.
-On a model without a norm after its MLP (SmolLM2) it runs one solve, to compare options:
+C0 comes from CounterFact sentences beyond the edited records (records 500-1,499: sampling the
+model's own text takes about 20 minutes on Gemma here). With ``--chat`` it also asks each prompt
+and paraphrase in chat form, answered to the natural stop. ``--set`` passes method options:
 
     python benchmarks/norm_aware_solve.py --model smollm2-135m --n 100 --chat --set chat_form=true --json OUT.json
+
+The name is from its first use: on Gemma 3, whose MLP output reaches the residual stream through a
+norm, it compared a solve taken as is with one aimed through that norm (rows up to commit 4b12318);
+the update is now added after the norm (architectures.ArchSpec.written_at), so there is one solve.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -27,6 +28,7 @@ from grace_hooks import EditableModel
 from grace_hooks.errors import EditRequestError
 from grace_hooks.requests import record_to_request
 from grace_hooks import architectures
+from grace_hooks.architectures import Site
 from grace_hooks.eval.chat import chat_answers, chat_success
 from grace_hooks.eval.editors import MethodSpec
 from grace_hooks.eval.generation import greedy_batch, reaches
@@ -61,11 +63,10 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/counterfact-train.json")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--set", dest="overrides", default="", help="method options for both solves, e.g. norm_lambda=0 "
-                                                                 "or passes=3 (sweeps over the edited blocks)")
+    ap.add_argument("--set", dest="overrides", default="", help="method options, e.g. layers=2-6 or passes=3 "
+                                                                 "(sweeps over the edited blocks)")
     ap.add_argument("--chat", action="store_true", help="also ask each prompt and paraphrase in chat form, answered "
                                                          "to the natural stop (issue 18's chat success)")
-    ap.add_argument("--only-norm", action="store_true", help="run only the solve through the norm")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/norm_aware_solve.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,37 +76,29 @@ def main() -> None:
     corpus = Path(tempfile.mkdtemp()) / "corpus.txt"
     corpus.write_text("\n\n".join(f"{r.text} {r.ground_truth}. {r.rephrase_prompt or ''}" for r in records[500:]),
                       encoding="utf-8")
-    model_type = em.base_model.config.model_type
-    spec = architectures.ARCHITECTURES[model_type]
     rows = []
     overrides = dict(MethodSpec.parse(f"encore:{args.overrides}").overrides) if args.overrides else {}
-    solves = (("as is", {}), ("through the norm", spec.residual_norms))
-    if not spec.residual_norms:  # e.g. Llama: nothing to aim through, one solve (to compare other options)
-        solves = (("no norm (as is)", {}),)
-    for label, norms in solves[-1:] if args.only_norm else solves:
-        architectures.ARCHITECTURES[model_type] = dataclasses.replace(spec, residual_norms=norms)
-        try:
-            em.edit(reqs, pack="bench", corpus=str(corpus), max_tokens=4000, corpus_probe=4000, **overrides)
-            metrics = em.pack("bench").metrics
-            prompt = _answers(em, [r.text for r in reqs], reqs)
-            para = _answers(em, [r.rephrase_prompt for r in reqs], reqs)
-            chat = _chat(em, [r.text for r in reqs], reqs) if args.chat else []
-            chat_para = _chat(em, [r.rephrase_prompt for r in reqs], reqs) if args.chat else []
-            em.remove_pack("bench")
-        finally:
-            architectures.ARCHITECTURES[model_type] = spec
-        rows.append({"solve": label, "options": args.overrides, "n": len(reqs), "greedy_prompt": sum(prompt) / len(reqs),
-                     "greedy_paraphrase": sum(para) / len(reqs),
-                     **({"chat_prompt": sum(chat) / len(reqs), "chat_paraphrase": sum(chat_para) / len(reqs)}
-                        if args.chat else {}),
-                     "landed_share": metrics["landed_share"],
-                     "z_reached_mean": metrics["z_reached_mean"], "target_prob_mean": metrics["target_prob_mean"],
-                     "target_steps_mean": metrics["target_steps_mean"], "seconds": metrics["seconds"]})
-        print(json.dumps(rows[-1]), flush=True)
+    em.edit(reqs, pack="bench", corpus=str(corpus), max_tokens=4000, corpus_probe=4000, **overrides)
+    metrics = em.pack("bench").metrics
+    prompt = _answers(em, [r.text for r in reqs], reqs)
+    para = _answers(em, [r.rephrase_prompt for r in reqs], reqs)
+    chat = _chat(em, [r.text for r in reqs], reqs) if args.chat else []
+    chat_para = _chat(em, [r.rephrase_prompt for r in reqs], reqs) if args.chat else []
+    em.remove_pack("bench")
+    rows.append({"solve": "after the norm" if architectures.arch_spec(em.base_model).written_at else "as is",
+                 "data": args.data, "options": args.overrides, "n": len(reqs),
+                 "layers": [Site.parse(s).layer for s in metrics["layers"]],
+                 "greedy_prompt": sum(prompt) / len(reqs), "greedy_paraphrase": sum(para) / len(reqs),
+                 **({"chat_prompt": sum(chat) / len(reqs), "chat_paraphrase": sum(chat_para) / len(reqs)}
+                    if args.chat else {}),
+                 "landed_share": metrics["landed_share"],
+                 "z_reached_mean": metrics["z_reached_mean"], "target_prob_mean": metrics["target_prob_mean"],
+                 "target_steps_mean": metrics["target_steps_mean"], "seconds": metrics["seconds"]})
+    print(json.dumps(rows[-1]), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     if args.json.exists():  # one file for every run of the script: rows accumulate
         rows = json.loads(args.json.read_text())["rows"] + rows
-    args.json.write_text(json.dumps({"model": args.model, "data": args.data, "rows": rows}, indent=2))
+    args.json.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

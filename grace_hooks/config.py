@@ -59,8 +59,14 @@ def make_config(cls: type[C], overrides: dict[str, Any] | None = None, base: dic
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
+    retired = getattr(cls, "retired", {})  # option -> (the value whose behaviour is what runs now, why it went)
     for source in (base or {}, overrides or {}):
         for key, value in source.items():
+            if key in retired and key not in fields:
+                kept, why = retired[key]
+                if source is base and value == kept:  # a pack stored before it went asked for what runs now
+                    continue
+                raise ConfigError(f"option {key!r} was removed: {why}")
             if key not in fields:
                 raise ConfigError(unknown_option(key, cls))
             value = _coerce(key, value, hints[key])

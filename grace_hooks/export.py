@@ -32,12 +32,16 @@ def export_peft(pack: EditPack, dest: str | Path) -> Path:
         raise PackError(f"pack {pack.name!r} was made for architecture {pack.base.model_type!r}, which has no module table")
     tensors, ranks, transposed = {}, {}, set()
     for name, c in impl.contributions(pack).items():
+        site = Site.parse(name)
+        path = site.path(spec)
+        if site.point in spec.written_at:
+            raise PackError(f"pack {pack.name!r} has no LoRA form: on {pack.base.model_type!r} its effect at {name} is "
+                            f"added after {spec.written_at[site.point]!r}, not to the weight of {path!r}; serve it "
+                            "with grace_hooks instead")
         try:
             A, B = c.effect.lora()
         except NoLoraForm as exc:
             raise PackError(f"pack {pack.name!r} (method {pack.method!r}) has no LoRA form: {exc}") from None
-        site = Site.parse(name)
-        path = site.path(spec)
         tensors[f"base_model.model.{path}.lora_A.weight"] = A
         tensors[f"base_model.model.{path}.lora_B.weight"] = B
         ranks[path] = int(B.shape[1])

@@ -35,6 +35,7 @@ class ForwardContext:
     state: dict[Any, Any] = field(default_factory=dict)  # what effect layers keep between this thread's forwards
     tokens: np.ndarray | None = None  # (batch, history + width) token ids for subject spans; None: not known
     seen: dict[str, list[set]] = field(default_factory=dict)  # site -> per row, 'seen'-anchored keys already met
+    site_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # a site's input, kept for the module it writes
     depth: int = 0  # model forwards entered by this thread and not yet left (each holds the runtime's lock once)
 
 

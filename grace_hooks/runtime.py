@@ -56,7 +56,7 @@ class SiteRuntime:
         self.ids: dict[str, np.ndarray] = {}  # pack id -> router ids
         self._layers: dict[type, EffectLayer] = {}  # effect layer class -> its layer here
         self._ordered: list[EffectLayer] = []  # the layers in the order their changes apply
-        self.handle = None  # its forward hook, owned by the EditRuntime's HookOwner
+        self.handles: list = []  # its forward hooks, owned by the EditRuntime's HookOwner
 
     @property
     def exclusive(self) -> np.ndarray:
@@ -245,7 +245,7 @@ class EditRuntime:
     # --- packs ---
     def site(self, site: Site) -> SiteRuntime:
         if site.name not in self.sites:
-            module = site.module(self.model)
+            module = site.written(self.model)  # the output its effects change
             d_in, d_out = site.dims(self.model)
             rt = SiteRuntime(site, module, d_in, d_out)
             if not self.sites:  # first site: record the context of each forward (and hold the lock through it)
@@ -254,13 +254,13 @@ class EditRuntime:
                     self.hooks.forward(self.model, self._leave_forward, always_call=True),
                 ]
             self.sites[site.name] = rt
-            rt.handle = self.hooks.forward(module, self._site_hook(rt))
+            rt.handles = site.hook(self.hooks, self.model, self._site_hook(rt), lambda: self.context.site_inputs)
         return self.sites[site.name]
 
     def _site_hook(self, rt: SiteRuntime):
-        def hook(module, args, output):
+        def hook(x, output):
             ctx = self.context
-            return rt.apply(args[0], output, ctx) if ctx.enabled else None
+            return rt.apply(x, output, ctx) if ctx.enabled else None
 
         return hook
 
@@ -286,7 +286,8 @@ class EditRuntime:
             if pack_id in rt.packs:
                 rt.remove(pack_id)
             if not rt.packs:  # no pack left here: the site's hook goes too
-                self.hooks.remove(rt.handle)
+                for handle in rt.handles:
+                    self.hooks.remove(handle)
                 del self.sites[name]
         if not self.sites:
             for handle in self._context_handles:

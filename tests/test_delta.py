@@ -145,7 +145,10 @@ def test_peft_export_refuses_what_lora_cannot_express(make_model, tokenizer, tmp
     routed.edit(DELTA_REQUESTS[:1], method="grace", pack="g")
     with pytest.raises(PackError, match="no weight delta"):
         export_peft(routed.pack("g"), tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    gemma = _edited(make_model, tokenizer, "memit", arch="gemma3_text", mode="global")  # added after the post-MLP norm
+    with pytest.raises(PackError, match="post_feedforward_layernorm"):
+        export_peft(gemma.pack("p1"), tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_health_reports_weight_growth_and_activation_drift(make_model, tokenizer):
@@ -239,18 +242,48 @@ def test_a_second_sweep_adds_its_residual_to_u_and_closes_on_z(make_model, token
     assert p2.metrics["landed_share"] >= p1.metrics["landed_share"]
 
 
-def test_z_through_norm_acts_only_where_a_norm_follows_the_site(make_model, tokenizer):
-    """z_through_norm changes nothing on Llama (no norm after the MLP); on Gemma 3 it changes z and
-    so the update, and the pack still applies and rolls back."""
-    plain = _edited(make_model, tokenizer, "encore", norm_lambda=1.0)
-    asked = _edited(make_model, tokenizer, "encore", norm_lambda=1.0, z_through_norm=True)
-    assert all(torch.equal(t, asked.pack("p1").tensors[k]) for k, t in plain.pack("p1").tensors.items())
-    free = _edited(make_model, tokenizer, "encore", arch="gemma3_text", norm_lambda=1.0)
-    through = _edited(make_model, tokenizer, "encore", arch="gemma3_text", norm_lambda=1.0, z_through_norm=True)
-    site = through.pack("p1").sites[0]
-    assert not torch.equal(free.pack("p1").site_tensors(site)["U"], through.pack("p1").site_tensors(site)["U"])
-    through.remove_pack("p1")
-    assert count_hooks(through.base_model) == 0
+def test_on_gemma_a_delta_is_added_after_the_post_mlp_norm(make_model, tokenizer):
+    """Gemma 3 normalises the MLP output before the residual add: a global delta keyed on the MLP's
+    hidden activations x changes that norm's output by exactly dW x (so the solve's residual reaches
+    the residual stream as is), the MLP's own output not at all; removal leaves no hook behind."""
+    em = _edited(make_model, tokenizer, "memit", arch="gemma3_text", mode="global")
+    model, site = em.base_model, Site.parse(em.pack("p1").sites[0])  # the lowest edited block: its input is the base's
+    block = model.get_submodule("model.layers")[site.layer]
+    seen = {}
+    hooks = [block.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.update(x=a[0], mlp=o)),
+             block.post_feedforward_layernorm.register_forward_hook(lambda m, a, o: seen.update(y=o))]
+    enc = tokenizer(UNRELATED[:2], return_tensors="pt", padding=True)
+    try:
+        with torch.no_grad():
+            with em.disabled():
+                em(**enc)
+            base = dict(seen)
+            em(**enc)
+    finally:
+        for h in hooks:
+            h.remove()
+    t = em.pack("p1").site_tensors(site.name)
+    torch.testing.assert_close(seen["x"], base["x"])
+    torch.testing.assert_close(seen["mlp"], base["mlp"])  # the MLP's own output is left alone
+    torch.testing.assert_close(seen["y"] - base["y"], seen["x"] @ t["V"] @ t["U"].T, rtol=1e-4, atol=1e-5)
+    em.remove_pack("p1")
+    assert count_hooks(model) == 0
+
+
+def test_a_pack_stored_with_a_retired_option_still_loads(make_model, tokenizer, tmp_path):
+    """z_through_norm went when Gemma's deltas moved after the norm: a pack that stored its default loads;
+    asking for it now says why it went."""
+    em = _edited(make_model, tokenizer, "encore", norm_lambda=1.0)
+    em.save_pack("p1", tmp_path)
+    config = tmp_path / "p1" / "edit_pack.json"
+    stored = json.loads(config.read_text())
+    stored["method_config"]["z_through_norm"] = False
+    config.write_text(json.dumps(stored))
+    again = EditableModel(make_model("llama"), tokenizer, name="tiny-llama")
+    again.load_pack(tmp_path / "p1")
+    assert again.pack("p1").n_edits == len(DELTA_REQUESTS)
+    with pytest.raises(ConfigError, match="was removed: on Gemma"):
+        again.edit(DELTA_REQUESTS[:1], method="encore", pack="p2", z_through_norm=False)
 
 
 def test_edit_without_a_method_uses_the_default(make_model, tokenizer):

@@ -21,9 +21,16 @@ def _delta(site: Site, model, rank=2, seed=0, scale=0.5):
 
 
 def _merged(model, site: Site, U, V):
-    """A copy of the model with dW = U V^T written into the site's weight (the reference)."""
+    """A copy of the model with dW = U V^T written into the site's weight (the reference); where the
+    architecture adds the site's effects after another module (Gemma's post-MLP norm), plain torch
+    hooks on the copy add dW x to that module's output instead."""
     twin = copy.deepcopy(model)
-    module = site.module(twin)
+    module, written = site.module(twin), site.written(twin)
+    if written is not module:
+        seen = {}
+        module.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
+        written.register_forward_hook(lambda m, a, o: o + seen.pop("x") @ V @ U.T)
+        return twin
     with torch.no_grad():
         dw = U @ V.T
         module.weight += dw.T if module.weight.shape != dw.shape else dw  # GPT-2 Conv1D stores (d_in, d_out)

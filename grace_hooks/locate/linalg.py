@@ -77,25 +77,3 @@ def project_out(vectors: torch.Tensor, basis: torch.Tensor | None) -> torch.Tens
         return v
     b = basis.to(torch.float64)
     return v - b @ (b.T @ v)
-
-
-def change_before(norm, y: torch.Tensor, want: torch.Tensor, max_iter: int = 50) -> torch.Tensor:
-    """The change of ``y`` (n, d) that moves ``norm(y)`` by ``want`` as nearly as it can, least squares
-    over each row (L-BFGS): for a site whose output reaches the residual stream through a norm (Gemma
-    2/3 normalise the MLP output, with gains in the hundreds), the residual an update must write at
-    the site. A norm's output has a fixed size, so only the part of ``want`` that turns it is reachable.
-    ``norm``: a callable without parameters that need gradients (wrap a module in ``frozen_parameters``)."""
-    y = y.detach().to(torch.float32)
-    goal = norm(y).detach() + want.to(torch.float32)
-    change = torch.zeros_like(y, requires_grad=True)
-    opt = torch.optim.LBFGS([change], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = ((norm(y + change) - goal) ** 2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return change.detach()

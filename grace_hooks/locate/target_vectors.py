@@ -50,27 +50,8 @@ class TargetVector:
     target_prob: float  # mean over rewrite prompts of P(target), at the end
 
 
-@dataclass
-class ThroughNorm:
-    """Target vectors the top edited site can write when its output reaches the residual stream
-    through a norm (Gemma 2/3): z - h = norm(m + v) - norm(m), with m (n, d) the site's output at
-    each request's key and v the optimised change, instead of a free z - h that the norm cannot
-    produce (its output has a fixed size and small gains in many directions). v is optimised as
-    u * |m| / |norm(m)|, so a step of u moves the residual about as far as a free step would."""
-
-    norm: torch.nn.Module
-    outputs: torch.Tensor  # (n, d) the site's output at the key of each request's bare prompt
-
-    def offset(self, u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        m = self.outputs[rows.to(self.outputs.device)].to(u)
-        base = self.norm(m)
-        v = u * (m.norm(dim=1) / base.norm(dim=1))[:, None]
-        return self.norm(m + v) - base
-
-
 def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest], prefixes: Sequence[str],
-                   cfg: TargetVectorConfig | None = None, real_positions=None, cached_prefix: bool = True,
-                   through: ThroughNorm | None = None) -> list[TargetVector]:
+                   cfg: TargetVectorConfig | None = None, real_positions=None, cached_prefix: bool = True) -> list[TargetVector]:
     """Optimise one delta per request at the output of block ``layer`` (the model is not changed).
 
     Requests are optimised ``cfg.batch_size`` at a time (those of like length together), each with its
@@ -78,8 +59,7 @@ def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest]
     once: every step replays the blocks above it. ``real_positions(mask)``: a context manager that
     tells hooks on the replayed blocks which positions are real (``EditRuntime.attention_mask``).
     ``cached_prefix``: replay only the columns from the key token on (exact: nothing before the key
-    depends on the delta; False replays every column, for comparison). ``through``: z - h is what
-    the top site can write through its norm (:class:`ThroughNorm`), not a free vector.
+    depends on the delta; False replays every column, for comparison).
     """
     cfg = cfg or TargetVectorConfig()
     n_blocks = len(model.get_submodule(arch_spec(model).layers))
@@ -92,7 +72,7 @@ def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest]
         for lo in range(0, len(requests), cfg.batch_size):
             rows = order[lo:lo + cfg.batch_size]
             found = _optimise(model, tokenizer, layer, [requests[i] for i in rows], prefixes, cfg, real_positions,
-                              cached_prefix, through, torch.tensor(rows))
+                              cached_prefix)
             for i, vector in zip(rows, found):
                 out[i] = vector
     return out
@@ -148,7 +128,7 @@ class _Rows:
 
 
 def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConfig, real_positions,
-              cached_prefix: bool, through: ThroughNorm | None = None, request_rows=None) -> list[TargetVector]:
+              cached_prefix: bool) -> list[TargetVector]:
     device = next(model.parameters()).device
     contexts = rewrite_contexts(tokenizer, prefixes, cfg.chat_form)
     n, n_pref = len(requests), len(contexts)
@@ -166,12 +146,8 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
     bare = torch.arange(n) * n_pref
     key_rows, key_cols = rewrite.key_columns()
     h = rewrite.replay.hidden_in[key_rows[bare].to(device), key_cols[bare].to(device)].float()  # (n, d): the residual before the edit
-    delta = torch.zeros_like(h, requires_grad=True)  # z - h, or through a norm the change u that writes it
+    delta = torch.zeros_like(h, requires_grad=True)  # z - h
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-
-    def written(u: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The residual offset (z - h) of the live requests ``ids`` from their variables ``u``."""
-        return u if through is None else through.offset(u, request_rows[ids])
 
     if kl is not None:
         kl.start(torch.zeros_like(h))
@@ -184,7 +160,7 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
     for step in range(1, cfg.steps + 1):
         bar.update()
         bar.set_postfix(optimising=len(ids))
-        d = written(delta[ids.to(device)], ids)
+        d = delta[ids.to(device)]
         scores = score_targets(rw.logits(d), rw.scored)
         m = len(ids)
         owner_rows = rw.owner.to(device)
@@ -209,8 +185,7 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
         with torch.no_grad():
             delta[~live.to(device)] = frozen  # finished requests keep their delta (Adam's momentum would move it)
             norms, limit = delta.norm(dim=1), cfg.clamp * h.norm(dim=1)
-            # project back into the ball |delta| <= clamp |h| (MEMIT eq. 16's clamp; through a norm it bounds
-            # u, and the offset written is bounded by the norm's output anyway)
+            # project back into the ball |delta| <= clamp |h| (MEMIT eq. 16's clamp)
             over = norms > limit
             delta[over] *= (limit[over] / norms[over])[:, None]
         if bool(done.any()):  # replay only the rows of the requests still optimised
@@ -223,7 +198,7 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
             ids = ids[keep]
     bar.close()
     with torch.no_grad():
-        z = (h + written(delta.detach(), torch.arange(n))).cpu()
+        z = (h + delta.detach()).cpu()
     return [TargetVector(z=z[i], h=h[i].cpu(), steps=int(steps[i]), target_prob=float(prob[i])) for i in range(n)]
 
 

@@ -67,10 +67,11 @@ class EditContext:
             yield
 
     def capture(self, site: Site, **model_inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input, output) of ``site`` for one forward, with every loaded pack active."""
+        """(input, output) of ``site`` for one forward, with every loaded pack active (the output its
+        effects change: ``Site.written``)."""
         captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         with self.hooks.scoped() as scope, torch.no_grad():
-            scope.forward(site.module(self.model), lambda m, a, o: captured.append((a[0].detach(), o.detach())))
+            site.hook(scope, self.model, lambda x, y: captured.append((x.detach(), y.detach())))
             self.model(**model_inputs)
         return captured[0]
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 from ...config import option
 from ...errors import ConfigError
@@ -21,7 +22,8 @@ class SolveConfig(TargetVectorConfig):
     from TargetVectorConfig)."""
 
     layers: str | None = option(None, "edited blocks, e.g. '3-7' or '3,4,5'; None = 5 consecutive blocks centred near "
-                                      "a sixth of the depth (3-7 of 30), as MEMIT/ENCORE edit 4-8 of Llama3-8B's 32")
+                                      "a sixth of the depth (3-7 of 30), as MEMIT/ENCORE edit 4-8 of Llama3-8B's 32; "
+                                      "3 on Gemma 2/3 (2-4 of 18: spread wider, the update overshoots)")
     point: str = option("mlp_out", "hook point inside each block (see architectures.ARCHITECTURES)")
     scope: str = option("span", SCOPE_HELP, SCOPES)
     radius_scale: float | None = option(None, "with router keys: a key's radius is this times its spread (largest distance "
@@ -41,17 +43,17 @@ class SolveConfig(TargetVectorConfig):
     max_tokens: int = option(100_000, "at most this many key vectors in C0")
     n_prefixes: int = option(5, "model-written context prefixes besides the bare prompt (MEMIT: 5, of 10 tokens)")
     prefix_tokens: int = option(10, "length of each model-written context prefix (MEMIT: 10)")
-    z_through_norm: bool = option(False, "where the last edited block's output reaches the residual stream through a "
-                                         "norm (Gemma 2/3), optimise z as what that block can write through it: z - h = "
-                                         "norm(m + v) - norm(m). Off: on Gemma 3 (20 edits) z was reached further "
-                                         "(0.71 against 0.15-0.38) but no more edits landed, at 1.7x the time "
-                                         "(benchmarks/RESULTS.md)")
     passes: int = option(1, "sweeps over the edited blocks: each later sweep writes what the update so far leaves "
                             "between the last edited block's output and z, with the first sweep's keys (so the pack "
                             "keeps its size: only U grows by the new residuals); 1 = MEMIT")
     target_prefixes: int | None = option(None, "context prefixes besides the bare prompt that target vectors are "
                                                "optimised on (the keys and router radii still use n_prefixes); "
                                                "None = n_prefixes, as MEMIT")
+
+    retired: ClassVar[dict[str, tuple[Any, str]]] = {
+        "z_through_norm": (False, "on Gemma 2/3 weight deltas now act after the post-MLP norm (architectures."
+                                  "ArchSpec.written_at), so no norm stands between an update and the residual stream"),
+    }
 
     def __post_init__(self) -> None:
         if self.passes < 1:
@@ -74,12 +76,13 @@ class SolveConfig(TargetVectorConfig):
     def c0_weight(self, d_in: int) -> float:
         return self.mom2_weight if self.mom2_weight is not None else LLAMA3_MOM2_WEIGHT * d_in / LLAMA3_D_IN
 
-    def layer_list(self, n_layers: int) -> list[int]:
-        """The edited blocks, ascending. The last one must be below the last block (its output is
-        where target vectors are optimised)."""
+    def layer_list(self, n_layers: int, spread: int = 5) -> list[int]:
+        """The edited blocks, ascending; by default ``spread`` consecutive ones centred near a sixth of
+        the depth (the architecture's ``spread_blocks``). The last one must be below the last block
+        (its output is where target vectors are optimised)."""
         if self.layers is None:
-            centre = round(n_layers / 6)
-            return list(range(max(0, centre - 2), min(n_layers - 1, centre + 3)))
+            start = round(n_layers / 6) - spread // 2
+            return list(range(max(0, start), min(n_layers - 1, start + spread)))
         try:
             out: set[int] = set()
             for part in str(self.layers).replace(" ", "").split(","):

@@ -21,10 +21,10 @@ from ...architectures import Site, arch_spec, num_layers
 from ...hooks import frozen_parameters, head_only_at
 from ...loaded import LoadedSite
 from ...locate.covariance import SecondMoment
-from ...locate.linalg import LowRank, change_before, closed_form_update
+from ...locate.linalg import LowRank, closed_form_update
 from ...locate.statistics import Statistics
 from ...locate.subject_keys import activations_at_subject
-from ...locate.target_vectors import ThroughNorm, target_vectors
+from ...locate.target_vectors import target_vectors
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
@@ -74,7 +74,7 @@ class DeltaMethod(EditMethod):
 
     # ------------------------------------------------------------------ shared parts
     def sites(self, model, cfg: DeltaConfig) -> list[Site]:
-        return [Site(layer, cfg.point) for layer in cfg.layer_list(num_layers(model))]
+        return [Site(layer, cfg.point) for layer in cfg.layer_list(num_layers(model), arch_spec(model).spread_blocks)]
 
     @staticmethod
     def statistics(ctx: EditContext) -> Statistics:
@@ -99,9 +99,8 @@ class DeltaMethod(EditMethod):
             moments = self.second_moments(ctx, sites, cfg)
         z_layer = sites[-1].layer
         with clock("target vectors"):
-            through = self._through_norm(ctx, requests, sites[-1]) if cfg.z_through_norm else None
             tvs = target_vectors(model, tok, z_layer, requests, prefixes[: 1 + cfg.target_prefix_count()],
-                                 cfg.target_config(), ctx.attention_mask, through=through)
+                                 cfg.target_config(), ctx.attention_mask)
         z = torch.stack([tv.z for tv in tvs]).to(torch.float64)
         top = model.get_submodule(arch_spec(model).layers)[z_layer]
 
@@ -121,7 +120,7 @@ class DeltaMethod(EditMethod):
                     keys_of[n] = samples.mean(0)
                 keys = keys_of[n]
                 with ctx.staged(staged), self.solving(ctx, cfg):
-                    residual = self._residual(ctx, requests, site, top, z, len(sites) - i, clock)
+                    residual = self._residual(ctx, requests, top, z, len(sites) - i, clock)
                 if sweep == 0:
                     loaded = ctx.loaded.site(site.name)
                     with clock("solve"):
@@ -172,33 +171,15 @@ class DeltaMethod(EditMethod):
         return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, routing=routing, metrics=metrics)
 
     @staticmethod
-    def _through_norm(ctx: EditContext, requests: list[EditRequest], site: Site) -> ThroughNorm | None:
-        """Where ``site``'s output reaches the residual stream through a norm: that norm and the
-        site's output at each request's key (z is then what the site can write); else None."""
-        norm = site.residual_norm(ctx.model)
-        if norm is None:
-            return None
-        out = activations_at_subject(ctx.model, ctx.tokenizer, site.module(ctx.model), requests, [""], which="output",
-                                     batch_size=KEY_FORWARD_ROWS)[0]
-        return ThroughNorm(norm, out)
-
-    @staticmethod
-    def _residual(ctx: EditContext, requests: list[EditRequest], site: Site, top, z: torch.Tensor, blocks_left: int,
+    def _residual(ctx: EditContext, requests: list[EditRequest], top, z: torch.Tensor, blocks_left: int,
                   clock: PhaseClock) -> torch.Tensor:
-        """(n, d_out) float64: what the update at ``site`` must add to its output, with what acts now
-        (call inside the staged block): MEMIT's (z - the top block's output) / blocks left, aimed
-        through the norm between the site and the residual stream where the architecture has one."""
-        model, tok = ctx.model, ctx.tokenizer
-        norm = site.residual_norm(model)
+        """(n, d_out) float64: what the update at the next site must add to its output, with what acts
+        now (call inside the staged block): MEMIT's (z - the top block's output) / blocks left. The
+        site's output joins the residual stream as is (``Site.written``)."""
         with clock("keys and residuals"):
-            now = activations_at_subject(model, tok, top, requests, [""], which="output", batch_size=KEY_FORWARD_ROWS)[0]
-            out = activations_at_subject(model, tok, site.module(model), requests, [""], which="output",
-                                         batch_size=KEY_FORWARD_ROWS)[0] if norm is not None else None
-        residual = (z - now.to(torch.float64)) / blocks_left  # MEMIT: spread over the blocks left
-        if norm is None:
-            return residual
-        with clock("solve"), frozen_parameters(norm):  # the site's output reaches the residual through a norm: aim through it
-            return change_before(norm, out, residual).to(torch.float64)
+            now = activations_at_subject(ctx.model, ctx.tokenizer, top, requests, [""], which="output",
+                                         batch_size=KEY_FORWARD_ROWS)[0]
+        return (z - now.to(torch.float64)) / blocks_left  # MEMIT eq. 14's residual spread over the blocks left
 
     def _landed(self, ctx: EditContext, requests: list[EditRequest], staged: dict[str, SiteContribution], cfg) -> list[bool]:
         """Whether each request's target is the greedy continuation of its own prompt (teacher-forced:

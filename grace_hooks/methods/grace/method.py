@@ -56,7 +56,7 @@ class Grace(EditMethod):
             batch = batch.with_next_tokens(self._answer_ends(ctx, batch))
         captured = []  # the site's input and output, from the forward that sets up the replay
         with ctx.hooks.scoped() as scope:
-            scope.forward(site.module(ctx.model), lambda m, a, o: captured.append((a[0].detach(), o.detach())))
+            site.hook(scope, ctx.model, lambda x, y: captured.append((x.detach(), y.detach())))
             replay = LayerReplay(ctx.model, site.layer, batch.input_ids, batch.attention_mask)
         x, y = captured[0]
         rows = torch.arange(len(rows_requests), device=x.device)
@@ -126,7 +126,7 @@ class Grace(EditMethod):
         reaches[entry.cpu(), rows.cpu()] = True
         scoped = (rows, cols, entry)  # of the rows being replayed, numbered within them
 
-        def replace(module, args, output):
+        def replace(x, output):
             r, c, e = scoped
             out = output.clone()
             out[r, c] = values[e].to(out.dtype)
@@ -141,7 +141,7 @@ class Grace(EditMethod):
         with ctx.frozen(), ctx.hooks.scoped() as scope:
             replay, part = full, batch
             index, scored = scored_positions(part)
-            scope.forward(site.module(ctx.model), replace)
+            site.hook(scope, ctx.model, replace)
             bar = tqdm(range(cfg.n_iter + 1), desc=f"grace: training {len(book.entries)} values", leave=False, disable=None)
             for iters in bar:
                 with ctx.attention_mask(part.attention_mask, part.input_ids):  # blocks below the site run once
