@@ -3,7 +3,7 @@
 Edits live in edit packs (JSON + safetensors) applied through forward hooks; base weights are
 never written, and removing a pack is the rollback.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import FingerprintMismatch, GraceHooksError, PackError  # noqa: E402
 from .model import EditableModel, PackInfo  # noqa: E402

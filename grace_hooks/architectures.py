@@ -29,6 +29,7 @@ class ArchSpec:
     # solve aimed through the norm landed 6 of 20 edits, one written after it 20 of 20:
     # benchmarks/RESULTS.md). Its global deltas then have no LoRA form on the point's weight.
     written_at: dict[str, str] = field(default_factory=dict)
+    written_since: str = ""  # the library version from which written_at holds (older packs acted elsewhere)
     # consecutive blocks a spread (MEMIT-style) update covers by default: on Gemma 3 an update spread
     # over 5 blocks overshoots through the blocks above (2 of 20 landed), over 3 it lands (20 of 20)
     spread_blocks: int = 5
@@ -45,12 +46,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma": _LLAMA_LIKE,
     # Gemma 2's sliding-window layers give other outputs from a cache (tests/test_replay.py)
     "gemma2": ArchSpec(layers="model.layers", points={"mlp_out": "mlp.down_proj"}, final_norm="model.norm",
-                       cached_suffix=False, written_at=_GEMMA_MLP_NORM, spread_blocks=3),
+                       cached_suffix=False, written_at=_GEMMA_MLP_NORM, written_since="0.2.0",
+                       spread_blocks=3),
     "gemma3_text": ArchSpec(layers="model.layers", points={"mlp_out": "mlp.down_proj"}, final_norm="model.norm",
-                            written_at=_GEMMA_MLP_NORM, spread_blocks=3),
+                            written_at=_GEMMA_MLP_NORM, written_since="0.2.0", spread_blocks=3),
     "gemma3": ArchSpec(layers="model.language_model.layers", points={"mlp_out": "mlp.down_proj"},
                        final_norm="model.language_model.norm", written_at=_GEMMA_MLP_NORM,
-                       spread_blocks=3),
+                       written_since="0.2.0", spread_blocks=3),
     "gpt2": ArchSpec(layers="transformer.h", points={"mlp_out": "mlp.c_proj"}, final_norm="transformer.ln_f",
                      transposed=frozenset({"mlp_out"})),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", points={"mlp_out": "mlp.dense_4h_to_h"}, final_norm="gpt_neox.final_layer_norm"),

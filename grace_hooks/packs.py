@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .adapters_dir import aside, delete_dir, locked, recover, replace_dir
-from .architectures import Site
+from .architectures import ARCHITECTURES, Site
 from .errors import ArchitectureError, FingerprintMismatch, PackError, PackNameError
 from .spans import KeyRouting
 from .pack_io import MAX_JSON_BYTES, MAX_TENSOR_BYTES, check_safetensors, parse_json, read_bounded
@@ -207,7 +207,19 @@ def check_header(header: Any, jpath: Path) -> dict[str, Any]:
     for key in ("pack_id", "created_at", "library_version"):
         _require(isinstance(header.get(key, ""), str), jpath, f"'{key}' must be a string")
     _require(_ID_RE.fullmatch(header.get("pack_id") or "0") is not None, jpath, "'pack_id' must be 1-64 letters, digits or '-'")
+    spec = ARCHITECTURES.get(base["model_type"])
+    made = header.get("library_version", "")
+    if spec is not None and spec.written_since and _version(made) < _version(spec.written_since):
+        raise PackError(f"{jpath}: made with grace_hooks {made or '(version unknown)'}, when effects on "
+                        f"{base['model_type']!r} were added before {sorted(set(spec.written_at.values()))}; since "
+                        f"{spec.written_since} they are added after it, so this pack would act otherwise. Compute it "
+                        "again from its requests (`grace-hooks edit`)")
     return header
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """'0.2.0' -> (0, 2, 0); text without numbers -> () (older than any release)."""
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 
 
 def read_header(path: str | Path) -> dict[str, Any]:

@@ -270,6 +270,25 @@ def test_on_gemma_a_delta_is_added_after_the_post_mlp_norm(make_model, tokenizer
     assert count_hooks(model) == 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_a_gemma_pack_from_before_effects_moved_after_the_norm_is_refused(make_model, tokenizer, tmp_path, arch):
+    """A pack made when Gemma's effects were added before the post-MLP norm would act otherwise now:
+    loading it fails and says to compute it again; packs of other architectures load as before."""
+    em = _edited(make_model, tokenizer, "memit", arch=arch)
+    em.save_pack("p1", tmp_path)
+    header = tmp_path / "p1" / "edit_pack.json"
+    stored = json.loads(header.read_text())
+    stored["library_version"] = "0.1.0"
+    header.write_text(json.dumps(stored))
+    again = EditableModel(make_model(arch), tokenizer, name=f"tiny-{arch}")
+    if arch == "llama":
+        assert again.load_pack(tmp_path / "p1").n_edits == len(DELTA_REQUESTS)
+        return
+    with pytest.raises(PackError, match="post_feedforward_layernorm.*Compute it again"):
+        again.load_pack(tmp_path / "p1")
+    assert count_hooks(again.base_model) == 0
+
+
 def test_a_pack_stored_with_a_retired_option_still_loads(make_model, tokenizer, tmp_path):
     """z_through_norm went when Gemma's deltas moved after the norm: a pack that stored its default loads;
     asking for it now says why it went."""
