@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from grace_hooks import EditableModel, EditRequest
-from grace_hooks.architectures import Site, num_layers
+from grace_hooks.architectures import Site
 from grace_hooks.health import reference_texts
 from grace_hooks.hooks import HookOwner
 from grace_hooks.methods.delta import DeltaConfig
@@ -57,7 +57,7 @@ def main() -> None:
                  for r in reqs]
     rows = ["| site | key norm | spread | rephrase to key | nearest unrelated token | nearest other key |",
             "|---|---:|---:|---:|---:|---:|"]
-    for layer in DeltaConfig().layer_list(num_layers(model)):
+    for layer in DeltaConfig().layer_list(model):
         module = Site(layer).module(model)
         samples = activations_at_subject(model, tok, module, reqs, prefixes)
         keys = samples.mean(0)

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
 
 from grace_hooks import EditableModel
-from grace_hooks.eval.editors import MethodSpec
 from grace_hooks.eval.generation import greedy_batch, mentions, reaches
 from grace_hooks.tokens import target_text
 
-from norm_aware_solve import _usable_requests
+from norm_aware_solve import _usable_requests, corpus_file, method_overrides
 
 EXTRA_TOKENS = 12
 
@@ -96,13 +94,10 @@ def main() -> None:
     em = EditableModel.from_pretrained(args.model)
     records = _usable_requests(args.data, 1500)
     reqs = [r for r in records[: args.n] if r.rephrase_prompt]
-    corpus = Path(tempfile.mkdtemp()) / "corpus.txt"
-    corpus.write_text("\n\n".join(f"{r.text} {r.ground_truth}. {r.rephrase_prompt or ''}" for r in records[500:]),
-                      encoding="utf-8")
     with em.disabled():
         base = _read(em, reqs)
-    overrides = dict(MethodSpec.parse(f"encore:{args.overrides}").overrides) if args.overrides else {}
-    em.edit(reqs, pack="bench", corpus=str(corpus), max_tokens=4000, corpus_probe=4000, **overrides)
+    em.edit(reqs, pack="bench", corpus=corpus_file(records), max_tokens=4000, corpus_probe=4000,
+            **method_overrides(args.overrides))
     edited = _read(em, reqs)
     em.remove_pack("bench")
     ranks = edited.pop("_ranks")

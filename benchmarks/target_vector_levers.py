@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from grace_hooks import EditableModel
-from grace_hooks.architectures import num_layers
 from grace_hooks.config import make_config
 from grace_hooks.eval.editors import MethodSpec
 from grace_hooks.methods.delta.config import EncoreConfig
@@ -45,7 +44,7 @@ def main() -> None:
     for setting in args.settings or [""]:
         cfg = make_config(EncoreConfig, dict(MethodSpec.parse(f"encore:{setting}").overrides))
         prefixes = context_prefixes(model, tok, cfg.prefix_tokens, memo=em.memo)[: 1 + cfg.target_prefix_count()]
-        layer = cfg.layer_list(num_layers(model))[-1]
+        layer = cfg.layer_list(model)[-1]
         t0 = time.perf_counter()
         found = target_vectors(model, tok, layer, requests, prefixes, cfg.target_config())
         seconds = time.perf_counter() - t0

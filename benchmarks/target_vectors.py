@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from grace_hooks import EditableModel
-from grace_hooks.architectures import num_layers
 from grace_hooks.methods.delta.config import DeltaConfig
 from grace_hooks.requests import read_requests
 from grace_hooks.locate.subject_keys import context_prefixes
@@ -40,7 +39,7 @@ def main() -> None:
     em = EditableModel.from_pretrained(args.model)
     model, tok = em.base_model, em.tokenizer
     cfg = DeltaConfig(stop=args.stop)
-    layer = cfg.layer_list(num_layers(model))[-1]
+    layer = cfg.layer_list(model)[-1]
     requests = read_requests(args.data, limit=args.n_requests)
     prefixes = context_prefixes(model, tok, cfg.prefix_tokens)[: 1 + cfg.n_prefixes]
     seconds: dict[str, list[float]] = {"cached": [], "full": []}

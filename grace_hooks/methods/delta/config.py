@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from ...architectures import arch_spec, num_layers
 from ...config import option
 from ...errors import ConfigError
 from ...spans import SCOPE_HELP, SCOPES
@@ -76,10 +77,11 @@ class SolveConfig(TargetVectorConfig):
     def c0_weight(self, d_in: int) -> float:
         return self.mom2_weight if self.mom2_weight is not None else LLAMA3_MOM2_WEIGHT * d_in / LLAMA3_D_IN
 
-    def layer_list(self, n_layers: int, spread: int = 5) -> list[int]:
-        """The edited blocks, ascending; by default ``spread`` consecutive ones centred near a sixth of
-        the depth (the architecture's ``spread_blocks``). The last one must be below the last block
+    def layer_list(self, model) -> list[int]:
+        """The edited blocks of ``model``, ascending; by default its architecture's ``spread_blocks``
+        consecutive ones centred near a sixth of the depth. The last one must be below the last block
         (its output is where target vectors are optimised)."""
+        n_layers, spread = num_layers(model), arch_spec(model).spread_blocks
         if self.layers is None:
             start = round(n_layers / 6) - spread // 2
             return list(range(max(0, start), min(n_layers - 1, start + spread)))

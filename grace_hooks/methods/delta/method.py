@@ -17,8 +17,8 @@ from abc import abstractmethod
 
 import torch
 
-from ...architectures import Site, arch_spec, num_layers
-from ...hooks import frozen_parameters, head_only_at
+from ...architectures import Site, arch_spec
+from ...hooks import head_only_at
 from ...loaded import LoadedSite
 from ...locate.covariance import SecondMoment
 from ...locate.linalg import LowRank, closed_form_update
@@ -74,7 +74,7 @@ class DeltaMethod(EditMethod):
 
     # ------------------------------------------------------------------ shared parts
     def sites(self, model, cfg: DeltaConfig) -> list[Site]:
-        return [Site(layer, cfg.point) for layer in cfg.layer_list(num_layers(model), arch_spec(model).spread_blocks)]
+        return [Site(layer, cfg.point) for layer in cfg.layer_list(model)]
 
     @staticmethod
     def statistics(ctx: EditContext) -> Statistics:
