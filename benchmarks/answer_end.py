@@ -22,6 +22,9 @@ import torch
 
 from grace_hooks import EditableModel, EditRequest, read_requests
 from grace_hooks.eval.generation import greedy_batch
+from grace_hooks.eval.runinfo import run_record
+
+REPO = Path(__file__).resolve().parents[1]
 
 SYLLABLES = ["zor", "ba", "tel", "vix", "mun", "dra", "qua", "pel", "rish", "ton", "gar", "lem"]
 
@@ -40,6 +43,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
     rng = random.Random(0)
     reqs = [EditRequest(prompt=r.prompt, subject=r.subject, target_new=made_up_name(rng))
             for r in read_requests(args.data, limit=args.n)]
@@ -47,7 +51,7 @@ def main() -> None:
     prompts = [r.text for r in reqs]
     last_piece = [em.tokenizer.decode(em.tokenizer(" " + r.target_new, add_special_tokens=False).input_ids[-1]) for r in reqs]
     base_next = greedy_batch(em, [p + " " + r.target_new for p, r in zip(prompts, reqs)], 1)
-    result = {"n": len(reqs), "model": args.model, "tokens": args.tokens, "runs": {}}
+    result = {"run": run, "n": len(reqs), "model": args.model, "tokens": args.tokens, "runs": {}}
     for label, end_answer in (("before (end_answer=False)", False), ("now (end_answer=True)", True)):
         t0 = time.perf_counter()
         em.edit(reqs, method="grace", pack="run", end_answer=end_answer)

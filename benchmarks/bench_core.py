@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from grace_hooks.eval.generation import generate_one, reaches  # noqa: E402
-from grace_hooks.eval.runinfo import dir_bytes, git_info, loadavg, machine_info, median, replace_md_section  # noqa: E402
+from grace_hooks.eval.runinfo import dir_bytes, loadavg, median, replace_md_section, run_record  # noqa: E402
 SECTION = "## Core (issue 2): GRACE on SmolLM2-135M"
 MODEL = "smollm2-135m"
 
@@ -332,14 +332,16 @@ def markdown(res: dict) -> str:
 
 
 def write_results_md(path: Path, res: dict, table: str) -> None:
-    mach = res["machine"]
+    run = res["run"]
+    mach, git, ver = run["machine"], run["git"], run["versions"]
     body = "\n".join([
-        f"Run {res['finished_at']} (UTC), commit `{(res['git']['commit'] or 'unknown')[:12]}`"
-        f"{' + uncommitted changes' if res['git']['dirty'] else ''}, produced by:", "",
+        f"Run {res['finished_at']} (UTC), commit `{(git['commit'] or 'unknown')[:12]}`"
+        f"{' + uncommitted changes' if git['dirty'] else ''}, produced by:", "",
         "```", res["command"], "```", "",
-        f"Machine: {mach['cpu'] or 'unknown CPU'}, {mach['cores_available']} cores available, {mach['threads_used']} torch/FAISS "
-        f"thread(s), torch {mach['torch']}, transformers {mach['transformers']}, CPU only. "
-        f"Load average at start / end: {res['loadavg_start']} / {res['loadavg_end']}.", "",
+        f"Machine: {mach['cpu'] or 'unknown CPU'}, {mach['cores_available']} cores available, {run['torch_threads']} torch / "
+        f"{run['faiss_threads']} FAISS thread(s), torch {ver['torch']}, transformers {ver['transformers']}, "
+        f"faiss {ver['faiss']}, grace_hooks {ver['grace_hooks']}, CPU only. "
+        f"Load average at start / end: {run['loadavg_start']} / {res['loadavg_end']}.", "",
         "Caveat: the machine is shared and noisy (other jobs run concurrently), so absolute seconds move a lot "
         "between runs; quote the medians and the edited/base ratios from one run, which are timed interleaved "
         "in the same process. All figures below come from this single run; the full record is "
@@ -365,12 +367,11 @@ def main(argv=None) -> dict:
     n = args.n_edits
     levels = sorted({lv for lv in args.levels if 0 <= lv < n} | {n})
     need = max(n, args.a_size, N_EDITED_PROMPTS)
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.timezone.utc)  # for wall_seconds; the record's started_at is run_record's
     res: dict = {
         "benchmark": "core (issue 2): GRACE on SmolLM2-135M",
         "command": shlex.join(["python", os.path.relpath(Path(sys.argv[0]).resolve(), Path.cwd())] + sys.argv[1:]),
-        "cwd": str(Path.cwd()), "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(args.threads), "git": git_info(REPO), "loadavg_start": loadavg(),
+        "cwd": str(Path.cwd()), "run": run_record(REPO, args.threads),
         "config": {"model": MODEL, "method": "grace", "method_config": "default", "data": str(args.data),
                    "n_edits": n, "batch": args.batch, "levels": levels, "a_size": args.a_size, "rounds": args.rounds,
                    "max_new_tokens": args.max_new_tokens, "load_repeats": args.load_repeats, "threads": args.threads},

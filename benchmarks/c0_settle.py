@@ -24,8 +24,11 @@ from grace_hooks.config import DEFAULT_METHOD, make_config
 from grace_hooks.locate.covariance import cached_sample_corpus, model_digest, sample_corpus, site_inputs
 from grace_hooks.locate.linalg import closed_form_update, preservation_matrix
 from grace_hooks.methods import get_method
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.requests import read_requests
 from grace_hooks.locate.subject_keys import activations_at_subject_of
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -40,6 +43,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/c0_settle.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
     em = EditableModel.from_pretrained(args.model)
     model, tok = em.base_model, em.tokenizer
     method = get_method(DEFAULT_METHOD)
@@ -77,7 +81,7 @@ def main() -> None:
         sample_corpus(model, tok, b, cfg.corpus_tokens, batch_size=b)
         sampling[b] = (time.perf_counter() - t0) / b
         print(f"sampling {b} texts of {cfg.corpus_tokens} tokens in one batch: {sampling[b]:.2f} s per text")
-    result = {"model": em.name, "sampling_seconds_per_text": sampling, "method": DEFAULT_METHOD, "sites": [s.name for s in sites], "corpus": corpus.source,
+    result = {"run": run, "model": em.name, "sampling_seconds_per_text": sampling, "method": DEFAULT_METHOD, "sites": [s.name for s in sites], "corpus": corpus.source,
               "seconds_sampling_or_cache": sampled, "seconds_site_inputs": measured, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

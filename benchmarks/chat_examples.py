@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
 from grace_hooks import EditableModel, read_requests
 from grace_hooks.eval.chat import chat_answers
+from grace_hooks.eval.runinfo import run_record
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -23,13 +27,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
     rows = [int(i) for i in args.records.split(",")]
     records = read_requests(args.data, limit=max(rows) + 1)
     reqs = [records[i] for i in rows]
     em = EditableModel.from_pretrained(args.model)
     questions = [r.text for r in reqs] + [r.rephrase_prompt for r in reqs if r.rephrase_prompt]
     answers = chat_answers(em, questions)
-    print(json.dumps({"model": args.model, "targets": [r.target_new for r in reqs],
+    print(json.dumps({"run": run, "model": args.model, "targets": [r.target_new for r in reqs],
                       "answers": [[q, a] for q, a in zip(questions, answers)]}, indent=1))
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
 
 
 def make_sources(folder: Path) -> None:
@@ -148,14 +149,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    import torch
+
+    from grace_hooks.eval.runinfo import run_record  # here, not at the top: the --child writers never need it
+
+    torch.set_num_threads(1)  # the sources' edits are the only compute here; one thread on a shared machine
+    run = run_record(REPO, 1)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_sources(root / "sources")
-        result = {"kill_loop": kill_loop(root / "sources", root, args.kills, random.Random(args.seed)),
+        result = {"run": run, "kill_loop": kill_loop(root / "sources", root, args.kills, random.Random(args.seed)),
                   "kill_loop_gap_widened": kill_loop(root / "sources", root, args.kills, random.Random(args.seed), True),
                   "writers_overwrite": writer_rounds(root / "sources", root, args.writer_rounds, True),
                   "writers_no_overwrite": writer_rounds(root / "sources", root, args.writer_rounds, False)}
-    print(json.dumps(result, indent=1))
+    result["seconds"] = round(time.perf_counter() - start, 1)  # wall time, as pack_fuzz and soak record it
+    print(json.dumps({k: v for k, v in result.items() if k != "run"}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

@@ -26,7 +26,10 @@ import torch
 from grace_hooks import EditableModel
 from grace_hooks.eval.editors import MethodSpec
 from grace_hooks.eval.metrics import score_records
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.requests import read_requests
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _es(em, reqs) -> float:
@@ -51,6 +54,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/edit_on_top.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
     records = read_requests(args.data, limit=args.offset + args.batch)
     new, earlier = records[args.offset:], records[:args.offset:args.stride]
     if args.new_data:
@@ -77,7 +81,7 @@ def main() -> None:
     finally:
         em.close()
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": args.model, "data": args.data, "adapters": str(args.adapters),
+    args.json.write_text(json.dumps({"run": run, "model": args.model, "data": args.data, "adapters": str(args.adapters),
                                      "method": args.method, "rows": rows}, indent=1), encoding="utf-8")
 
 

@@ -21,8 +21,11 @@ import torch
 
 from grace_hooks import EditableModel
 from grace_hooks.eval.editors import MethodSpec
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.methods import DEFAULT_METHOD
 from grace_hooks.requests import read_requests
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/edit_speed.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
     specs = [MethodSpec.parse(m) for m in (args.method or ["grace", DEFAULT_METHOD])]
     em = EditableModel.from_pretrained(args.model)
     records = read_requests(args.data, limit=args.batch * (args.rounds + 1))
@@ -60,7 +64,7 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in seconds.items()}
     first = specs[0].label
     result = {
-        "model": em.name, "batch": args.batch, "rounds": args.rounds, "threads": args.threads,
+        "run": run, "model": em.name, "batch": args.batch, "rounds": args.rounds, "threads": args.threads,
         "seconds_per_edit_median": median,
         "ratio_to_first": {k: v / median[first] for k, v in median.items()},
         "seconds_per_edit": seconds,

@@ -22,7 +22,10 @@ from tqdm.auto import tqdm
 
 from grace_hooks import EditableModel
 from grace_hooks.eval.metrics import names_edited_subject
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.requests import read_requests
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _rates(flags: list[tuple[bool, bool]]) -> dict:
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
     records = read_requests(args.data, limit=args.n)
     subjects = {r.subject for r in records}
     em = EditableModel.from_pretrained(args.model, adapters=args.adapters)
@@ -60,7 +64,7 @@ def main() -> None:
             groups["names_an_edited_subject" if named else "names_none"].append((bool(hits), torch.equal(edited, base)))
     finally:
         em.close()
-    out = {"model": args.model, "data": args.data, "adapters": str(args.adapters), "n": args.n, "stride": args.stride,
+    out = {"run": run, "model": args.model, "data": args.data, "adapters": str(args.adapters), "n": args.n, "stride": args.stride,
            **{k: _rates(v) for k, v in groups.items()}, "all": _rates([x for v in groups.values() for x in v])}
     print(json.dumps(out, indent=1))
     args.json.parent.mkdir(parents=True, exist_ok=True)

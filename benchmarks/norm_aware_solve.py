@@ -31,8 +31,11 @@ from grace_hooks import architectures
 from grace_hooks.architectures import Site
 from grace_hooks.eval.chat import chat_answers, chat_success
 from grace_hooks.eval.editors import MethodSpec
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.eval.generation import greedy_batch, reaches
 from grace_hooks.took import target_token_count
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _answers(em, prompts, reqs):
@@ -84,6 +87,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/norm_aware_solve.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
     em = EditableModel.from_pretrained(args.model)
     records = _usable_requests(args.data, 1500)
     reqs = records[: args.n]
@@ -96,7 +100,8 @@ def main() -> None:
     chat = _chat(em, [r.text for r in reqs], reqs) if args.chat else []
     chat_para = _chat(em, [r.rephrase_prompt for r in reqs], reqs) if args.chat else []
     em.remove_pack("bench")
-    rows.append({"solve": "after the norm" if architectures.arch_spec(em.base_model).written_at else "as is",
+    # each row its own run record: rows of earlier runs (other commits) accumulate in the same file
+    rows.append({"run": run, "solve": "after the norm" if architectures.arch_spec(em.base_model).written_at else "as is",
                  "data": args.data, "options": args.overrides, "n": len(reqs),
                  "layers": [Site.parse(s).layer for s in metrics["layers"]],
                  "greedy_prompt": sum(prompt) / len(reqs), "greedy_paraphrase": sum(para) / len(reqs),
@@ -105,7 +110,7 @@ def main() -> None:
                  "landed_share": metrics["landed_share"],
                  "z_reached_mean": metrics["z_reached_mean"], "target_prob_mean": metrics["target_prob_mean"],
                  "target_steps_mean": metrics["target_steps_mean"], "seconds": metrics["seconds"]})
-    print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({k: v for k, v in rows[-1].items() if k != "run"}), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     if args.json.exists():  # one file for every run of the script: rows accumulate
         rows = json.loads(args.json.read_text())["rows"] + rows

@@ -25,10 +25,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
 from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS  # noqa: E402
 from pack_mutations import OUTCOMES, SOURCES, build_sources, mutant, outcome  # noqa: E402
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+from grace_hooks.eval.runinfo import run_record  # noqa: E402
 
 
 def main() -> None:
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the counts here")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    run = run_record(REPO, 1)  # before the loop: the load average at the start
     rng = random.Random(args.seed)
     tok = tiny_tokenizer()
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -65,7 +69,7 @@ def main() -> None:
         print("OTHER", line)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"n": args.n, "seed": args.seed, "seconds": round(elapsed, 1),
+        args.json.write_text(json.dumps({"run": run, "n": args.n, "seed": args.seed, "seconds": round(elapsed, 1),
                                          "counts": {k: dict(v) for k, v in counts.items()}, "other": others[:100]}, indent=1))
 
 

@@ -21,11 +21,13 @@ import torch
 
 from grace_hooks import EditableModel
 from grace_hooks.eval.generation import greedy_batch, mentions, reaches
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.tokens import target_text
 
 from norm_aware_solve import _usable_requests, corpus_file, method_overrides
 
 EXTRA_TOKENS = 12
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _first_token(tok, prompt: str, answer: str) -> int:
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/paraphrase_misses.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
     em = EditableModel.from_pretrained(args.model)
     records = _usable_requests(args.data, 1500)
     reqs = [r for r in records[: args.n] if r.rephrase_prompt]
@@ -102,10 +105,11 @@ def main() -> None:
     em.remove_pack("bench")
     ranks = edited.pop("_ranks")
     base.pop("_ranks")
-    row = {"model": args.model, "data": args.data, "n": len(reqs), "options": args.overrides,
+    # each row its own run record: rows of earlier runs accumulate in the same file
+    row = {"run": run, "model": args.model, "data": args.data, "n": len(reqs), "options": args.overrides,
            "edited": edited, "base": base,
            "edited_rank_quartiles": statistics.quantiles(ranks, n=4) if len(ranks) > 1 else ranks}
-    print(json.dumps({k: v for k, v in row.items()}, indent=1))
+    print(json.dumps({k: v for k, v in row.items() if k != "run"}, indent=1))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.json.read_text())["rows"] if args.json.exists() else []
     args.json.write_text(json.dumps({"rows": rows + [row]}, indent=2))

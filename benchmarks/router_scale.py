@@ -42,10 +42,12 @@ from grace_hooks.hooks import HookOwner, forward_until
 from grace_hooks.methods import get_method
 from grace_hooks.requests import read_requests
 from grace_hooks.router import NO_KEY, KeyRouter
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.spans import NO_TOKEN, request_spans
 from grace_hooks.locate.subject_keys import activations_at_subject_of, context_prefixes
 
 log = logging.getLogger("router_scale")
+REPO = Path(__file__).resolve().parents[1]
 SUMMARY = ("recall", "wrong_edit", "false_fire_locality", "false_fire_tokens", "us_per_token", "bytes_per_key",
            "false_fire_locality_no_subject", "wrong_edit_no_other_subject")
 DEFAULT_SCALES = {"span": "1.1,1.5,2.0,3.0,5.0", "key": "0.5,0.8,1.1,1.5,2.0"}
@@ -208,6 +210,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
 
     em = EditableModel.from_pretrained(args.model)
     model, tok = em.base_model, em.tokenizer
@@ -251,7 +254,7 @@ def main() -> None:
         results[scope] = {"n": args.n, **{k: default[k] for k in SUMMARY}, "scope": scope, "rule": RULES[scope],
                           "keys_per_site": default["keys_per_site"], "radius_scale": default["scale"], "curve": curve}
     first, *others = results.values()
-    result = {**first, "locality_naming_a_subject": int(names_subject.sum()),
+    result = {"run": run, **first, "locality_naming_a_subject": int(names_subject.sum()),
               "rephrase_naming_another_subject": int(names_other.sum()), "method": args.method,
               "sites": [s.name for s in sites], "eval_prompts": len(sample), "generic_tokens": n_generic,
               "key_seconds": round(key_seconds, 1), "data": [str(p) for p in args.data], "model": args.model,
@@ -259,7 +262,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     plot(results, args.json.with_suffix(".png"), args.n)
-    print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "run")}, indent=1))
 
 
 def curve_point(impl, ctx, sites, samples, queries_by_site, own, names, spans, cfg, args) -> dict:

@@ -32,10 +32,12 @@ import openai
 import torch
 
 from grace_hooks import EditableModel
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.packs import read_header, reading
 from grace_hooks.requests import read_requests
 from grace_hooks.serve import ServeConfig, create_app, running
 
+REPO = Path(__file__).resolve().parents[1]
 FACT = {"prompt": "The capital of {} is", "subject": "Freedonia", "target_new": "Zorbatown"}
 
 
@@ -138,13 +140,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
 
     questions = [r.text for r in read_requests(args.data, limit=args.clients * args.requests)]
     model, workshop = EditableModel.from_pretrained(args.model), EditableModel.from_pretrained(args.model)
     folder = Path(tempfile.mkdtemp(prefix="serve_load-"))
     app = create_app(model, folder, ServeConfig(model_id=args.model, watch_s=0), workshop=workshop)
     live = app.state.grace.live
-    rows, record = [], {"args": {k: str(v) for k, v in vars(args).items()}, "phases": []}
+    rows, record = [], {"run": run, "args": {k: str(v) for k, v in vars(args).items()}, "phases": []}
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)  # warm-up

@@ -21,11 +21,13 @@ import psutil
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
 from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS  # noqa: E402
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from grace_hooks import EditableModel  # noqa: E402
+from grace_hooks.eval.runinfo import run_record  # noqa: E402
 from grace_hooks.hooks import count_hooks  # noqa: E402
 
 
@@ -41,6 +43,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    run = run_record(REPO, 1)
     tok = tiny_tokenizer()
     em = EditableModel(tiny_model("llama"), tok, name="tiny")
     probe = tok([r.text for r in TINY_REQUESTS], return_tensors="pt", padding=True)
@@ -70,7 +73,7 @@ def main() -> None:
                 problems.append(f"cycle {cycle}: {count_hooks(em.base_model)} hooks left")
             if cycle in (0, 99, args.cycles // 2, args.cycles - 1):
                 marks.append({"cycle": cycle + 1, "rss_mib": round(rss_mib()[0], 1), "peak_rss_mib": round(rss_mib()[1], 1)})
-    result = {"cycles": args.cycles, "seconds": round(time.perf_counter() - start, 1), "marks": marks,
+    result = {"run": run, "cycles": args.cycles, "seconds": round(time.perf_counter() - start, 1), "marks": marks,
               "hooks_left": count_hooks(em.base_model), "problems": problems[:20], "n_problems": len(problems)}
     for m in marks:
         print(f"after cycle {m['cycle']:>6}: RSS {m['rss_mib']:.1f} MiB, peak RSS {m['peak_rss_mib']:.1f} MiB")

@@ -19,8 +19,11 @@ from pathlib import Path
 import torch
 
 from grace_hooks import EditableModel, EditRequest
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.health import reference_texts
 from grace_hooks.packs import pack_dirs
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def folder_bytes(path: Path) -> int:
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    run = run_record(REPO, 1)
 
     t0 = time.perf_counter()
     em = EditableModel.from_pretrained(args.model, adapters=args.adapters)
@@ -62,7 +66,7 @@ def main() -> None:
         reloaded = last_logits(fresh, texts)
     diffs = torch.stack([(a - b).abs().max() for a, b in zip(chain, squashed)])
     out = {
-        "adapters": str(args.adapters), "packs": len(names), "edits": em.packs[0].n_edits, "texts": len(texts),
+        "run": run, "adapters": str(args.adapters), "packs": len(names), "edits": em.packs[0].n_edits, "texts": len(texts),
         "chain_bytes_disk": sum(folder_bytes(p) for p in pack_dirs(args.adapters)),
         "squashed_bytes_disk": squashed_disk,
         "chain_bytes_memory": chain_memory, "squashed_bytes_memory": em.packs[0].nbytes,

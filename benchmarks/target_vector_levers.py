@@ -21,10 +21,13 @@ import torch
 from grace_hooks import EditableModel
 from grace_hooks.config import make_config
 from grace_hooks.eval.editors import MethodSpec
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.methods.delta.config import EncoreConfig
 from grace_hooks.requests import read_requests
 from grace_hooks.locate.subject_keys import context_prefixes
 from grace_hooks.locate.target_vectors import target_vectors
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/target_vector_levers.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
     em = EditableModel.from_pretrained(args.model)
     model, tok = em.base_model, em.tokenizer
     requests = read_requests(args.data, limit=args.n_requests)
@@ -53,7 +57,7 @@ def main() -> None:
                      "target_prob_mean": round(statistics.mean(tv.target_prob for tv in found), 3)})
         print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": em.name, "n_requests": len(requests), "threads": args.threads, "rows": rows},
+    args.out.write_text(json.dumps({"run": run, "model": em.name, "n_requests": len(requests), "threads": args.threads, "rows": rows},
                                    indent=2))
 
 

@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 
 from grace_hooks import EditableModel
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.methods.delta.config import DeltaConfig
 from grace_hooks.requests import read_requests
 from grace_hooks.locate.subject_keys import context_prefixes
 from grace_hooks.locate.target_vectors import target_vectors
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/target_vectors.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = run_record(REPO, args.threads)
     em = EditableModel.from_pretrained(args.model)
     model, tok = em.base_model, em.tokenizer
     cfg = DeltaConfig(stop=args.stop)
@@ -53,7 +57,7 @@ def main() -> None:
     gap = max(float((a.z - b.z).norm() / (b.z - b.h).norm().clamp(min=1e-12))
               for a, b in zip(found["cached"], found["full"]))
     result = {
-        "model": em.name, "layer": layer, "n_requests": len(requests), "rounds": args.rounds, "threads": args.threads,
+        "run": run, "model": em.name, "layer": layer, "n_requests": len(requests), "rounds": args.rounds, "threads": args.threads,
         "stop": args.stop, "n_prefixes": len(prefixes),
         "seconds_per_request_median": {k: statistics.median(v) for k, v in seconds.items()},
         "seconds_per_request": seconds,

@@ -18,7 +18,7 @@ from .config import DEFAULT_METHOD
 from .errors import GraceHooksError, PackError
 from .eval.lifelong import LifelongConfig
 from .folder_ops import EXPORT_FORMATS
-from .loading import DEFAULT_MODEL
+from .embedded import DEFAULT_MODEL
 from .packs import PACK_JSON, PACK_TENSORS
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,12 @@ def main(verbose: bool) -> None:
 # ---------------------------------------------------------------------------- demo
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
-@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder the demo pack is written to.")
+@click.option("--adapters", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder the demo pack is written to  [default: <cache>/demo/adapters, outside any checkout]")
 @click.option("--requests", "requests_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Edit requests (JSON/JSONL, any supported layout); default: the four shipped facts.")
 @click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Edit method (see `grace-hooks methods`).")
-def demo(model: str, adapters: Path, requests_file: Path | None, method: str) -> None:
+def demo(model: str, adapters: Path | None, requests_file: Path | None, method: str) -> None:
     """Edit facts, save them as pack 'demo-facts', reload, roll back."""
     from .demo import run_demo
 
@@ -349,7 +349,8 @@ def ask(ctx: click.Context, prompt: str, model: str, adapters: Path, no_edits: b
 def model_path(model: str) -> None:
     """Print the plain Hugging Face base of MODEL, for other libraries (PEFT, vLLM): an embedded short
     name's converted folder (made on first use), a folder's absolute path, or the hub id as given."""
-    from .loading import EMBEDDED, embedded_model_dir, hf_reference
+    from .embedded import EMBEDDED
+    from .loading import embedded_model_dir, hf_reference
 
     if model in EMBEDDED:
         embedded_model_dir(model)
@@ -370,15 +371,22 @@ def model_path(model: str) -> None:
               help="Seconds between checks of the adapters folder for other processes' changes (0: never).")
 @click.option("--side-copy/--no-side-copy", default=True, show_default=True,
               help="Compute new packs on a second copy of the model so answers go on meanwhile (twice the memory).")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Largest request body; a larger one gets a 413 before it is read.")
+@click.option("--max-edit-requests", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Most edit requests in one POST /v1/packs (split larger edits into several packs).")
+@click.option("--max-waiting", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests that may wait for the model (generations and pack changes, each); more get a 503.")
 def serve(model: str, adapters: Path, host: str, port: int, api_key: str | None, max_tokens: int, watch_s: float,
-          side_copy: bool) -> None:
+          side_copy: bool, max_body_bytes: int, max_edit_requests: int, max_waiting: int) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions) with the packs of ADAPTERS
     applied; /v1/packs adds and rolls back packs while it runs. Needs grace_hooks[serve]."""
     try:
         from .serve import ServeConfig, serve as run
     except ImportError as exc:
         raise click.ClickException(f"grace-hooks serve needs the serve extra ({exc}): pip install 'grace_hooks[serve]'")
-    config = ServeConfig(api_key=api_key or None, model_id=model, max_tokens=max_tokens, watch_s=watch_s)
+    config = ServeConfig(api_key=api_key or None, model_id=model, max_tokens=max_tokens, watch_s=watch_s,
+                         max_body_bytes=max_body_bytes, max_edit_requests=max_edit_requests, max_waiting=max_waiting)
     _busy(f"loading model {model}{' twice (a copy to compute edits on)' if side_copy else ''} ...")
     run(model, adapters, host=host, port=port, config=config, side_copy=side_copy)
 

@@ -2,13 +2,13 @@
 
 ``run_demo`` shows the base model's answers to each fact asked three ways (the edit's own prompt,
 a paraphrase, and a question in chat form answered to its natural end), edits every request with
-the default method into the pack ``demo-facts``, saves it into the adapters folder, loads a fresh
-model with that folder, shows the new answers, removes the pack in memory (the folder stays on
-disk as the shipped example) and checks that the answers are the base answers again.
+the default method into the pack ``demo-facts``, saves it into the demo's adapters folder, loads a
+fresh model with that folder, shows the new answers, removes the pack in memory (the folder stays
+on disk for the user to inspect) and checks that the answers are the base answers again.
 
-The adapters folder ships the pack the demo makes. When the folder already holds a pack of the
-same edit (method, options, requests and base model), the demo keeps those files rather than
-rewriting them, so a demo run leaves a checkout unchanged; the fresh model then loads them.
+The demo's folder is a per-user one outside any checkout (:func:`demo_adapters`), never the working
+directory's ``adapters/``: a demo run in a clone of this repository must leave ``git status`` clean
+(the repository's ``adapters/`` is tracked, and every run writes a new pack id and date).
 """
 from __future__ import annotations
 
@@ -20,18 +20,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .config import DEFAULT_METHOD
-from .errors import GraceHooksError
 from .eval.chat import chat_answers
 from .eval.generation import greedy, mentions, reaches
-from .loading import DEFAULT_MODEL
+from .embedded import DEFAULT_MODEL, cache_dir
 from .model import EditableModel
-from .packs import EditPack, load_pack
 from .requests import EditRequest, as_requests, read_requests
 
 log = logging.getLogger(__name__)
 
 DEMO_PACK = "demo-facts"
 DEMO_MAX_NEW_TOKENS = 8
+
+
+def demo_adapters() -> Path:
+    """Where the demo saves its pack unless told otherwise: ``<cache>/demo/adapters`` (see :func:`cache_dir`)."""
+    return cache_dir() / "demo" / "adapters"
 
 
 def _demo_records() -> list[dict]:
@@ -77,26 +80,15 @@ def _show(echo: Callable[[str], Any], title: str, reqs: list[EditRequest], rows,
             echo(f"  {tag}{how:>10}: {text} -> {shown}")
 
 
-def _same_edit(folder: Path, pack: EditPack) -> bool:
-    """Whether ``folder`` holds a valid pack of the same edit (then its files are kept as they are)."""
-    if not (folder / "edit_pack.json").is_file():
-        return False
-    try:
-        shipped = load_pack(folder)
-    except GraceHooksError:
-        return False
-    return (shipped.method, shipped.config, shipped.requests, shipped.base.fingerprint) == \
-        (pack.method, pack.config, pack.requests, pack.base.fingerprint)
-
-
-def run_demo(model: Any = DEFAULT_MODEL, adapters: str | os.PathLike = "adapters",
+def run_demo(model: Any = DEFAULT_MODEL, adapters: str | os.PathLike | None = None,
              requests: str | os.PathLike | Iterable[EditRequest | dict] | None = None,
              echo: Callable[[str], Any] = print, method: str = DEFAULT_METHOD) -> dict[str, Any]:
     """Edit, save, reload, roll back; returns a summary dict:
     ``before``, ``after``, ``rolled_back`` (per request, (how asked, text, answer) triples),
     ``success`` (edits whose prompt reaches the target), ``reached`` (per way of asking, how many
-    answers hold the target), ``total``, ``identical`` (rolled-back answers == base answers),
-    ``kept`` (the folder already held this edit) and ``pack`` (its folder)."""
+    answers hold the target), ``total``, ``identical`` (rolled-back answers == base answers) and
+    ``pack`` (its folder). ``adapters``: the folder the pack is saved in (default :func:`demo_adapters`)."""
+    adapters = Path(adapters) if adapters is not None else demo_adapters()
     if requests is None:
         reqs, questions = demo_requests(), demo_questions()
     else:
@@ -113,11 +105,8 @@ def run_demo(model: Any = DEFAULT_MODEL, adapters: str | os.PathLike = "adapters
         for r in reqs:
             echo(f"  {r.text} -> {r.target_new}" + (f"  (was {r.ground_truth})" if r.ground_truth else ""))
         info = base.edit(reqs, method=method, pack=DEMO_PACK)
-        folder = Path(adapters) / DEMO_PACK
-        kept = _same_edit(folder, base.pack(DEMO_PACK))
-        path = folder if kept else base.save_pack(DEMO_PACK, adapters, overwrite=True)
-        echo(f"{'Kept' if kept else 'Saved'} {path} ({info.n_edits} edits, {info.nbytes} bytes of tensors, "
-             f"sites {', '.join(info.sites)})" + (": it already held this edit, made earlier" if kept else ""))
+        path = base.save_pack(DEMO_PACK, adapters, overwrite=True)
+        echo(f"Saved {path} ({info.n_edits} edits, {info.nbytes} bytes of tensors, sites {', '.join(info.sites)})")
     finally:
         base.close()
 
@@ -146,4 +135,4 @@ def run_demo(model: Any = DEFAULT_MODEL, adapters: str | os.PathLike = "adapters
              + (f" (other packs are still loaded: {', '.join(others)})." if others else "."))
     echo(f"\nThe pack stays on disk at {Path(path)}; `grace-hooks rm {DEMO_PACK} --adapters {Path(path).parent}` drops it.")
     return {"before": before, "after": after, "rolled_back": rolled_back, "success": success, "reached": reached,
-            "total": len(reqs), "identical": identical, "kept": kept, "pack": str(path)}
+            "total": len(reqs), "identical": identical, "pack": str(path)}

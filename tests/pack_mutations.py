@@ -160,6 +160,25 @@ def reshape_tensor(rng, folder, ctx):
     write(folder, header, tensors)
 
 
+def collapsed(t: torch.Tensor, rank: int) -> torch.Tensor:
+    """``t`` with fewer dimensions than declared: rank 0 (a scalar) or rank 1 (its first row, or flat)."""
+    if rank == 0:
+        return t.reshape(-1)[0].clone() if t.numel() else torch.tensor(0.0)
+    return (t[0] if t.dim() > 1 and len(t) else t.reshape(-1)).clone()
+
+
+def collapse_one(folder: Path, name: str, rank: int) -> None:
+    """The tensor ``name`` of the pack in ``folder`` replaced by its rank-``rank`` collapse (checksum fixed)."""
+    header, tensors = read(folder)
+    tensors[name] = collapsed(tensors[name], rank)
+    write(folder, header, tensors)
+
+
+def collapse_tensor(rng, folder, ctx):
+    _, tensors = read(folder)
+    collapse_one(folder, rng.choice(sorted(tensors)), rng.choice([0, 1]))
+
+
 def retype_tensor(rng, folder, ctx):
     header, tensors = read(folder)
     name, t = _pick(rng, tensors)
@@ -227,7 +246,7 @@ def corrupt_json(rng, folder, ctx):
 
 
 MUTATIONS = [set_field, drop_field, relabel_method, mutate_config, mutate_state, mutate_sites, drop_tensor,
-             rename_tensor, reshape_tensor, retype_tensor, poison_values, add_tensor, odd_dtype, corrupt_bytes,
+             rename_tensor, reshape_tensor, collapse_tensor, retype_tensor, poison_values, add_tensor, odd_dtype, corrupt_bytes,
              corrupt_json]
 
 
@@ -316,4 +335,4 @@ def build_sources(model, tokenizer, folder: Path, requests, delta_requests, delt
     return em, paths, {"preloaded_id": em.pack("preloaded").pack_id}
 
 
-__all__ = ["MUTATIONS", "OUTCOMES", "SOURCES", "build_sources", "mutant", "outcome"]
+__all__ = ["MUTATIONS", "OUTCOMES", "SOURCES", "build_sources", "collapse_one", "mutant", "outcome", "read"]

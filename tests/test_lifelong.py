@@ -17,7 +17,9 @@ TARGETS = ["tokyo", "london", "berlin", "madrid", "rome", "paris"]
 STREAM = [EditRequest(prompt="the capital of {} is", subject=s, target_new=t, ground_truth="paris" if t != "paris" else "rome",
                       rephrase_prompt=f"what is the capital of {s} ?", locality_prompt="the capital of city is",
                       locality_ground_truth="paris") for s, t in zip(SUBJECTS, TARGETS)]
-CFG = LifelongConfig(n_records=6, batch=2, checkpoint_every=2, eval_sample=3, eval_batch=4, gen_tokens=2, gen_rounds=1)
+# answer_tokens: a random model's answers rarely stop early; short caps keep the answered figures cheap
+CFG = LifelongConfig(n_records=6, batch=2, checkpoint_every=2, eval_sample=3, eval_batch=4, gen_tokens=2, gen_rounds=1,
+                     answer_tokens=6)
 STABLE = ("ES", "ERR", "PS", "NS", "NS_base", "generation_success", "bit_identical", "perplexity_ratio", "router_recall",
           "false_fire", "sample_size", "edits", "bit_identical_unrelated", "false_fire_unrelated")
 
@@ -94,6 +96,13 @@ def test_grace_run_keeps_unrelated_inputs_identical(make_model, tokenizer, tmp_p
     # examples: (question, base answer, edited answer); the edited answers hold the target, the base ones do not
     for question, base, edited in last["chat_success_examples"]:
         assert isinstance(question, str) and base != edited
+    # the tiny tokenizer has no chat template: the answered figures say "plain", and every record is asked
+    # the capital relation's questions; the locality question is about "city", no edited subject
+    assert last["question_form"] == "plain" and last["question_sample_size"] == last["sample_size"]
+    assert {"question_success", "question_success_base", "question_success_rephrase", "question_success_rephrase_base",
+            "subject_kept", "question_success_examples"} <= set(last)
+    assert last["question_locality"] == last["question_locality_unrelated"] == 1.0
+    assert last["question_success_examples"][0][0] == "What is the capital of narnia?"
 
 
 def test_none_baseline_measures_the_base(make_model, tokenizer, tmp_path):
@@ -101,6 +110,7 @@ def test_none_baseline_measures_the_base(make_model, tokenizer, tmp_path):
     assert last["ES"] == last["ES_base"] and last["NS"] == last["NS_base"] and last["bit_identical"] == 1.0
     assert "router_recall" not in last
     assert last["chat_success"] == last["chat_success_base"] and last["chat_locality"] == 1.0
+    assert last["question_success"] == last["question_success_base"] and last["question_locality"] == 1.0
 
 
 def test_ft_writes_weights_and_restores_them(make_model, tokenizer):
@@ -128,6 +138,7 @@ def test_benchmark_writes_json_markdown_and_plots(make_model, tokenizer, tmp_pat
     assert saved["meta"]["data_sha256"] and len(saved["runs"]["grace"]["checkpoints"]) == 3
     md = (out / "results.md").read_text()
     assert "| grace (batch 2) |" in md and "ft-lr=0.05" in md
+    assert "| plain prompt success |" in md and "| chat success |" not in md  # no chat template: not called chat
     assert all((out / f).stat().st_size > 0 for f in ("metrics.png", "seconds_per_edit.png", "tokens_per_s.png"))
 
 

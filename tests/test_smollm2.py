@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import counterfact_path, prompt_logits
+from conftest import assert_first_edit_reads_shipped_corpus, counterfact_path, embedded_or_skip, prompt_logits
 from grace_hooks import EditableModel, EditRequest, read_requests
 from grace_hooks.eval import greedy, reaches
 from grace_hooks.eval.generation import mentions
@@ -21,7 +21,7 @@ N_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def smol():
-    em = EditableModel.from_pretrained("smollm2-135m")
+    em = EditableModel.from_pretrained(embedded_or_skip("smollm2-135m"))
     yield em
     em.close()
 
@@ -139,3 +139,7 @@ def test_chat_form_edits_answer_the_question_asked_in_a_chat(smol, cf_corpus, me
     finally:
         smol.remove_pack("chat")
     assert chat_answers(smol, questions) == base[:4]  # rollback
+
+
+def test_first_default_edit_reads_the_shipped_corpus(smol, tmp_path, monkeypatch):
+    assert_first_edit_reads_shipped_corpus(smol, "smollm2-135m", tmp_path, monkeypatch)

@@ -19,7 +19,8 @@ from ..requests import read_requests
 from .editors import MethodSpec
 from .lifelong import BaseReference, LifelongConfig, LifelongRun
 from .report import markdown, plots
-from .runinfo import file_sha256, git_info, loadavg, machine_info
+from ..embedded import sha256_of
+from .runinfo import git_info, loadavg, machine_info
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def run_benchmark(model: str | EditableModel, data: str | Path, specs: Sequence[
     own = not isinstance(model, EditableModel)
     em = EditableModel.from_pretrained(model) if own else model
     meta = {
-        "model": em.name, "data": str(data), "data_sha256": file_sha256(data), "n_records": cfg.n_records,
+        "model": em.name, "data": str(data), "data_sha256": sha256_of(data), "n_records": cfg.n_records,
         "batch": cfg.batch, "library_version": __version__, "command": command,
         "machine": machine_info(threads or 0), "git": git_info(repo or Path.cwd()),
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "loadavg_start": loadavg(),

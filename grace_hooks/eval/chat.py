@@ -30,10 +30,17 @@ STOP_STRINGS = ("\n", ". ", "! ", "? ")  # decoding may stop once one has been w
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
+def question_form(tokenizer) -> str:
+    """How :func:`chat_answers` asks with this tokenizer: "chat" (one user turn of its chat template)
+    or "plain" (no template: the text itself, greedily continued). Reports name a figure "chat" only
+    for the first."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+
 def chat_input(tokenizer, text: str) -> tuple[str, bool]:
     """(model input, whether it holds its own special tokens): ``text`` as one user turn of the
     tokenizer's chat template with the assistant's turn opened, or ``text`` itself without a template."""
-    if not getattr(tokenizer, "chat_template", None):
+    if question_form(tokenizer) == "plain":
         return text, False
     wrapping = chat_wrapping(tokenizer)  # the same turn that edits are optimised on (TargetVectorConfig.chat_form)
     if wrapping is not None:
@@ -65,7 +72,7 @@ def chat_answers(model, questions: Sequence[str], max_new_tokens: int = CHAT_MAX
     """Each question's greedy answer, asked in chat form and cut at its natural end."""
     tok = model.tokenizer
     rendered = [chat_input(tok, q)[0] for q in questions]
-    templated = bool(getattr(tok, "chat_template", None))  # a rendered template holds its own special tokens
+    templated = question_form(tok) == "chat"  # a rendered template holds its own special tokens
     raw = greedy_batch(model, rendered, max_new_tokens, batch_size, special_tokens=not templated,
                        stop_ids=end_of_turn_ids(tok), stop_strings=STOP_STRINGS)
     return [natural_answer(a) for a in raw]

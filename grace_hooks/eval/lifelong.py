@@ -5,6 +5,9 @@ At each checkpoint (after ``m`` edits):
   made that still succeed now;
 - every other metric on the records of a fixed, evenly spaced sample of the stream that are
   edited by then (``eval_sample`` records at most; the last checkpoint uses every edited record);
+- answers to the natural stop on ``chat_sample`` records of the sample (:mod:`.asking`): the records'
+  own prompts (``chat_*``) and the questions a user would ask (``question_*``, ``subject_kept``),
+  through the tokenizer's chat template where it has one (``question_form``: "chat" or "plain");
 - base health on a fixed unrelated text, generation tokens/s against the base, costs.
 Every base figure is measured in the same process on the same batches with the edits disabled
 (once per batch: the base does not change). State is saved at each checkpoint; a rerun with the
@@ -19,7 +22,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,11 +33,12 @@ from ..errors import ConfigError
 from ..health import reference_texts
 from ..model import EditableModel
 from ..requests import EditRequest
+from .asking import Asker, chat_metrics, question_metrics
+from .chat import CHAT_MAX_NEW_TOKENS, question_form
 from .editors import Editor, MethodSpec, make_editor
-from .chat import chat_answers, chat_success
 from .generation import timed_generation
-from .metrics import (PairScores, counterfact_metrics, generation_success, names_edited_subject, retention, score_records,
-                      score_texts, unrelated_locality)
+from .metrics import (PairScores, concat_scores, counterfact_metrics, generation_success, names_edited_subject, retention,
+                      score_records, score_texts, take_scores, unrelated_locality)
 from .runinfo import dir_bytes, median, p90, peak_rss_mib
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,10 @@ class LifelongConfig:
     eval_batch: int = option(16, "records per evaluation forward")
     gen_tokens: int = option(16, "tokens per timed generation")
     gen_rounds: int = option(2, "alternating edited/base rounds of the generation timing")
-    chat_sample: int = option(100, "records of the sample also asked in chat form, answered to the natural stop (0 = none)")
+    chat_sample: int = option(100, "records of the sample also asked as questions and as their own prompts, in chat "
+                                   "form where the tokenizer has a chat template, answered to the natural stop (0 = none)")
+    answer_tokens: int = option(CHAT_MAX_NEW_TOKENS, "greedy tokens at most in each of those answers (most stop "
+                                                     "earlier, at their natural end)")
     checkpoints: str = option("", "comma-separated edit counts to measure at (e.g. '1000,2000,5000,10000'); overrides checkpoint_every")
 
 
@@ -87,26 +94,8 @@ class BaseReference:
     def __init__(self) -> None:
         self.scores: dict[tuple, dict[str, PairScores]] = {}
         self.generation: dict[tuple, list[bool]] = {}
-        self.chat: dict[tuple, list[str]] = {}  # (part, records) -> the base's chat answers
+        self.chat: dict[tuple, list[str]] = {}  # (what was asked, records) -> the base's answers (asking.Asker)
         self.text = None
-
-
-def _take(scores: dict[str, PairScores], idx: Sequence[int]) -> dict[str, PairScores]:
-    return {k: PairScores(v.logprob[list(idx)], v.accuracy[list(idx)], [v.predicted[i] for i in idx],
-                          [v.digest[i] for i in idx], None if v.hits is None else [v.hits[i] for i in idx])
-            for k, v in scores.items()}
-
-
-def _concat(parts: list[dict[str, PairScores]]) -> dict[str, PairScores]:
-    if not parts:
-        return {}
-    out = {}
-    for k in parts[0]:
-        vs = [p[k] for p in parts]
-        hits = None if vs[0].hits is None else [h for v in vs for h in v.hits]
-        out[k] = PairScores(np.concatenate([v.logprob for v in vs]), np.concatenate([v.accuracy for v in vs]),
-                            [x for v in vs for x in v.predicted], [x for v in vs for x in v.digest], hits)
-    return out
 
 
 class LifelongRun:
@@ -199,7 +188,7 @@ class LifelongRun:
                 with editor.disabled():
                     self.base.scores[key] = score_records(self.model, reqs, parts, len(chunk))
             base.append(self.base.scores[key])
-        return _concat(edited), _concat(base)
+        return concat_scores(edited), concat_scores(base)
 
     def _generation(self, editor: Editor, idx: list[int], part: str = "prompt", extra_tokens: int = 0):
         """Greedy generation success on each record's prompt (or its paraphrase), edited and base;
@@ -232,8 +221,8 @@ class LifelongRun:
         sample = every if (last or self.stride == 1) else [i for i in every if i % self.stride == 0]
         ck["sample_size"] = len(sample)
         s_edited, s_base = self._scores(editor, sample, ("rephrase", "locality"), editor.routed)
-        s_edited.update(_take(edited, sample))
-        s_base.update(_take(base, sample))
+        s_edited.update(take_scores(edited, sample))
+        s_base.update(take_scores(base, sample))
         serves = [editor.serves(i // self.cfg.batch, i % self.cfg.batch) for i in sample] if editor.routed else None
         ck.update({k: v for k, v in counterfact_metrics(s_edited, s_base, serves).items() if not k.startswith("ES")})
         subjects = {self.requests[i].subject for i in every}
@@ -246,43 +235,17 @@ class LifelongRun:
             (starts, said), (starts_base, said_base) = self._generation(editor, sample, "rephrase", PARAPHRASE_EXTRA_TOKENS)
             ck["generation_success_rephrase"], ck["generation_success_rephrase_base"] = float(np.mean(starts)), float(np.mean(starts_base))
             ck["generation_mentions_rephrase"], ck["generation_mentions_rephrase_base"] = float(np.mean(said)), float(np.mean(said_base))
-        if self.cfg.chat_sample:
-            ck.update(self._chat(editor, sample[::max(1, math.ceil(len(sample) / self.cfg.chat_sample))], unrelated))
+        if self.cfg.chat_sample:  # answered to the natural stop, as a user reads them (grace_hooks.eval.asking)
+            asked = sample[::max(1, math.ceil(len(sample) / self.cfg.chat_sample))]
+            ask = Asker(self.model, editor, self.base.chat, self.cfg.eval_batch, self.cfg.answer_tokens)
+            ck["question_form"] = question_form(self.model.tokenizer)
+            ck.update(chat_metrics(ask, self.requests, asked, unrelated))
+            ck.update(question_metrics(ask, self.requests, asked, unrelated))
         ck.update(self._health(editor))
         ck.update(self._speed(editor, m))
         ck.update(self._costs(editor, state, m))
         ck["eval_seconds"] = time.perf_counter() - t0
         return ck
-
-    def _chat(self, editor: Editor, idx: list[int], unrelated: set[int]) -> dict[str, Any]:
-        """Questions in chat form answered to their natural stop (:mod:`grace_hooks.eval.chat`): the
-        edit's prompt and paraphrase contain the new target; unrelated answers equal the base's (also
-        over the records in ``unrelated`` alone: locality questions that name no edited subject)."""
-        out: dict[str, Any] = {"chat_sample_size": len(idx)}
-        reqs = [self.requests[i] for i in idx]
-        for part, field in (("prompt", "text"), ("rephrase", "rephrase_prompt"), ("locality", "locality_prompt")):
-            rows = [i for i, r in zip(idx, reqs) if getattr(r, field)]
-            if not rows:
-                continue
-            questions = [getattr(self.requests[i], field) for i in rows]
-            answers = chat_answers(self.model, questions, batch_size=self.cfg.eval_batch)
-            key = (part, tuple(rows))
-            if key not in self.base.chat:
-                with editor.disabled():
-                    self.base.chat[key] = chat_answers(self.model, questions, batch_size=self.cfg.eval_batch)
-            base = self.base.chat[key]
-            if part == "locality":
-                out["chat_locality"] = float(np.mean([a == b for a, b in zip(answers, base)]))
-                same = [a == b for i, a, b in zip(rows, answers, base) if i in unrelated]
-                out["chat_locality_unrelated"] = float(np.mean(same)) if same else None
-                continue
-            targets = [self.requests[i].target_new for i in rows]
-            name = "chat_success" if part == "prompt" else "chat_success_rephrase"
-            out[name] = float(np.mean(chat_success(answers, targets)))
-            out[name + "_base"] = float(np.mean(chat_success(base, targets)))
-            # (question, base answer, edited answer): what a reader needs to see what the figure means
-            out[name + "_examples"] = [[q, b, a] for q, b, a in zip(questions[:3], base[:3], answers[:3])]
-        return out
 
     def _health(self, editor: Editor) -> dict[str, Any]:
         texts = unrelated_texts()

@@ -108,6 +108,26 @@ def score_records(model, requests: Sequence[EditRequest], parts: Sequence[str] =
     return out
 
 
+def take_scores(scores: dict[str, PairScores], idx: Sequence[int]) -> dict[str, PairScores]:
+    """The rows ``idx`` of every score set."""
+    return {k: PairScores(v.logprob[list(idx)], v.accuracy[list(idx)], [v.predicted[i] for i in idx],
+                          [v.digest[i] for i in idx], None if v.hits is None else [v.hits[i] for i in idx])
+            for k, v in scores.items()}
+
+
+def concat_scores(parts: list[dict[str, PairScores]]) -> dict[str, PairScores]:
+    """Score sets of consecutive chunks of records joined into one, in order."""
+    if not parts:
+        return {}
+    out = {}
+    for k in parts[0]:
+        vs = [p[k] for p in parts]
+        hits = None if vs[0].hits is None else [h for v in vs for h in v.hits]
+        out[k] = PairScores(np.concatenate([v.logprob for v in vs]), np.concatenate([v.accuracy for v in vs]),
+                            [x for v in vs for x in v.predicted], [x for v in vs for x in v.digest], hits)
+    return out
+
+
 def _mean(values) -> float | None:
     values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(values)) if values else None

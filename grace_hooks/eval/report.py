@@ -1,16 +1,26 @@
 """Tables and plots of lifelong-benchmark results (``results.json`` -> markdown and PNG)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
+# Answers to the natural stop (grace_hooks.eval.asking) go through the tokenizer's chat template where it
+# has one and are plain greedy continuations otherwise; "{form}" in a label says which (the checkpoints'
+# question_form), so that a figure is called "chat" only where a chat template was applied.
+FORM_WORDS = {"chat": "chat", "plain": "plain prompt"}
+UNKNOWN_FORM = "chat or plain prompt"  # results written before question_form was recorded, or a mix
+
 # column label, checkpoint key, format ("%" share, "x" ratio, "s" seconds, "n" number)
-COLUMNS: list[tuple[str, str, str]] = [
+COLUMN_SPECS: list[tuple[str, str, str]] = [
     ("ES", "ES", "%"), ("PS", "PS", "%"), ("NS", "NS", "%"), ("NS base", "NS_base", "%"),
     ("gen. success", "generation_success", "%"), ("gen. success (paraphrase)", "generation_success_rephrase", "%"),
     ("gen. mentions (paraphrase)", "generation_mentions_rephrase", "%"),
-    ("chat success", "chat_success", "%"), ("chat success (paraphrase)", "chat_success_rephrase", "%"),
-    ("chat answers unchanged", "chat_locality", "%"),
+    ("{form} success", "chat_success", "%"), ("{form} success (paraphrase)", "chat_success_rephrase", "%"),
+    ("{form} answers unchanged", "chat_locality", "%"),
+    ("question success ({form})", "question_success", "%"), ("question success, base ({form})", "question_success_base", "%"),
+    ("question success, other wording ({form})", "question_success_rephrase", "%"),
+    ("question answers unchanged ({form})", "question_locality", "%"), ("subject kept ({form})", "subject_kept", "%"),
     ("ERR", "ERR", "%"),
     ("reliability", "reliability", "%"), ("generality", "generality", "%"), ("locality", "locality", "%"),
     ("ppl ratio", "perplexity_ratio", "x"), ("bit-identical", "bit_identical", "%"),
@@ -20,10 +30,16 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("s/edit (median)", "seconds_per_edit_median", "s"), ("s/edit (p90)", "seconds_per_edit_p90", "s"),
     ("tok/s ratio", "time_ratio_to_base", "inv"), ("bytes/edit disk", "bytes_per_edit_disk", "n"),
 ]
+# The labels for tables that gather runs of unknown or mixed forms (benchmarks/summarize_lifelong.py).
+COLUMNS = [(label.format(form=UNKNOWN_FORM), key, kind) for label, key, kind in COLUMN_SPECS]
 PLOTTED = [("ES", "ES"), ("PS", "PS"), ("NS", "NS"), ("generation success", "generation_success"),
-           ("chat success (question in chat form, natural stop)", "chat_success"),
-           ("chat success (paraphrase)", "chat_success_rephrase"),
-           ("chat answers unchanged (unrelated questions)", "chat_locality"),
+           ("{form} success (the edit's prompt, natural stop)", "chat_success"),
+           ("{form} success (paraphrase)", "chat_success_rephrase"),
+           ("{form} answers unchanged (locality prompts)", "chat_locality"),
+           ("question success ({form}, natural stop)", "question_success"),
+           ("question success, other wording ({form})", "question_success_rephrase"),
+           ("question answers unchanged ({form}, locality subjects)", "question_locality"),
+           ("subject kept in the answer ({form})", "subject_kept"),
            ("ERR", "ERR"), ("bit-identical (locality prompts)", "bit_identical"), ("perplexity ratio", "perplexity_ratio"),
            ("|W0 + sum dW| / |W0| (largest site)", "weight_norm_ratio_max")]
 
@@ -42,9 +58,23 @@ def fmt(value: Any, kind: str) -> str:
     return f"{value:,.0f}"
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = COLUMNS, label_key: str = "row") -> str:
-    """One markdown row per dict (the final checkpoint's metrics plus a ``row`` label)."""
-    head = "| " + " | ".join([label_key] + [c[0] for c in columns]) + " |"
+def asked_form(checkpoints: Sequence[dict[str, Any]]) -> str | None:
+    """How the answered figures of these checkpoints were asked: "chat", "plain", or None (not recorded, or mixed)."""
+    forms = {c.get("question_form") for c in checkpoints if c.get("chat_sample_size") is not None}
+    return forms.pop() if len(forms) == 1 else None
+
+
+def form_word(checkpoints: Sequence[dict[str, Any]]) -> str:
+    """:func:`asked_form` in the words labels use."""
+    return FORM_WORDS.get(asked_form(checkpoints), UNKNOWN_FORM)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = COLUMN_SPECS,
+          label_key: str = "row") -> str:
+    """One markdown row per dict (the final checkpoint's metrics plus a ``row`` label); "{form}" in a
+    label becomes how the rows' answered figures were asked."""
+    form = form_word(rows)
+    head = "| " + " | ".join([label_key] + [c[0].format(form=form) for c in columns]) + " |"
     sep = "|" + "---|" + "---:|" * len(columns)
     lines = [head, sep]
     for r in rows:
@@ -61,9 +91,11 @@ def final_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def checkpoint_table(res: dict[str, Any]) -> str:
-    cols = [c for c in COLUMNS if c[1] in ("ES", "PS", "NS", "generation_success", "generation_success_rephrase",
+    cols = [c for c in COLUMN_SPECS if c[1] in ("ES", "PS", "NS", "generation_success", "generation_success_rephrase",
                                            "generation_mentions_rephrase", "chat_success", "chat_success_rephrase",
-                                           "chat_locality", "ERR", "bit_identical",
+                                           "chat_locality", "question_success", "question_success_base",
+                                           "question_success_rephrase", "question_locality", "subject_kept",
+                                           "ERR", "bit_identical",
                                            "perplexity_ratio", "weight_norm_ratio_max", "seconds_per_edit_median",
                                            "time_ratio_to_base")]
     cols.append(("sample", "sample_size", "n"))
@@ -78,10 +110,21 @@ def markdown(results: dict[str, Any]) -> str:
              f"commit {meta.get('git', {}).get('commit') or 'unknown'}; {meta['machine']['threads_used']} thread(s) on "
              f"{meta['machine']['cores_available']} cores. Percentages except the ratios; ES and ERR over every edit, "
              f"the other metrics over the sample stated per checkpoint (every edit at the last one).", "",
+             asked_note(results), "",
              "## At the last checkpoint", "", table(final_rows(results)), ""]
     for label, res in results["runs"].items():
         parts += [f"## {label}: every checkpoint", "", checkpoint_table(res), ""]
     return "\n".join(parts)
+
+
+def asked_note(results: dict[str, Any]) -> str:
+    """One sentence on how the answered figures were asked (what "chat" or "plain prompt" means here)."""
+    checkpoints = [c for res in results["runs"].values() for c in res.get("checkpoints", [])]
+    how = {"chat": "through the tokenizer's chat template, as one user turn",
+           "plain": "as plain text (the tokenizer has no chat template), greedily continued"}.get(
+        asked_form(checkpoints), "in a form these results do not record")
+    return (f"Answered figures ({form_word(checkpoints)}): questions and prompts asked {how}, answered greedily to "
+            "the natural stop; success = the new target as whole words in the answer.")
 
 
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
@@ -92,13 +135,17 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     runs = {k: v for k, v in results["runs"].items() if v.get("checkpoints")}
+    form = form_word([c for res in runs.values() for c in res["checkpoints"]])
     paths = []
-    fig, axes = plt.subplots(3, 4, figsize=(20, 10))
+    n_rows = math.ceil((len(PLOTTED) + 1) / 4)  # one more panel for the legend
+    fig, axes = plt.subplots(n_rows, 4, figsize=(20, 3.4 * n_rows))
+    for ax in axes.flat[len(PLOTTED):-1]:
+        ax.axis("off")
     for ax, (title, key) in zip(axes.flat, PLOTTED):
         for label, res in runs.items():
             cks = [c for c in res["checkpoints"] if c.get(key) is not None]
             ax.plot([c["edits"] for c in cks], [c[key] for c in cks], marker="o", ms=3, label=label)
-        ax.set_title(title)
+        ax.set_title(title.format(form=form))
         ax.set_xlabel("edits")
         ax.grid(alpha=0.3)
     axes.flat[-1].axis("off")

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import os
 import platform
 import resource
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,24 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def machine_info(threads: int) -> dict:
+def versions() -> dict:
+    """Versions of the code behind a figure: this library and the packages its numbers depend on
+    (torch for the arithmetic, transformers for the models, faiss for the router's index)."""
     import torch
     import transformers
 
+    from .. import __version__
+
+    try:  # optional for a caller that never routes; None says it was absent, not unknown
+        import faiss
+        faiss_version = faiss.__version__
+    except ImportError:
+        faiss_version = None
+    return {"grace_hooks": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "faiss": faiss_version}
+
+
+def _hardware(threads: int | None) -> dict:
     cpu = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -50,17 +66,54 @@ def machine_info(threads: int) -> dict:
         "cpu": cpu, "cpu_count": os.cpu_count(),
         "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads_used": threads, "memory_gib": mem, "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "device": "cpu",
+        "device": "cpu",
     }
+
+
+def machine_info(threads: int) -> dict:
+    """The machine and the package versions (the lifelong benchmark's ``machine`` record)."""
+    return {**_hardware(threads), **versions()}
 
 
 def git_info(repo: Path) -> dict:
     def run(*cmd):
         try:
-            return subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(run("status", "--porcelain"))}
+    # A dirty tree's commit does not describe the code that ran: name the files that differed
+    # (porcelain lines are "XY path"), so a reader can tell whether they could matter.
+    changed = [line[3:] for line in run("status", "--porcelain").splitlines() if line.strip()]
+    # ... and fingerprint the uncommitted changes, so two dirty runs can be told apart (or matched)
+    diff = run("diff", "HEAD") if changed else ""
+    return {"commit": run("rev-parse", "HEAD").strip() or None, "dirty": bool(changed), "dirty_files": changed,
+            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None}
+
+
+def run_record(repo: Path, threads: int | None = None) -> dict:
+    """Everything a results file needs to say which code, on which machine, under which load made it.
+
+    The one place benchmarks take this from (``result["run"] = run_record(REPO, args.threads)``), so
+    every JSON records the same fields. Call it after ``torch.set_num_threads``: ``torch_threads``
+    is read from torch, not taken from the caller, so it is what the run actually used
+    (``machine.threads_used`` is what the caller asked for, None if it did not say).
+    """
+    import torch
+
+    rec = {
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],
+        "git": git_info(repo),
+        "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": None,
+        "loadavg_start": loadavg(),
+        "machine": _hardware(threads),
+    }
+    with contextlib.suppress(ImportError, AttributeError):
+        import faiss
+        rec["faiss_threads"] = faiss.omp_get_max_threads()
+    return rec
 
 
 def dir_bytes(path: Path) -> dict:
@@ -69,14 +122,6 @@ def dir_bytes(path: Path) -> dict:
         if f.is_file():
             by_kind[f.name] = by_kind.get(f.name, 0) + f.stat().st_size
     return {"total": sum(by_kind.values()), "by_file_name": by_kind}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def replace_md_section(path: Path, heading: str, body: str) -> None:

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
-
 from ..architectures import Site, deepest
+from ..embedded import cache_dir
 from ..hooks import HookOwner, forward_until
-from ..loading import cache_dir
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
 SELF_SAMPLED = "model-sampled"
 SHIPPED_CORPORA = "data/corpus"  # package folder of model-sampled corpora, named as the cache names them
+SHIPPED_ALIASES = "aliases.json"  # in that folder: corpus file name -> {"file": a shipped file, "sampled_by", "for"}
 _WHERE_LOADED = ("_name_or_path", "transformers_version")  # config entries that say nothing of the weights
 
 
@@ -63,9 +63,10 @@ def sample_corpus(model, tokenizer, n_texts: int = 64, n_tokens: int = 128, seed
     gen = torch.Generator().manual_seed(seed)
     texts = []
     device = next(model.parameters()).device
-    log.info("covariance corpus: sampling %d texts of %d tokens from the model itself (no corpus given)", n_texts, n_tokens)
-    for i in tqdm(range(0, n_texts, batch_size), desc=f"C0 corpus: sampling {n_texts} texts from the model", unit="batch",
-                  leave=False, disable=None):
+    log.info("covariance corpus: sampling %d texts of %d tokens from the model itself (no corpus given or shipped for "
+             "this model; once per model, kept in the cache afterwards)", n_texts, n_tokens)
+    progress = Progress(log, n_texts, "C0 corpus: sampling texts from the model", "texts")
+    for i in range(0, n_texts, batch_size):
         n = min(batch_size, n_texts - i)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         ids = torch.full((n, 1), start, dtype=torch.long, device=device)
@@ -73,6 +74,8 @@ def sample_corpus(model, tokenizer, n_texts: int = 64, n_tokens: int = 128, seed
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
                                  temperature=1.0, max_new_tokens=n_tokens, min_new_tokens=n_tokens, pad_token_id=pad)
         texts += tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+        progress.update(n)
+    log.info("covariance corpus: sampled %d texts in %.0f s", n_texts, progress.close())
     return Corpus(tuple(t for t in texts if t.strip()), f"{SELF_SAMPLED}:seed={seed}:n={n_texts}:tokens={n_tokens}")
 
 
@@ -80,19 +83,19 @@ def cached_sample_corpus(model, tokenizer, model_hash: str, n_texts: int = 64, n
                          cache: Path | None | bool = True) -> Corpus:
     """:func:`sample_corpus`, kept on disk per (model weights, seed, size): sampling takes minutes.
     Looked up in the cache folder, then among the corpora shipped with the package (those the
-    embedded models sample, so a first edit on a fresh machine need not sample), then sampled."""
+    embedded models use, so a first edit on a fresh machine need not sample), then sampled."""
     folder = (cache_dir() / "corpus") if cache is True else (Path(cache) if cache else None)
-    name = f"{model_hash}-seed{seed}-n{n_texts}-t{n_tokens}.json"
+    name = corpus_file_name(model_hash, seed, n_texts, n_tokens)
     path = None if folder is None else folder / name
-    shipped = resources.files("grace_hooks").joinpath(SHIPPED_CORPORA, name)
-    for where in ([path] if path is not None else []) + ([shipped] if cache is not False and cache is not None else []):
-        if not where.is_file():
-            continue
-        corpus = _read_corpus(where.read_text(encoding="utf-8"))
-        if corpus is None:
-            log.warning("covariance corpus: %s is not a corpus file (texts and source); it is ignored", where)
-            continue
-        log.info("covariance corpus: %d model-sampled texts from %s", len(corpus.texts), where)
+    if path is not None and path.is_file():
+        corpus = _read_corpus(path.read_text(encoding="utf-8"))
+        if corpus is not None:
+            log.info("covariance corpus: %d texts from %s", len(corpus.texts), path)
+            return corpus
+        log.warning("covariance corpus: %s is not a corpus file (texts and source); it is ignored", path)
+    corpus = shipped_corpus(name) if cache is not False and cache is not None else None
+    if corpus is not None:
+        log.info("covariance corpus: %d texts shipped with the package (%s)", len(corpus.texts), corpus.source)
         return corpus
     corpus = sample_corpus(model, tokenizer, n_texts, n_tokens, seed)
     if path is not None:
@@ -101,6 +104,28 @@ def cached_sample_corpus(model, tokenizer, model_hash: str, n_texts: int = 64, n
         tmp.write_text(json.dumps({"texts": list(corpus.texts), "source": corpus.source}), encoding="utf-8")
         tmp.replace(path)
     return corpus
+
+
+def corpus_file_name(model_hash: str, seed: int, n_texts: int, n_tokens: int) -> str:
+    """How a model-sampled corpus is named in the cache and among the shipped ones."""
+    return f"{model_hash}-seed{seed}-n{n_texts}-t{n_tokens}.json"
+
+
+def shipped_corpus(name: str) -> Corpus | None:
+    """The corpus the package ships for ``name`` (a :func:`corpus_file_name`), or None: the file of that
+    name, or the one ``aliases.json`` names for it (another model's sampled text, shipped for a model
+    whose own would take too long to sample; its source says so)."""
+    folder = resources.files("grace_hooks").joinpath(SHIPPED_CORPORA)
+    where = folder.joinpath(name)
+    if where.is_file():
+        return _read_corpus(where.read_text(encoding="utf-8"))
+    aliases = folder.joinpath(SHIPPED_ALIASES)
+    alias = json.loads(aliases.read_text(encoding="utf-8")).get(name) if aliases.is_file() else None
+    corpus = shipped_corpus(alias["file"]) if isinstance(alias, dict) and alias.get("file") != name else None
+    if corpus is None:
+        return None
+    return Corpus(corpus.texts, f"{corpus.source}, sampled by {alias.get('sampled_by', 'another model')}, shipped for "
+                                f"{alias.get('for', 'this model')}")
 
 
 def _read_corpus(text: str) -> Corpus | None:
@@ -122,6 +147,7 @@ def site_inputs(model, tokenizer, sites: list[Site], texts, max_tokens: int, max
     count = 0
     with HookOwner().scoped() as scope, torch.inference_mode():
         for site in sites:
+            # float32 site inputs whatever the model's dtype: the router radii are bounded by distances to them
             scope.forward(site.module(model), lambda m, a, o, name=site.name: out[name].append(a[0][0].float().cpu()))
         for text in texts:
             if count >= max_tokens:
@@ -130,6 +156,12 @@ def site_inputs(model, tokenizer, sites: list[Site], texts, max_tokens: int, max
             forward_until(model, deepest(model, sites), **enc)
             count += enc["input_ids"].shape[1]
     return {name: torch.cat(v)[:max_tokens] for name, v in out.items()}
+
+
+def _token_bound(corpus: Corpus, max_length: int) -> int:
+    """An upper bound of the tokens ``corpus`` gives (for progress only): at most ``max_length`` per text,
+    at most one per character."""
+    return sum(min(max_length, len(t)) for t in corpus.texts)
 
 
 def model_digest(model) -> str:
@@ -191,13 +223,17 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
     todo = [s for s in sites if s.name not in out]
     if not todo:
         return out
+    # float64 by default (``dtype``): C0 sums up to 1e5 outer products, and the solve inverts lambda C0 + K K^T;
+    # in the model's bfloat16 or even float32 the sum would lose the small directions the solve relies on
     totals = {s.name: torch.zeros(s.dims(model)[0], s.dims(model)[0], dtype=dtype) for s in todo}
     count = 0
     device = next(model.parameters()).device
     grabbed: dict[str, torch.Tensor] = {}
     if tokenizer.pad_token_id is None:
         batch_size = 1  # no padding token: one text per forward
-    bar = tqdm(total=max_tokens, desc=f"C0 at {len(todo)} site(s)", unit="tok", leave=False, disable=None)
+    log.info("covariance at %s: measuring up to %d tokens of %s (once per model and corpus, kept in the cache afterwards)",
+             [s.name for s in todo], max_tokens, corpus.source)
+    bar = Progress(log, min(max_tokens, _token_bound(corpus, max_length)), f"C0 at {len(todo)} site(s)", "tokens")
     side, tokenizer.padding_side = tokenizer.padding_side, "right"  # left padding would shift positions
     with HookOwner().scoped() as scope, torch.inference_mode():
         for site in todo:
@@ -211,13 +247,16 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
             real = enc["attention_mask"].bool()
             n = 0
             for name, x in grabbed.items():
-                keys = x[real].to(dtype).cpu()[: max_tokens - count]
-                totals[name] += keys.T @ keys
+                # moved in the model's dtype, widened on the CPU (the same numbers; a quarter of a float64 copy)
+                # float32 products (a batch is ~10^3 tokens: rounding stays ~1e-6 relative), summed over
+                # the batches in ``dtype`` (float64): several times faster than float64 products on a CPU
+                keys = x[real.to(x.device)].cpu().float()[: max_tokens - count]
+                totals[name] += (keys.T @ keys).to(dtype)
                 n = len(keys)
             count += n
             bar.update(n)
     tokenizer.padding_side = side
-    bar.close()
+    seconds = bar.close()
     if count == 0:
         raise ValueError("the corpus gave no tokens to measure")
     for site in todo:
@@ -232,5 +271,5 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
                                                             "corpus_digest": corpus.digest, "dtype": str(dtype)}), encoding="utf-8")
             tmp.replace(path)
         out[site.name] = moment
-    log.info("covariance at %s: %d keys each from %s", [s.name for s in todo], count, corpus.source)
+    log.info("covariance at %s: %d keys each from %s in %.0f s", [s.name for s in todo], count, corpus.source, seconds)
     return out

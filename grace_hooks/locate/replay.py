@@ -29,6 +29,7 @@ from torch import nn
 
 from ..architectures import arch_spec
 from ..hooks import HookOwner, forward_until
+from .precision import add_to
 
 try:
     from transformers.cache_utils import Cache, DynamicCache
@@ -186,7 +187,8 @@ class LayerReplay:
     def hidden_states(self, offset: torch.Tensor | None = None) -> torch.Tensor:
         """The output of the final norm at columns ``start:``; ``offset`` (shaped as ``hidden_in``) is
         added to the input of block ``layer`` first."""
-        h = self.hidden_in if offset is None else self.hidden_in + offset.to(self.hidden_in.dtype)
+        # the offset (a float32 target-vector delta) is added in float32 and rounded once to the blocks' dtype
+        h = self.hidden_in if offset is None else add_to(self.hidden_in, offset)
         cache = None if self.prefix is None else _fresh_cache(self.prefix)
         for block, args, kwargs, positional in self.calls:
             if cache is not None:

@@ -98,7 +98,8 @@ def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequenc
                             scope.forward(module, grab(name))
                         forward_until(model, deepest, **inputs)
                 for name, t in grabbed.items():
-                    got = t[torch.arange(len(rows)), (idx - shift).to(t.device)].float().cpu()
+                    # float32 on the CPU whatever the model's dtype: keys, their mean and the residuals are taken from these
+                    got = t[torch.arange(len(rows), device=t.device), (idx - shift).to(t.device)].float().cpu()
                     if not len(parts[name]):
                         parts[name] = got.new_empty((len(requests), got.shape[-1]))
                     parts[name][rows] = got

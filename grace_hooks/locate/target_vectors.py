@@ -115,6 +115,7 @@ class _Rows:
 
     def logits(self, delta: torch.Tensor, index=None) -> torch.Tensor:
         rows, cols = self.key_columns()
+        # the offset keeps the delta's float32; the replay adds it to the block input in float32 and rounds once
         offset = torch.zeros_like(self.replay.hidden_in, dtype=delta.dtype)
         offset = offset.index_put((rows.to(delta.device), cols.to(delta.device)), delta[self.owner.to(delta.device)])
         with self.real_positions(self.batch.attention_mask, self.batch.input_ids):
@@ -145,34 +146,40 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
 
     bare = torch.arange(n) * n_pref
     key_rows, key_cols = rewrite.key_columns()
-    h = rewrite.replay.hidden_in[key_rows[bare].to(device), key_cols[bare].to(device)].float()  # (n, d): the residual before the edit
-    delta = torch.zeros_like(h, requires_grad=True)  # z - h
+    hidden = rewrite.replay.hidden_in
+    dev = hidden.device  # block layer + 1's input: not the embedding's device when the model is split over several
+    # float32: h, the delta and Adam's moments are float32 even when the model is bfloat16, whose 8 bits
+    # would round lr-sized steps away; the loss is float32 too (score_targets upcasts the logits)
+    h = hidden[key_rows[bare].to(dev), key_cols[bare].to(dev)].to(torch.float32)  # (n, d): the residual before the edit
+    delta = torch.zeros_like(h, dtype=torch.float32, requires_grad=True)  # z - h
     opt = torch.optim.Adam([delta], lr=cfg.lr)
 
     if kl is not None:
         kl.start(torch.zeros_like(h))
     min_logprob = math.log(cfg.stop_prob) if cfg.stop_prob > 0 else -math.inf
     steps = torch.zeros(n, dtype=torch.long)
-    prob = torch.zeros(n)
+    prob = torch.zeros(n, dtype=torch.float32)
     live = torch.ones(n, dtype=torch.bool)
     rw, ids = rewrite, torch.arange(n)  # the rows of the live requests
     bar = tqdm(total=cfg.steps, desc=f"target vectors of {n} request(s)", unit="step", leave=False, disable=None)
     for step in range(1, cfg.steps + 1):
         bar.update()
         bar.set_postfix(optimising=len(ids))
-        d = delta[ids.to(device)]
+        d = delta[ids.to(dev)]
         scores = score_targets(rw.logits(d), rw.scored)
         m = len(ids)
-        owner_rows = rw.owner.to(device)
-        nll = torch.zeros(m, device=device).index_add(0, owner_rows, scores.nll) / n_pref
-        hn = h[ids.to(device)].norm(dim=1)
+        owner_rows = rw.owner.to(dev)
+        row_nll = scores.nll.to(dev)  # the logits' device (the head's) may differ from the delta's
+        nll = torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, row_nll) / n_pref
+        hn = h[ids.to(dev)].norm(dim=1)
         loss = nll + cfg.weight_decay * d.norm(dim=1) / hn ** 2
         if kl is not None:
-            loss = loss + cfg.kl_factor * kl.divergence(d, ids)
-        short = ~scores.correct | (scores.nll.detach() > -min_logprob)  # a rewrite prompt not yet where the stop wants it
-        all_right = torch.zeros(m, device=device).index_add(0, owner_rows, short.float()) == 0
+            loss = loss + cfg.kl_factor * kl.divergence(d, ids).to(dev)
+        short = ~scores.correct.to(dev) | (row_nll.detach() > -min_logprob)  # a rewrite prompt not yet where the stop wants it
+        all_right = torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, short.float()) == 0
         with torch.no_grad():
-            prob[ids] = (torch.zeros(m, device=device).index_add(0, owner_rows, torch.exp(-scores.nll)) / n_pref).cpu()
+            prob[ids] = (torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, torch.exp(-row_nll))
+                         / n_pref).cpu()
         steps[ids] = step
         done = (all_right if cfg.stop == "most_probable" else loss.detach() < 5e-2).cpu()
         if step == cfg.steps or bool(done.all()):
@@ -180,10 +187,10 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
         live[ids[done]] = False
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
-        frozen = delta.detach()[~live.to(device)].clone()
+        frozen = delta.detach()[~live.to(dev)].clone()
         opt.step()
         with torch.no_grad():
-            delta[~live.to(device)] = frozen  # finished requests keep their delta (Adam's momentum would move it)
+            delta[~live.to(dev)] = frozen  # finished requests keep their delta (Adam's momentum would move it)
             norms, limit = delta.norm(dim=1), cfg.clamp * h.norm(dim=1)
             # project back into the ball |delta| <= clamp |h| (MEMIT eq. 16's clamp)
             over = norms > limit
@@ -225,7 +232,7 @@ class _KLTerm:
 
     def _logp(self, delta: torch.Tensor) -> torch.Tensor:
         index = (torch.arange(len(self.rows.owner), device=self.device), self.rows.batch.key_pos)  # at the subject token
-        return torch.log_softmax(self.rows.logits(delta, index).float(), -1)
+        return torch.log_softmax(self.rows.logits(delta, index).float(), -1)  # float32: a KL of bf16 log-probs is noise
 
     def start(self, delta: torch.Tensor) -> None:
         self.initial = self._logp(delta)
@@ -233,7 +240,7 @@ class _KLTerm:
     def divergence(self, delta: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """KL(current || initial) per live request, as MEMIT."""
         logp = self._logp(delta)
-        return (logp.exp() * (logp - self.initial[ids.to(self.device)])).sum(-1)
+        return (logp.exp() * (logp - self.initial[ids.to(self.initial.device)])).sum(-1)
 
     def select(self, keep: torch.Tensor, renumber: torch.Tensor) -> None:
         self.rows = self.rows.select(keep, renumber)

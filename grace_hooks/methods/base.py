@@ -130,7 +130,8 @@ class EditMethod(ABC):
         problems = [f"{site}: {p}" for site in pack.sites
                     for p in site_problems(pack.site_tensors(site), self.site_layouts(config),
                                            {"d_in": dims[site][0], "d_out": dims[site][1]})]
-        problems += self.check_state(pack, config)
+        if not problems:  # the state check reads the tensors, so only once their layout holds
+            problems = self.check_state(pack, config)
         if problems:
             raise PackError(f"pack {pack.name!r} does not hold what a {self.name!r} pack holds: " + "; ".join(problems[:8])
                             + ("; ..." if len(problems) > 8 else "") + ". The pack is corrupt, or was relabelled or "

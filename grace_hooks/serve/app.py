@@ -15,8 +15,10 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..errors import PackError
+from ..errors import ConfigError, PackError
 from ..model import EditableModel
+from .admission import Admission, Gate
+from .body_limit import BodyLimit
 from .errors import ApiError, error_body, install_handlers
 from .live_packs import LivePacks, NewPack
 from .openai_routes import router as openai_router
@@ -36,6 +38,27 @@ class ServeConfig:
     max_tokens: int = 512  # the most tokens one answer may ask for; also a chat answer's budget when it gives none
     completion_tokens: int = 16  # a completion's budget when it gives none (OpenAI's default)
     watch_s: float = 2.0  # how often the adapters folder is checked for packs other processes changed (0: never)
+    # Limits for a server others can reach (a 21 MB POST of 20,000 edit requests once grew the server
+    # to 24 GB until the kernel killed it):
+    # - 1 MiB holds what this server can use: a prompt filling a 128k-token context (about 4 bytes a
+    #   token) or 1,000 CounterFact or zsRE edit records (300 to 420 KB); JSON parsed into Python
+    #   objects takes several times its bytes, so this bounds a request's memory to some MiB.
+    max_body_bytes: int = 1 << 20
+    # - 1,000 edit requests per pack: the batch size the benchmarks build packs of (100 to 1,000)
+    #   and minutes of computing; more in one request holds the edit lock for hours and the memory
+    #   of the whole batch at once, while several packs of 1,000 stack to the same effect.
+    max_edit_requests: int = 1000
+    # - 16 requests may wait for the model (each of generations and pack changes); beyond, a 503 with
+    #   Retry-After. Every waiting request holds a worker thread (40 in the pool), a connection and
+    #   its body; the 16th in line waits 16 answers, long enough that it is better sent elsewhere.
+    max_waiting: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_edit_requests", "max_tokens", "completion_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ServeConfig.{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_waiting < 0:
+            raise ConfigError(f"ServeConfig.max_waiting must be 0 or more, not {self.max_waiting}")
 
 
 @dataclass
@@ -46,6 +69,7 @@ class ServerState:
     live: LivePacks
     config: ServeConfig
     model_id: str
+    gates: dict[str, Gate] = field(default_factory=dict)  # "generate" and "packs" (serve/admission.py)
     started: int = field(default_factory=lambda: int(time.time()))
 
     def check_model(self, requested: str) -> None:
@@ -64,8 +88,15 @@ def list_packs(request: Request) -> dict[str, Any]:
 
 @packs_router.post("/v1/packs", status_code=201)
 def create_pack(body: PackRequest, request: Request) -> dict[str, Any]:
+    state = request.app.state.grace
+    cap = state.config.max_edit_requests
+    if len(body.requests) > cap:  # before anything slow: the cap is there to keep the edit from starting
+        raise ApiError(413, f"this pack has {len(body.requests)} edit requests; this server computes at most {cap} "
+                            f"in one POST /v1/packs. Split them into packs of at most {cap} (one POST each; packs "
+                            f"stack, so together they edit the same), or start the server with a larger "
+                            f"grace-hooks serve --max-edit-requests", param="requests")
     name = body.name or f"{body.method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}"
-    return request.app.state.grace.live.create(NewPack(name, body.method, body.requests, body.options))
+    return state.live.create(NewPack(name, body.method, body.requests, body.options))
 
 
 @packs_router.delete("/v1/packs/{name}")
@@ -75,6 +106,17 @@ def delete_pack(name: str, request: Request) -> dict[str, Any]:
 
 def _needs_key(request: Request) -> bool:
     return request.method in ("POST", "PUT", "PATCH", "DELETE") and request.url.path.startswith("/v1/packs")
+
+
+def _gate_for(gates: dict[str, Gate]):
+    """Which gate a request passes: generations, or changes of the packs (reads pass freely)."""
+    def choose(method: str, path: str) -> Gate | None:
+        if method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+            return gates["generate"]
+        if method == "POST" and path.rstrip("/") == "/v1/packs" or method == "DELETE" and path.startswith("/v1/packs/"):
+            return gates["packs"]
+        return None
+    return choose
 
 
 def _key_ok(request: Request, key: str) -> bool:
@@ -105,8 +147,15 @@ def create_app(model: EditableModel, adapters: str | Path, config: ServeConfig |
             live.stop()
 
     app = FastAPI(title="grace_hooks", lifespan=lifespan)
-    app.state.grace = ServerState(model, live, config, config.model_id or model.name)
+    # Generations and pack changes queue apart: with a side copy they run side by side, and each
+    # waits for its own kind (turns.py; the edit lock).
+    gates = {"generate": Gate("generations", config.max_waiting), "packs": Gate("pack changes", config.max_waiting)}
+    app.state.grace = ServerState(model, live, config, config.model_id or model.name, gates)
     install_handlers(app)
+    # The middleware added last runs first: the key check, then the queue, then the body limit, so
+    # a request is refused for the cheapest reason first, and none is read past what it may hold.
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(Admission, choose=_gate_for(gates))
 
     @app.middleware("http")
     async def write_key(request: Request, call_next):

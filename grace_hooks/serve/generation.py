@@ -9,7 +9,9 @@
   two give the same text by construction.
 - Stop strings are looked for in the decoded text; text that could be the start of a stop string
   is held back until a later token shows it is not, and nothing from a stop string on is sent.
-- A consumer that stops reading (a client that went away) ends the generation at its next step.
+- A consumer that stops reading, or a set ``cancel`` event (a streaming client that went away,
+  :func:`grace_hooks.serve.openai_routes.relay`), ends the generation at its next step, and one
+  that has not started yet gives its turn back at once.
 """
 from __future__ import annotations
 
@@ -70,13 +72,15 @@ class _ToQueue(BaseStreamer):
 
 
 class _Until(StoppingCriteria):
-    """Stops generating once ``event`` is set (a stop string was written, or the consumer left)."""
+    """Stops generating once one of ``events`` is set (a stop string was written, the consumer
+    left, or the request was cancelled)."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        done = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class _Pieces:
@@ -132,8 +136,12 @@ class Completion:
     """One request's generation, started at once in its own thread. Iterate for the text pieces;
     :attr:`outcome` is complete when the iteration ends."""
 
-    def __init__(self, model, prompt_ids: list[int], sampling: Sampling, turns: Turns | None = None) -> None:
+    def __init__(self, model, prompt_ids: list[int], sampling: Sampling, turns: Turns | None = None,
+                 cancel: threading.Event | None = None) -> None:
         self.model, self.sampling, self.turns = model, sampling, turns or Turns()
+        # Set by whoever learns that the answer is no longer wanted (a streaming client that hung up);
+        # unlike _stop it may be shared by the several prompts of one request.
+        self.cancel = cancel or threading.Event()
         self.prompt_ids = list(prompt_ids)
         self.end_ids = set(end_of_turn_ids(model.tokenizer))
         self.outcome = Outcome(prompt_tokens=len(self.prompt_ids))
@@ -154,8 +162,11 @@ class Completion:
             ids = torch.tensor([self.prompt_ids], device=self.model.device)
             with self.turns.generation(), self.model.exclusive(), torch.inference_mode(), \
                     _seeded(self.sampling.seed, self.model.device):
+                if self.cancel.is_set():  # cancelled while it waited for its turn: give the turn back at once
+                    return
                 self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=self._config(),
-                                    streamer=_ToQueue(self._tokens), stopping_criteria=StoppingCriteriaList([_Until(self._stop)]))
+                                    streamer=_ToQueue(self._tokens),
+                                    stopping_criteria=StoppingCriteriaList([_Until(self._stop, self.cancel)]))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it in its thread
             log.exception("generation failed")
             self._tokens.put(exc)

@@ -3,10 +3,12 @@ answered with every loaded pack acting, streamed as server-sent events when aske
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any, AsyncIterator, Iterable, Iterator
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
@@ -74,8 +76,21 @@ def _events(chunks: Iterator[dict]) -> Iterator[str]:
     yield _sse("[DONE]")
 
 
-def _stream(chunks: Iterator[dict]) -> StreamingResponse:
-    return StreamingResponse(_events(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+async def relay(events: Iterator[str], cancel: threading.Event) -> AsyncIterator[str]:
+    """``events``, each produced in a worker thread; when the stream ends early (the client hung up,
+    and the server cancels the response) ``cancel`` is set, so the generation stops at its next step
+    and frees the model. The worker thread is not waited for (it ends within a step): waiting would
+    hold the cancellation, and so the model, until the next token."""
+    try:
+        while (event := await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True)) is not None:
+            yield event
+    finally:
+        cancel.set()
+
+
+def _stream(chunks: Iterator[dict], cancel: threading.Event) -> StreamingResponse:
+    return StreamingResponse(relay(_events(chunks), cancel), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/v1/models")
@@ -92,10 +107,11 @@ def chat_completions(body: ChatRequest, request: Request):
     body.refuse_unsupported(*UNSUPPORTED_CHAT)
     ids = chat_prompt(state.model.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
     sampling = _sampling(state, body, len(ids), body.token_budget, state.config.max_tokens)
-    completion = Completion(state.model, ids, sampling, state.live.turns)
+    cancel = threading.Event()
+    completion = Completion(state.model, ids, sampling, state.live.turns, cancel)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_id}
     if body.stream:
-        return _stream(_chat_chunks(completion, head | {"object": "chat.completion.chunk"}, body.include_usage))
+        return _stream(_chat_chunks(completion, head | {"object": "chat.completion.chunk"}, body.include_usage), cancel)
     text = completion.text()
     return head | {"object": "chat.completion", "usage": _usage([completion.outcome]), "choices": [
         {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": completion.outcome.finish_reason,
@@ -133,7 +149,8 @@ def completions(body: CompletionRequest, request: Request):
     # holds the model for its whole generation.
     runs = ((ids, s) for ids, s in zip(encoded, sampling))
     if body.stream:
-        return _stream(_completion_chunks(state, runs, head, body.include_usage))
+        cancel = threading.Event()
+        return _stream(_completion_chunks(state, runs, head, body.include_usage, cancel), cancel)
     choices, outcomes = [], []
     for i, (ids, s) in enumerate(runs):
         completion = Completion(state.model, ids, s, state.live.turns)
@@ -143,13 +160,13 @@ def completions(body: CompletionRequest, request: Request):
     return head | {"choices": choices, "usage": _usage(outcomes)}
 
 
-def _completion_chunks(state, runs, head: dict, include_usage: bool) -> Iterator[dict]:
+def _completion_chunks(state, runs, head: dict, include_usage: bool, cancel: threading.Event) -> Iterator[dict]:
     def chunk(i: int, text: str, finish: str | None = None) -> dict:
         return head | {"choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}]}
 
     outcomes = []
     for i, (ids, s) in enumerate(runs):
-        completion = Completion(state.model, ids, s, state.live.turns)
+        completion = Completion(state.model, ids, s, state.live.turns, cancel)
         for piece in completion:
             yield chunk(i, piece)
         yield chunk(i, "", completion.outcome.finish_reason)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ...effects import Effect, EffectLayer, Gate, Hits, Plan, gate_label, stored
+from ...locate.precision import add_to, dense_change, lowrank_change
 
 ZSCORE_GATE = gate_label("z-score")  # the 'pack' of a traced hit where the z-score gate, not a key, fired
 EVERYWHERE = "comeba_hk.everywhere"  # the option under which hook layers act at every real position
@@ -99,11 +100,12 @@ class HookLayer(EffectLayer):
         return self._combined
 
     def change(self, x: torch.Tensor) -> torch.Tensor:
-        """W_h x - W0 x at every row of ``x`` (..., d_in)."""
+        """W_h x - W0 x at every row of ``x`` (..., d_in), in float32 at least (the z-score gate
+        scores its norm; the plan adds it rounded once to the activation's dtype)."""
         parts = self._parts()
         if len(parts) == 2:
-            return (x @ parts[1].to(x)) @ parts[0].to(x).T
-        return x @ parts[0].to(x).T
+            return lowrank_change(x, parts[0], parts[1])
+        return dense_change(x, parts[0])
 
     def zscore_gate(self, change: torch.Tensor, valid: torch.Tensor, past: int,
                     running: tuple | None = None) -> tuple[torch.Tensor, tuple]:
@@ -150,7 +152,7 @@ class HookLayer(EffectLayer):
         add = change.reshape(-1, change.shape[-1])[sel] if change is not None else self.change(flat_x[sel])
 
         def hook(flat: torch.Tensor) -> None:
-            flat[sel] = flat[sel] + add
+            flat[sel] = add_to(flat[sel], add)
 
         return hook
 

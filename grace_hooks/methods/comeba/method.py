@@ -98,7 +98,7 @@ class ComebaHK(DeltaMethod):
                 scope.forward(site.module(ctx.model), lambda m, a, o: captured.append(a[0].detach()))
                 forward_until(ctx.model, site.module(ctx.model), **enc)
                 change = ctx.loaded.site(site.name).layer(HookLayer).change(captured[0])
-            z = zscores(change.norm(dim=-1), enc.attention_mask.bool())[0]
+            z = zscores(change.norm(dim=-1), enc.attention_mask.bool().to(change.device))[0]  # a split model: the site's device
             z = z.max(dim=1).values if cfg.alpha_from == "prompt_max" else z[rows, cols.to(z.device)]
             finite = z[torch.isfinite(z)]
             if len(finite) < len(z):

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from ...effects import Effect, EffectLayer, Gate, Hits, NoLoraForm, Plan, stored
+from ...locate.precision import add_to, lowrank_change
 
 
 class DeltaLayer(EffectLayer):
@@ -18,11 +19,9 @@ class DeltaLayer(EffectLayer):
     order = 20  # after the hook layer's change, before replacements
 
     def everywhere(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        out = None
-        for d in self.effects.values():
-            if not d.routed:
-                out = (y if out is None else out) + (x @ d.V.to(x)) @ d.U.to(x).T
-        return out
+        # each delta's change in float32, added in load order and rounded once to the activation's dtype
+        changes = [lowrank_change(x, d.U, d.V) for d in self.effects.values() if not d.routed]
+        return add_to(y, *changes) if changes else None
 
     def plan(self, flat_x: torch.Tensor, hits: Hits | None, gate: Gate | None) -> Plan | None:
         if hits is None:
@@ -34,7 +33,7 @@ class DeltaLayer(EffectLayer):
         def add(flat: torch.Tensor) -> None:
             for pack_id, sel in at:
                 d = self.effects[pack_id]
-                flat[sel] = flat[sel] + (flat_x[sel] @ d.V.to(flat_x)) @ d.U.to(flat_x).T
+                flat[sel] = add_to(flat[sel], lowrank_change(flat_x[sel], d.U, d.V))  # as in everywhere()
 
         return add
 

@@ -101,7 +101,7 @@ class DeltaMethod(EditMethod):
         with clock("target vectors"):
             tvs = target_vectors(model, tok, z_layer, requests, prefixes[: 1 + cfg.target_prefix_count()],
                                  cfg.target_config(), ctx.attention_mask)
-        z = torch.stack([tv.z for tv in tvs]).to(torch.float64)
+        z = torch.stack([tv.z for tv in tvs]).to(torch.float64)  # float64 from here on: residuals and the solve
         top = model.get_submodule(arch_spec(model).layers)[z_layer]
 
         staged: dict[str, SiteContribution] = {}
@@ -117,7 +117,7 @@ class DeltaMethod(EditMethod):
                     with clock("keys and residuals"), ctx.staged(staged), self.solving(ctx, cfg):  # the blocks below carry their share
                         samples = activations_at_subject(model, tok, site.module(model), requests, prefixes,  # (P, n, d_in)
                                                          share_prefix=ctx.loaded.causal, batch_size=KEY_FORWARD_ROWS)
-                    keys_of[n] = samples.mean(0)
+                    keys_of[n] = samples.mean(0)  # float32 samples (activations_at_subject upcasts): a float32 mean
                 keys = keys_of[n]
                 with ctx.staged(staged), self.solving(ctx, cfg):
                     residual = self._residual(ctx, requests, top, z, len(sites) - i, clock)
@@ -127,6 +127,7 @@ class DeltaMethod(EditMethod):
                         update = closed_form_update(residual.T, keys.T,
                                                     self.preservation(moments[site.name].matrix, loaded, cfg),
                                                     self.constraint(loaded, cfg))
+                    # solved in float64 (closed_form_update), stored in float32 whatever the model's dtype
                     tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
                                     f"{n}/keys": keys.float().contiguous()})
                     if routed:  # a global pack needs no router keys
@@ -210,7 +211,7 @@ class DeltaMethod(EditMethod):
         (the subject's tokens already say where it may fire). Scope 'key': the mean key and each
         prefixed sample (the bare prompt among them), each radius also at most corpus_margin x the
         distance to the nearest probed corpus token (generic text stays out of scope)."""
-        spread = (samples - keys).norm(dim=-1).amax(0)  # (n,)
+        spread = (samples - keys).norm(dim=-1).amax(0)  # (n,) float32 distances of float32 keys, as the router's
         base = torch.maximum(spread, MIN_RELATIVE_RADIUS * keys.norm(dim=-1))
         if cfg.scope == "span":
             return keys.clone(), cfg.route_radius_scale() * base

@@ -29,7 +29,7 @@ def _value(loaded: LoadedSite, key_id: int) -> torch.Tensor:
     layer = loaded.layer(Replacements)
     where = loaded.key_pack(key_id)
     if layer is None or where is None:
-        return torch.zeros(loaded.dims[1])
+        return torch.zeros(loaded.dims[1], dtype=torch.float32)  # as the stored values
     return layer.value(key_id, where[0]).clone()
 
 
@@ -53,6 +53,8 @@ class Codebook:
     def _nearest_own(self, q: torch.Tensor) -> tuple[float, int]:
         if not self.entries:
             return float("inf"), -1
+        # float32 keys and query (Grace.compute upcasts the site input), so distances and radii are
+        # float32 whatever the model's dtype, as the router measures them
         d = torch.stack([e.key for e in self.entries]).sub(q).norm(dim=1)
         j = int(d.argmin())
         return float(d[j]), j

@@ -23,14 +23,14 @@ class Replacements(EffectLayer):
         rows, values = won
 
         def replace(flat: torch.Tensor) -> None:
-            flat[rows] = values.to(flat)
+            flat[rows] = values.to(flat)  # the float32 values, rounded to the output's dtype (and moved to its device)
 
         return replace
 
     def value(self, key_id: int, pack_id: str | None) -> torch.Tensor:
         """The value of router key ``key_id`` (of pack ``pack_id``); zeros for a key of another family."""
         if pack_id not in self.effects:
-            return torch.zeros(self.d_out)
+            return torch.zeros(self.d_out, dtype=torch.float32)  # as the stored values
         return self.keyed("values", torch.tensor([key_id]))[0]
 
 

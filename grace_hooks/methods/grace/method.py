@@ -32,7 +32,10 @@ def _scoped_positions(batch: EditBatch, x: torch.Tensor, keys: torch.Tensor, rad
         pos = torch.arange(valid.shape[1], device=valid.device)[None]
         valid &= pos >= (batch.prompt_len[:, None] - 1)
     rows, cols = valid.nonzero(as_tuple=True)
-    entry = exact_assign(x[rows, cols].float().cpu(), keys.float().cpu(), radii, torch.zeros(len(keys), dtype=torch.long))
+    # float32 queries against the float32 keys (exact_assign measures the distances in float64), as the router does;
+    # the site input may sit on another device than the batch when the model is split over several
+    at = x[rows.to(x.device), cols.to(x.device)]
+    entry = exact_assign(at.float().cpu(), keys.float().cpu(), radii, torch.zeros(len(keys), dtype=torch.long))
     hit = entry != NO_KEY
     return rows[hit], cols[hit], entry[hit].to(rows.device)
 
@@ -60,7 +63,7 @@ class Grace(EditMethod):
             replay = LayerReplay(ctx.model, site.layer, batch.input_ids, batch.attention_mask)
         x, y = captured[0]
         rows = torch.arange(len(rows_requests), device=x.device)
-        queries = x[rows, batch.key_pos].float()
+        queries = x[rows, batch.key_pos.to(x.device)].float()  # float32 keys, whatever the model's dtype
 
         book = Codebook(cfg.eps_init)
         loaded = ctx.loaded.site(site.name)
@@ -68,7 +71,7 @@ class Grace(EditMethod):
             book.add(queries[i].cpu(), req.target_new.strip(), i, loaded)
 
         keys = torch.stack([e.key for e in book.entries])
-        radii = torch.tensor([e.radius for e in book.entries], dtype=torch.float32)
+        radii = torch.tensor([e.radius for e in book.entries], dtype=torch.float32)  # float32, as the pack stores them
         values, iters, correct = self._train_values(ctx, site, batch, replay, x, y, book, keys, radii, cfg)
 
         n = site.name
@@ -113,10 +116,12 @@ class Grace(EditMethod):
                 init.append(e.init_value.float())
             elif cfg.value_init == "warm":
                 r = e.requests[0]
-                init.append(y[r, batch.key_pos[r]].float().cpu())
+                init.append(y[r, int(batch.key_pos[r])].float().cpu())
             else:
-                init.append(torch.rand(y.shape[-1], generator=gen))
-        values = torch.nn.Parameter(torch.stack(init).to(ctx.device))
+                init.append(torch.rand(y.shape[-1], generator=gen, dtype=torch.float32))
+        # float32: the values and Adam's moments stay float32 when the model is bfloat16 (8 bits would
+        # swallow lr-sized steps); each forward casts them to the output's dtype where they replace it
+        values = torch.nn.Parameter(torch.stack(init).to(device=ctx.device, dtype=torch.float32))
         rows, cols, entry = _scoped_positions(batch, x, keys, radii, cfg.replacement == "last")
         n_rows = len(batch.prompt_len)
         owners = torch.zeros(len(book.entries), n_rows, dtype=torch.bool)
@@ -129,7 +134,8 @@ class Grace(EditMethod):
         def replace(x, output):
             r, c, e = scoped
             out = output.clone()
-            out[r, c] = values[e].to(out.dtype)
+            # to the output's dtype and device (a split model may hold this block on another device)
+            out[r.to(out.device), c.to(out.device)] = values[e].to(out)
             return out
 
         # Scores of every row; a row is replayed only while an entry that reaches it still trains
