@@ -243,9 +243,10 @@ def run_one(args, requests, unrelated: list[str], dtype_name: str, spec: MethodS
         if split:  # the fresh base gets the very same layout (with the first model resident "auto" could differ)
             placement, extra = dict(em.base_model.hf_device_map), {}
         res["devices"] = devices_of(em)
-        checks["loaded_as_asked"] = (all(p.dtype == dtype for p in em.base_model.parameters())
-                                     and (len(res["devices"]) >= 2 if split else res["devices"] == [str(
-                                         torch.empty(0, device=args.device).device)]))
+        res["parameter_dtypes"] = sorted({str(p.dtype) for p in em.base_model.parameters()})  # some classes keep a few in float32
+        asked_device = [str(torch.empty(0, device=args.device).device)]  # "cuda" -> "cuda:0"
+        checks["loaded_as_asked"] = em.base_model.dtype == dtype and (
+            len(res["devices"]) >= 2 if split else res["devices"] == asked_device)
         prompts = [r.text for r in requests]
         compared = prompts[: args.compare] + unrelated
         base_logits = last_logits(em, compared, args.unrelated_tokens)
@@ -354,7 +355,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         split = f"skipped: {n_cuda} CUDA device(s) here, the split needs two or more"
 
-    runs, not_run = [], []
+    runs: list[dict] = []
+    not_run: list[str] = []
+
+    def write(complete: bool) -> dict[str, Any]:
+        """The results so far, written after every run: a check cut short by a time limit keeps what it did."""
+        results = {
+            "run": {**run, "loadavg_end": loadavg(), "seconds": round(time.perf_counter() - started, 1)},
+            "accelerator": accelerator(args.device, run["machine"].get("cpu", "")),
+            "model": args.model, "data": str(args.data), "n_requests": len(requests),
+            "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()},
+            "runs": runs, "split": split, "not_run": not_run, "out": str(out), "complete": complete,
+            "ok": complete and bool(runs) and not not_run and all(r["ok"] for r in runs),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2, default=str))
+        tmp.replace(out)
+        return results
+
     for dtype_name, spec, is_split in plan:
         label = f"{dtype_name} {spec.label} {'split' if is_split else args.device}"
         if args.budget_s and time.perf_counter() - started > args.budget_s:
@@ -362,17 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         log.info("running %s", label)
         runs.append(run_one(args, requests, texts, dtype_name, spec, is_split))
+        log.info("%s: %s in %.0f s; %s", label, "ok" if runs[-1]["ok"] else "FAILED", runs[-1]["seconds"],
+                 json.dumps(runs[-1]["figures"], default=str))
+        write(complete=False)
 
-    results = {
-        "run": {**run, "loadavg_end": loadavg(), "seconds": round(time.perf_counter() - started, 1)},
-        "accelerator": accelerator(args.device, run["machine"].get("cpu", "")),
-        "model": args.model, "data": str(args.data), "n_requests": len(requests),
-        "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()},
-        "runs": runs, "split": split, "not_run": not_run, "out": str(out),
-        "ok": bool(runs) and not not_run and all(r["ok"] for r in runs),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
+    results = write(complete=True)
     print_table(results)
     return 0 if results["ok"] else 1
 

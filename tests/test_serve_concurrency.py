@@ -173,7 +173,7 @@ def test_packs_change_while_four_clients_generate(served, tmp_path):
     # caches). Measured here (2 cores, glibc): this pass adds 5 to 7 MiB to a 430 MiB process, and
     # 20 passes in a row add under 1 MiB each after the first few, flattening out: the allocator
     # keeping freed pages, not a leak. 32 MiB is several times that, yet a server that kept what
-    # requests and packs passed through (the failure this guards against: 24 GB once) would pass it.
+    # requests and packs passed through (the failure this guards against: about 22 GiB once) would pass it.
     answers.clear()
     gc.collect()
     grown = rss_bytes() - before

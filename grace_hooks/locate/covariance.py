@@ -247,7 +247,7 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
             real = enc["attention_mask"].bool()
             n = 0
             for name, x in grabbed.items():
-                # moved in the model's dtype, widened on the CPU (the same numbers; a quarter of a float64 copy)
+                # moved in the model's dtype and widened on the CPU: the same numbers, half the copy of float32 ones
                 # float32 products (a batch is ~10^3 tokens: rounding stays ~1e-6 relative), summed over
                 # the batches in ``dtype`` (float64): several times faster than float64 products on a CPU
                 keys = x[real.to(x.device)].cpu().float()[: max_tokens - count]

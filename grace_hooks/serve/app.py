@@ -39,7 +39,7 @@ class ServeConfig:
     completion_tokens: int = 16  # a completion's budget when it gives none (OpenAI's default)
     watch_s: float = 2.0  # how often the adapters folder is checked for packs other processes changed (0: never)
     # Limits for a server others can reach (a 21 MB POST of 20,000 edit requests once grew the server
-    # to 24 GB until the kernel killed it):
+    # to about 22 GiB (24 GB) until the kernel killed it):
     # - 1 MiB holds what this server can use: a prompt filling a 128k-token context (about 4 bytes a
     #   token) or 1,000 CounterFact or zsRE edit records (300 to 420 KB); JSON parsed into Python
     #   objects takes several times its bytes, so this bounds a request's memory to some MiB.

@@ -1,6 +1,6 @@
 """The request body limit: a body over it gets a 413 before it is read whole.
 
-The server once read a 21 MB ``POST /v1/packs`` of 20,000 edit requests and grew to 24 GB before
+The server once read a 21 MB ``POST /v1/packs`` of 20,000 edit requests and grew to about 22 GiB (24 GB) before
 the kernel killed it; JSON parsed into Python objects takes many times its bytes, and the edit it
 asks for more again. Requests this server can use are far smaller (see ``ServeConfig``), so a
 larger body is refused before it costs memory:
