@@ -92,7 +92,11 @@ def head_only_at(model: nn.Module | None, index) -> Iterator[bool]:
         yield False
         return
     with HookOwner().scoped() as scope:
-        scope.pre_forward(head, lambda module, args: (args[0][index[0], index[1]], *args[1:]))
+        def narrow(module, args):  # the index moves to the head input's device (a model split over GPUs)
+            x = args[0]
+            return (x[index[0].to(x.device), index[1].to(x.device)], *args[1:])
+
+        scope.pre_forward(head, narrow)
         yield True
 
 

@@ -181,7 +181,7 @@ class TargetScores:
 def score_targets(logits: torch.Tensor, batch: EditBatch) -> TargetScores:
     rows, cols = batch.target_positions()
     rows, cols = rows.to(logits.device), cols.to(logits.device)
-    targets = batch.input_ids[rows, cols]
+    targets = batch.input_ids.to(logits.device)[rows, cols]  # the head may sit on another GPU than the inputs
     step_logits = logits[rows, cols - 1].float()
     token_nll = torch.nn.functional.cross_entropy(step_logits, targets, reduction="none")
     predicted = step_logits.argmax(-1)

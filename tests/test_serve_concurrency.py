@@ -16,12 +16,12 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from test_serve import KEY, Server, chat_tokenizer, tiny_editable  # noqa: E402
+from test_serve import server  # noqa: E402,F401 - a fixture: the served tiny model of test_serve
 from test_serve_limits import address, wait_until  # noqa: E402
 
 from grace_hooks.adapters_dir import LOCK_NAME  # noqa: E402
 from grace_hooks.eval.chat import end_of_turn_ids  # noqa: E402
 from grace_hooks.packs import load_pack  # noqa: E402
-from grace_hooks.serve import ServeConfig, create_app, running  # noqa: E402
 
 # Each pack edits its own question into a chain of three words (one edit request per word, the
 # answer's end left free): a generation that lost a pack after its first word would go on with
@@ -44,14 +44,8 @@ def chain(name: str) -> list[dict]:
 
 
 @pytest.fixture
-def served(tmp_path):
-    tok = chat_tokenizer()
-    model, workshop = tiny_editable(tok), tiny_editable(tok)
-    app = create_app(model, tmp_path / "adapters", ServeConfig(api_key=KEY, watch_s=0), workshop=workshop)
-    with running(app) as url:
-        yield Server(url, model, workshop, tmp_path / "adapters", app)
-    model.close()
-    workshop.close()
+def served(server):
+    return server
 
 
 def ask(client, kind: str, prompt: str) -> str:
