@@ -1,5 +1,6 @@
 """Shared maths for weight-delta methods: closed-form updates, projections, key second moments."""
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,19 @@ def test_corpus_comes_from_the_cache_then_the_shipped_folder_then_sampling(make_
     sampled = cov.cached_sample_corpus(model, tokenizer, "abc", 4, 8, cache=cache)
     assert calls == [1] and sampled.source.startswith("model-sampled:seed=0")
     assert json.loads((cache / name).read_text())["texts"] == list(sampled.texts)
+
+
+def test_long_statistics_say_what_they_do_and_how_far_they_are_without_a_terminal(make_model, tokenizer, caplog):
+    """Sampling the C0 corpus and measuring C0 take minutes on a real model: where no progress bar
+    shows (no terminal), INFO lines say what runs, that it is once per model, each quarter, and the end."""
+    import logging
+
+    model = make_model("llama")
+    with caplog.at_level(logging.INFO, logger="grace_hooks"):
+        corpus = sample_corpus(model, tokenizer, n_texts=8, n_tokens=4, batch_size=2)
+        second_moment(model, tokenizer, Site(1), Corpus(TEXTS * 4, "test texts"), batch_size=2, cache=False)
+    text = caplog.text
+    assert "once per model" in text and "sampled 8 texts in" in text and len(corpus.texts) > 0
+    for quarter in ("25%", "50%", "75%"):
+        assert f"C0 corpus: sampling texts from the model: {quarter}" in text and f"C0 at 1 site(s): {quarter}" in text
+    assert "once per model and corpus" in text and re.search(r"covariance at \['L1.mlp_out'\]: \d+ keys each .* in \d+ s", text)

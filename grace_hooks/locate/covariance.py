@@ -158,10 +158,9 @@ def site_inputs(model, tokenizer, sites: list[Site], texts, max_tokens: int, max
     return {name: torch.cat(v)[:max_tokens] for name, v in out.items()}
 
 
-def _token_bound(corpus: Corpus, max_length: int) -> int:
-    """An upper bound of the tokens ``corpus`` gives (for progress only): at most ``max_length`` per text,
-    at most one per character."""
-    return sum(min(max_length, len(t)) for t in corpus.texts)
+def _token_count(tokenizer, corpus: Corpus, max_length: int) -> int:
+    """The tokens ``corpus`` gives, each text cut at ``max_length`` as the measurement cuts it (for progress)."""
+    return sum(len(ids) for ids in tokenizer(list(corpus.texts), truncation=True, max_length=max_length)["input_ids"])
 
 
 def model_digest(model) -> str:
@@ -233,7 +232,7 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
         batch_size = 1  # no padding token: one text per forward
     log.info("covariance at %s: measuring up to %d tokens of %s (once per model and corpus, kept in the cache afterwards)",
              [s.name for s in todo], max_tokens, corpus.source)
-    bar = Progress(log, min(max_tokens, _token_bound(corpus, max_length)), f"C0 at {len(todo)} site(s)", "tokens")
+    bar = Progress(log, min(max_tokens, _token_count(tokenizer, corpus, max_length)), f"C0 at {len(todo)} site(s)", "tokens")
     side, tokenizer.padding_side = tokenizer.padding_side, "right"  # left padding would shift positions
     with HookOwner().scoped() as scope, torch.inference_mode():
         for site in todo:
