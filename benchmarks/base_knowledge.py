@@ -2,7 +2,7 @@
 """What each embedded base model knows, before any edit: on the same CounterFact records, how often
 
 - its greedy continuation of the cloze prompt (``--tokens`` tokens) names the true answer, and
-- its answer to the record's direct question (the relation table's wording, grace_hooks.eval.questions),
+- its answer to the record's direct question (the relation table's wording, grace_hooks.questions),
   asked through the chat template where the tokenizer has one, greedy to the natural stop, names it.
 
 An editor is judged on questions a model can answer: a model that knows few facts gives "chat success"
@@ -38,7 +38,7 @@ def knowledge(name: str, records, args) -> dict:
     from grace_hooks import EditableModel
     from grace_hooks.eval.chat import chat_answers, question_form
     from grace_hooks.eval.generation import greedy_batch, mentions
-    from grace_hooks.eval.questions import counterfact_table
+    from grace_hooks.questions import counterfact_table
 
     table = counterfact_table()
     asked = [(r, q) for r in records if (q := table.questions(r)) is not None]

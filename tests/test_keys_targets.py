@@ -283,3 +283,38 @@ def test_chat_form_target_vector_makes_the_target_the_answer_in_chat_form(make_m
     finally:
         handle.remove()
     assert tok.convert_ids_to_tokens(int(logits[0, -1].argmax())) == req.target_new
+
+
+def test_question_form_adds_the_relations_edit_question_and_nothing_else():
+    """A cloze of a known relation gains one row, its relation's edit wording about the subject (the
+    harness never asks that wording); a question record and a cloze of an unknown relation gain none."""
+    from grace_hooks.locate.target_vectors import rewrite_rows
+    from grace_hooks.questions import counterfact_table
+    from grace_hooks import EditRequest
+    from tiny import tiny_tokenizer
+    tok = tiny_tokenizer()
+    capital = TINY_REQUESTS[0]  # "the capital of {} is"
+    contexts = [("", ""), ("the sun . ", "")]
+    rows = rewrite_rows(tok, capital, contexts, ("who does ", " ? "))
+    rel = next(r for r in counterfact_table().relations if r.id == "capital")
+    assert rel.edit_question not in (rel.question, rel.rephrase)
+    assert rows[:2] == rewrite_rows(tok, capital, contexts) and len(rows) == 3
+    text, pos = rows[2]
+    assert text == "who does " + rel.edit_question.replace("{}", "narnia") + " ? "
+    start, end = tok(text, return_offsets_mapping=True)["offset_mapping"][pos]
+    assert "narnia" in text[start:end]  # the key: the subject's last token in the question
+    question = EditRequest(prompt="what is the capital of {} ?", subject="narnia", target_new="tokyo")
+    unknown = EditRequest(prompt="{} zorbles with", subject="narnia", target_new="tokyo")
+    for req in (question, unknown):
+        assert len(rewrite_rows(tok, req, contexts, ("who does ", " ? "))) == 2
+
+
+def test_question_form_changes_target_vectors_not_the_model(make_model, tokenizer):
+    model = make_model("llama")
+    before = param_hash(model)
+    cfg = dict(steps=6, stop="most_probable", lr=1.0, clamp=4.0)
+    plain = target_vector(model, tokenizer, 1, TINY_REQUESTS[0], [""], TargetVectorConfig(**cfg))
+    asked = target_vector(model, tokenizer, 1, TINY_REQUESTS[0], [""], TargetVectorConfig(question_form=True, **cfg))
+    assert param_hash(model) == before
+    torch.testing.assert_close(plain.h, asked.h)  # the same residual before the edit (the bare prompt's)
+    assert not torch.allclose(plain.z, asked.z)  # the question's row pulls the delta elsewhere

@@ -82,6 +82,28 @@ def test_resume_refuses_other_settings(make_model, tokenizer, tmp_path):
         _run(make_model, tokenizer, tmp_path, spec="grace:key=subject_last")
 
 
+def test_resume_refuses_another_default_or_commit_and_says_what_differs(make_model, tokenizer, tmp_path):
+    """The signature holds the resolved method config (every option, defaults filled in) and the code:
+    a default changed between two processes, or other code, is named in the refusal."""
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+
+    def run(commit):
+        meta = {"model": "tiny", "git": {"commit": commit, "diff_sha256": None, "dirty": False}}
+        return LifelongRun(em, STREAM, MethodSpec("grace"), CFG, tmp_path, meta=meta).run(progress=False)
+
+    first = run("a" * 40)
+    assert first["code"] == {"commit": "a" * 40, "diff_sha256": None}
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["signature"]["method_config"]["lr"] == first["method_config"]["lr"]  # resolved, defaults filled in
+    run("a" * 40)  # same code, same defaults: resumes (here: finished, nothing to do)
+    with pytest.raises(ConfigError, match="code.commit: 'aaa+' -> 'bbb+'"):
+        run("b" * 40)
+    state["signature"]["method_config"]["lr"] = 0.25  # as if the default had been another when the run started
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"method_config.lr: 0.25 -> 1.0"):
+        run("a" * 40)
+
+
 def test_grace_run_keeps_unrelated_inputs_identical(make_model, tokenizer, tmp_path):
     last = _run(make_model, tokenizer, tmp_path)["checkpoints"][-1]
     assert last["ES"] == 1.0 and last["ERR"] == 1.0 and last["generation_success"] == 1.0

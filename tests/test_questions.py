@@ -1,4 +1,4 @@
-"""Questions the way users ask them (grace_hooks.eval.questions, grace_hooks.eval.asking): the relation
+"""Questions the way users ask them (grace_hooks.questions, grace_hooks.eval.asking): the relation
 table, records mapped to their questions (synthetic, and the shared CounterFact data when it is here),
 the answered figures on hand-made answers, the harness's new columns and their honest labels."""
 import pytest
@@ -8,7 +8,7 @@ from grace_hooks import EditableModel, EditRequest
 from grace_hooks.errors import ConfigError
 from grace_hooks.eval import LifelongConfig, LifelongRun, MethodSpec
 from grace_hooks.eval.asking import question_metrics, share, subject_kept, unchanged
-from grace_hooks.eval.questions import PLACEHOLDER, Relation, RelationTable, counterfact_table, coverage
+from grace_hooks.questions import PLACEHOLDER, Relation, RelationTable, counterfact_table, coverage
 from grace_hooks.eval.report import table
 from grace_hooks.requests import read_requests
 from tiny import tiny_model, tiny_tokenizer

@@ -5,7 +5,7 @@ Two sets of texts are asked of the same records:
 
 - ``chat_*``: the record's own cloze prompt, paraphrase and locality prompt (kept for comparison
   with earlier runs; a cloze is not something users ask);
-- ``question_*``: the questions a user would ask about the record (:mod:`grace_hooks.eval.questions`):
+- ``question_*``: the questions a user would ask about the record (:mod:`grace_hooks.questions`):
   the direct question, a second wording, and the direct question about the locality subject.
 
 Both go through the tokenizer's chat template where it has one and are plain greedy continuations
@@ -22,7 +22,7 @@ import numpy as np
 from ..requests import EditRequest
 from .chat import CHAT_MAX_NEW_TOKENS, chat_answers, chat_success
 from .generation import mentions
-from .questions import RelationTable, counterfact_table
+from ..questions import RelationTable, counterfact_table
 
 N_EXAMPLES = 3  # (question, base answer, edited answer) rows kept per figure
 

@@ -44,10 +44,11 @@ def run_benchmark(model: str | EditableModel, data: str | Path, specs: Sequence[
     requests = read_requests(data, limit=cfg.offset + cfg.n_records)[cfg.offset:]
     own = not isinstance(model, EditableModel)
     em = EditableModel.from_pretrained(model) if own else model
+    code = git_info(repo or Path.cwd())  # this process's code (meta["git"] becomes the first process's on resume)
     meta = {
         "model": em.name, "data": str(data), "data_sha256": sha256_of(data), "n_records": cfg.n_records,
         "batch": cfg.batch, "library_version": __version__, "command": command,
-        "machine": machine_info(threads or 0), "git": git_info(repo or Path.cwd()),
+        "machine": machine_info(threads or 0), "git": code,
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "loadavg_start": loadavg(),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,7 @@ def run_benchmark(model: str | EditableModel, data: str | Path, specs: Sequence[
                 log.info("%s: finished in an earlier process; kept its results", spec.label)
                 continue
             run = LifelongRun(em, requests, spec, cfg, out / spec.label, base,
-                              meta={"model": meta["model"], "data_sha256": meta["data_sha256"]})
+                              meta={"model": meta["model"], "data_sha256": meta["data_sha256"], "git": code})
             results["runs"][spec.label] = run.run(progress=progress)
             write_outputs(results, out)
     finally:

@@ -88,6 +88,19 @@ def checkpoint_counts(n: int, batch: int, every: int = 0, listed: str = "") -> l
     return sorted({min(n, k) for k in range(step, n + step, step)})
 
 
+def signature_differences(stored: dict, now: dict, path: str = "") -> list[str]:
+    """What differs between a stored run signature and this one, as 'key: stored -> now' lines
+    (nested keys dotted, e.g. 'method_config.lr: 0.5 -> 1.0'; 'not recorded' where one side lacks it)."""
+    out = []
+    for key in sorted(set(stored) | set(now)):
+        a, b = stored.get(key, "not recorded"), now.get(key, "not recorded")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += signature_differences(a, b, f"{path}{key}.")
+        elif a != b:
+            out.append(f"{path}{key}: {a!r} -> {b!r}")
+    return out
+
+
 class BaseReference:
     """Base-model scores, measured once per batch of records and reused (the base never changes)."""
 
@@ -111,14 +124,19 @@ class LifelongRun:
         self.meta = meta or {}
         self.stride = max(1, math.ceil(cfg.n_records / cfg.eval_sample)) if cfg.eval_sample else 1
         self.counts = checkpoint_counts(cfg.n_records, cfg.batch, cfg.checkpoint_every, cfg.checkpoints)
-        self.signature = {"spec": spec.label, "config": asdict(cfg), **{k: self.meta.get(k) for k in ("model", "data_sha256")}}
+        git = self.meta.get("git") or {}
+        # what a resumed run must share with the run it continues: the resolved method config is
+        # added once the editor exists (run()), so two defaults are never mixed without saying so
+        self.signature = {"spec": spec.label, "config": asdict(cfg), **{k: self.meta.get(k) for k in ("model", "data_sha256")},
+                          "code": {k: git.get(k) for k in ("commit", "diff_sha256")} if git else None}
 
     # ------------------------------------------------------------------ state
     @property
     def state_path(self) -> Path:
         return self.workdir / "state.json"
 
-    def _load_state(self) -> dict:
+    def _load_state(self, editor: Editor) -> dict:
+        self.signature["method_config"] = json.loads(json.dumps(editor.config(), default=str))  # as stored: JSON types
         if not self.state_path.is_file():
             return {"version": STATE_VERSION, "signature": self.signature, "edits": 0, "batch_seconds": [],
                     "immediate_es": [], "checkpoints": []}
@@ -126,9 +144,10 @@ class LifelongRun:
         stored = state.get("signature") or {}
         if "config" in stored:  # settings added since that run started: it ran with their defaults
             stored["config"] = {**asdict(LifelongConfig()), **stored["config"]}
-        if stored != self.signature:
-            raise ConfigError(f"{self.workdir} holds a run with other settings ({state.get('signature')}); "
-                              "choose another output folder or delete this one")
+        differs = signature_differences(stored, self.signature)
+        if differs:
+            raise ConfigError(f"{self.workdir} holds a run with other settings: {'; '.join(differs)}. Resume it with "
+                              "the same code and settings, or choose another output folder (or delete this one)")
         return state
 
     def _save_state(self, state: dict) -> None:
@@ -139,9 +158,9 @@ class LifelongRun:
     # ------------------------------------------------------------------ the run
     def run(self, progress: bool = True) -> dict[str, Any]:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        state = self._load_state()
         editor = make_editor(self.model, self.spec)
         try:
+            state = self._load_state(editor)
             done = state["edits"]
             editor.restore(self.workdir, done // self.cfg.batch)
             if done:
@@ -290,7 +309,8 @@ class LifelongRun:
     def _summary(self, editor: Editor, state: dict) -> dict[str, Any]:
         result = {"spec": self.spec.label, "method": self.spec.method, "method_config": editor.config(),
                   "harness_config": asdict(self.cfg), "checkpoints": state["checkpoints"],
-                  "sample_stride": self.stride, "library_version": __version__, **self.meta}
+                  "sample_stride": self.stride, "library_version": __version__, "code": self.signature["code"],
+                  **{k: v for k, v in self.meta.items() if k != "git"}}
         if self.cfg.n_records in self.counts:
             result["adapters_load_seconds"] = editor.load_seconds(self.workdir)
         (self.workdir / "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")

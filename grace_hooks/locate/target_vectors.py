@@ -19,6 +19,7 @@ from ..architectures import arch_spec
 from ..config import option
 from ..hooks import frozen_parameters
 from .replay import LayerReplay
+from ..questions import edit_question
 from ..requests import EditRequest
 from .subject_keys import lookup_positions
 from ..tokens import EditBatch, build_pair_batch, chat_wrapping, score_targets, scored_positions, target_text
@@ -40,6 +41,10 @@ class TargetVectorConfig:
     chat_form: bool = option(False, "also optimise each target vector on its prompt asked as a user turn of the "
                                     "tokenizer's chat template, the target opening the assistant's answer (instruct "
                                     "models: edits reach questions asked in a chat); no effect without a template")
+    question_form: bool = option(False, "also optimise each target vector on a question about the request's subject: "
+                                        "its relation's edit wording (grace_hooks.questions; the evaluation never asks "
+                                        "it), in chat form where the tokenizer has a template, the target opening the "
+                                        "answer; requests of unknown relations, or already questions, get none")
 
 
 @dataclass
@@ -132,19 +137,22 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
               cached_prefix: bool) -> list[TargetVector]:
     device = next(model.parameters()).device
     contexts = rewrite_contexts(tokenizer, prefixes, cfg.chat_form)
-    n, n_pref = len(requests), len(contexts)
-    prompts, targets, lookups = [], [], []
-    for r in requests:  # row i * n_pref + j: request i in context j (the bare prompt first)
-        for before, after in contexts:
-            prompts.append(before + r.text + after)
+    asked_as = (chat_wrapping(tokenizer) or ("", "")) if cfg.question_form else None
+    n = len(requests)
+    prompts, targets, lookups, owners = [], [], [], []
+    for i, r in enumerate(requests):  # request i's rows: the bare prompt first, then its other contexts
+        for text, lookup in rewrite_rows(tokenizer, r, contexts, asked_as):
+            prompts.append(text)
             targets.append(r.target_new)
-            lookups.append(lookup_positions(tokenizer, [r], before)[0])
-    owner = torch.arange(n).repeat_interleave(n_pref)
+            lookups.append(lookup)
+            owners.append(i)
+    owner = torch.tensor(owners)
+    n_rows = torch.bincount(owner, minlength=n).to(torch.float32)  # each request's loss is the mean over its rows
     rewrite = _Rows(model, layer, build_pair_batch(tokenizer, prompts, targets, lookups, device).aligned_keys(), owner,
                     real_positions, cached_prefix)
     kl = _KLTerm(model, tokenizer, layer, requests, device, real_positions, cached_prefix) if cfg.kl_factor else None
 
-    bare = torch.arange(n) * n_pref
+    bare = torch.cat([torch.zeros(1, dtype=torch.long), n_rows.long().cumsum(0)[:-1]])  # each request's first row
     key_rows, key_cols = rewrite.key_columns()
     hidden = rewrite.replay.hidden_in
     dev = hidden.device  # block layer + 1's input: not the embedding's device when the model is split over several
@@ -170,7 +178,8 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
         m = len(ids)
         owner_rows = rw.owner.to(dev)
         row_nll = scores.nll.to(dev)  # the logits' device (the head's) may differ from the delta's
-        nll = torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, row_nll) / n_pref
+        per_request = n_rows[ids].to(dev)
+        nll = torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, row_nll) / per_request
         hn = h[ids.to(dev)].norm(dim=1)
         loss = nll + cfg.weight_decay * d.norm(dim=1) / hn ** 2
         if kl is not None:
@@ -179,7 +188,7 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
         all_right = torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, short.float()) == 0
         with torch.no_grad():
             prob[ids] = (torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, torch.exp(-row_nll))
-                         / n_pref).cpu()
+                         / per_request).cpu()
         steps[ids] = step
         done = (all_right if cfg.stop == "most_probable" else loss.detach() < 5e-2).cpu()
         if step == cfg.steps or bool(done.all()):
@@ -215,6 +224,20 @@ def rewrite_contexts(tokenizer, prefixes: Sequence[str], chat_form: bool) -> lis
     contexts = [(p, "") for p in prefixes]
     wrapping = chat_wrapping(tokenizer) if chat_form else None
     return contexts + [wrapping] if wrapping is not None else contexts
+
+
+def rewrite_rows(tokenizer, request: EditRequest, contexts: Sequence[tuple[str, str]],
+                 asked_as: tuple[str, str] | None = None) -> list[tuple[str, int]]:
+    """(text, index of the last subject token) of each text ``request``'s target vector is optimised on:
+    its prompt in each of ``contexts``, then, with ``asked_as`` (the (before, after) of a question in
+    chat form), its relation's edit question (:func:`grace_hooks.questions.edit_question`) if it has one."""
+    rows = [(before + request.text + after, lookup_positions(tokenizer, [request], before)[0]) for before, after in contexts]
+    question = edit_question(request) if asked_as is not None else None
+    if question is not None:
+        before, after = asked_as
+        asked = EditRequest(prompt=question, subject=request.subject, target_new=request.target_new)
+        rows.append((before + question + after, lookup_positions(tokenizer, [asked], before)[0]))
+    return rows
 
 
 class _KLTerm:

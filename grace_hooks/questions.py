@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..errors import ConfigError
-from ..requests import EditRequest
+from .errors import ConfigError
+from .requests import EditRequest
 
 PLACEHOLDER = "{}"
 NQ_LABEL = "nq question:"  # MEND's zsRE marks its locality queries with this label; it is not part of the question
@@ -50,6 +50,7 @@ class Relation:
     rephrase: str  # the same question in other words
     templates: tuple[str, ...]
     wikidata: tuple[str, ...] = ()
+    edit_question: str | None = None  # a third wording, only for making edits: never asked by the harness
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class RelationTable:
         self.relations = list(relations)
         self._by_template: dict[str, Relation] = {}
         for rel in self.relations:
-            for pattern in (rel.question, rel.rephrase, *rel.templates):
+            for pattern in (rel.question, rel.rephrase, *rel.templates, *([rel.edit_question] if rel.edit_question else [])):
                 if pattern.count(PLACEHOLDER) != 1:
                     raise ConfigError(f"relation {rel.id!r}: {pattern!r} must hold exactly one {PLACEHOLDER!r}")
             for t in rel.templates:
@@ -92,9 +93,9 @@ class RelationTable:
     @classmethod
     def from_dict(cls, data: dict) -> "RelationTable":
         """From the layout of ``counterfact_relations.json``: {"relations": [{"id", "question", "rephrase",
-        "templates", "wikidata"?}, ...]}."""
-        return cls([Relation(r["id"], r["question"], r["rephrase"], tuple(r["templates"]), tuple(r.get("wikidata", ())))
-                    for r in data["relations"]])
+        "edit_question"?, "templates", "wikidata"?}, ...]}."""
+        return cls([Relation(r["id"], r["question"], r["rephrase"], tuple(r["templates"]), tuple(r.get("wikidata", ())),
+                             r.get("edit_question")) for r in data["relations"]])
 
     def relation_of(self, text: str, subject: str) -> Relation | None:
         """The relation of a cloze ``text`` about ``subject`` (verbatim in it, or ``{}`` in its place)."""
@@ -128,6 +129,15 @@ class RelationTable:
         loc = self.parse(req.locality_prompt) if req.locality_prompt else None
         return Questions(fill(rel.question, req.subject), fill(rel.rephrase, req.subject),
                          fill(loc[0].question, loc[1]) if loc else None, rel.id, loc[0].id if loc else None)
+
+
+def edit_question(req: EditRequest, table: "RelationTable | None" = None) -> str | None:
+    """The question an edit of ``req`` is also made on (its relation's ``edit_question`` about its subject),
+    or None: a record that is a question already, or a cloze whose relation the table does not know."""
+    if is_question(req.text):
+        return None
+    rel = (table or counterfact_table()).relation_of(req.prompt, req.subject)
+    return fill(rel.edit_question, req.subject) if rel is not None and rel.edit_question else None
 
 
 def _as_question(locality: str | None) -> str | None:
