@@ -398,9 +398,12 @@ def _dataclass_options(cls):
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(cls)):
-            kind = {"is_flag": True} if isinstance(f.default, bool) else {"type": type(f.default)}
-            fn = click.option(f"--{f.name.replace('_', '-')}", f.name, default=f.default, show_default=True,
-                              help=f.metadata.get("help"), **kind)(fn)
+            flag = f"--{f.name.replace('_', '-')}"
+            if isinstance(f.default, bool):  # --x / --no-x: a setting on by default can be turned off
+                flag, kind = f"{flag}/--no-{flag[2:]}", {}
+            else:
+                kind = {"type": type(f.default)}
+            fn = click.option(flag, f.name, default=f.default, show_default=True, help=f.metadata.get("help"), **kind)(fn)
         return fn
 
     return decorate

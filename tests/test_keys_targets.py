@@ -318,3 +318,15 @@ def test_question_form_changes_target_vectors_not_the_model(make_model, tokenize
     assert param_hash(model) == before
     torch.testing.assert_close(plain.h, asked.h)  # the same residual before the edit (the bare prompt's)
     assert not torch.allclose(plain.z, asked.z)  # the question's row pulls the delta elsewhere
+
+
+def test_question_stop_off_lets_the_prompts_decide_when_to_stop(make_model, tokenizer):
+    """Without question_stop the question's row pulls on the loss but does not hold the stop back:
+    never more steps than with it, and the bare prompt still gets its target."""
+    model = make_model("llama")
+    cfg = dict(steps=80, stop="most_probable", lr=1.0, clamp=4.0, question_form=True)
+    waits = target_vector(model, tokenizer, 0, TINY_REQUESTS[1], [""], TargetVectorConfig(**cfg))
+    free = target_vector(model, tokenizer, 0, TINY_REQUESTS[1], [""], TargetVectorConfig(question_stop=False, **cfg))
+    assert free.steps <= waits.steps and free.steps < 80
+    assert not torch.equal(free.z, target_vector(model, tokenizer, 0, TINY_REQUESTS[1], [""],
+                                                 TargetVectorConfig(**{**cfg, "question_form": False})).z)

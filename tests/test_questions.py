@@ -168,3 +168,11 @@ def test_labels_say_plain_where_no_chat_template_was_applied():
     old = table([{k: v for k, v in row.items() if k != "question_form"}]).splitlines()[0]  # written before the form was
     assert "| chat or plain prompt success |" in old
 
+
+
+def test_no_cloze_answers_leaves_out_the_chat_columns_and_keeps_the_questions(tmp_path):
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    last = _tiny_run(tok, tmp_path, cloze_answers=False)["checkpoints"][-1]
+    assert "chat_success" not in last and "chat_locality" not in last
+    assert last["question_sample_size"] == 2 and "question_success" in last

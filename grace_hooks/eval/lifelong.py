@@ -61,6 +61,9 @@ class LifelongConfig:
                                    "form where the tokenizer has a chat template, answered to the natural stop (0 = none)")
     answer_tokens: int = option(CHAT_MAX_NEW_TOKENS, "greedy tokens at most in each of those answers (most stop "
                                                      "earlier, at their natural end)")
+    cloze_answers: bool = option(True, "with chat_sample: also answer the records' own prompts (cloze, paraphrase, "
+                                       "locality) to the natural stop, the chat_* columns of earlier runs "
+                                       "(--no-cloze-answers halves the answered-text time)")
     checkpoints: str = option("", "comma-separated edit counts to measure at (e.g. '1000,2000,5000,10000'); overrides checkpoint_every")
 
 
@@ -258,7 +261,8 @@ class LifelongRun:
             asked = sample[::max(1, math.ceil(len(sample) / self.cfg.chat_sample))]
             ask = Asker(self.model, editor, self.base.chat, self.cfg.eval_batch, self.cfg.answer_tokens)
             ck["question_form"] = question_form(self.model.tokenizer)
-            ck.update(chat_metrics(ask, self.requests, asked, unrelated))
+            if self.cfg.cloze_answers:
+                ck.update(chat_metrics(ask, self.requests, asked, unrelated))
             ck.update(question_metrics(ask, self.requests, asked, unrelated))
         ck.update(self._health(editor))
         ck.update(self._speed(editor, m))

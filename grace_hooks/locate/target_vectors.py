@@ -45,6 +45,9 @@ class TargetVectorConfig:
                                         "its relation's edit wording (grace_hooks.questions; the evaluation never asks "
                                         "it), in chat form where the tokenizer has a template, the target opening the "
                                         "answer; requests of unknown relations, or already questions, get none")
+    question_stop: bool = option(True, "with question_form: the most-probable stop also waits for the question's "
+                                       "row (False: the question only pulls on the loss while the prompts decide "
+                                       "when to stop, about half the steps)")
 
 
 @dataclass
@@ -105,8 +108,9 @@ class _Rows:
     """
 
     def __init__(self, model, layer, batch: EditBatch, owner: torch.Tensor, real_positions, cached_prefix=True,
-                 _replay=None):
+                 _replay=None, gates: torch.Tensor | None = None):
         self.batch, self.owner = batch, owner  # owner[row] = request index within the chunk
+        self.gates = gates if gates is not None else torch.ones(len(owner), dtype=torch.bool)  # rows the stop waits for
         self.real_positions = real_positions or (lambda mask, input_ids=None: contextlib.nullcontext())
         with self.real_positions(batch.attention_mask, batch.input_ids):
             self.replay = _replay or LayerReplay(model, layer + 1, batch.input_ids, batch.attention_mask,
@@ -130,7 +134,8 @@ class _Rows:
         batch = self.batch.rows(rows)
         with self.real_positions(batch.attention_mask, batch.input_ids):
             replay = self.replay.select(rows)
-        return _Rows(None, None, batch, renumber[self.owner[rows]], self.real_positions, _replay=replay)
+        return _Rows(None, None, batch, renumber[self.owner[rows]], self.real_positions, _replay=replay,
+                     gates=self.gates[rows])
 
 
 def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConfig, real_positions,
@@ -139,17 +144,18 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
     contexts = rewrite_contexts(tokenizer, prefixes, cfg.chat_form)
     asked_as = (chat_wrapping(tokenizer) or ("", "")) if cfg.question_form else None
     n = len(requests)
-    prompts, targets, lookups, owners = [], [], [], []
+    prompts, targets, lookups, owners, gates = [], [], [], [], []
     for i, r in enumerate(requests):  # request i's rows: the bare prompt first, then its other contexts
-        for text, lookup in rewrite_rows(tokenizer, r, contexts, asked_as):
+        for j, (text, lookup) in enumerate(rewrite_rows(tokenizer, r, contexts, asked_as)):
             prompts.append(text)
             targets.append(r.target_new)
             lookups.append(lookup)
             owners.append(i)
+            gates.append(j < len(contexts) or cfg.question_stop)  # rows past the contexts: the question
     owner = torch.tensor(owners)
     n_rows = torch.bincount(owner, minlength=n).to(torch.float32)  # each request's loss is the mean over its rows
     rewrite = _Rows(model, layer, build_pair_batch(tokenizer, prompts, targets, lookups, device).aligned_keys(), owner,
-                    real_positions, cached_prefix)
+                    real_positions, cached_prefix, gates=torch.tensor(gates))
     kl = _KLTerm(model, tokenizer, layer, requests, device, real_positions, cached_prefix) if cfg.kl_factor else None
 
     bare = torch.cat([torch.zeros(1, dtype=torch.long), n_rows.long().cumsum(0)[:-1]])  # each request's first row
@@ -185,6 +191,7 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
         if kl is not None:
             loss = loss + cfg.kl_factor * kl.divergence(d, ids).to(dev)
         short = ~scores.correct.to(dev) | (row_nll.detach() > -min_logprob)  # a rewrite prompt not yet where the stop wants it
+        short = short & rw.gates.to(dev)
         all_right = torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, short.float()) == 0
         with torch.no_grad():
             prob[ids] = (torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, torch.exp(-row_nll))
