@@ -299,7 +299,9 @@ def test_question_form_adds_the_relations_edit_question_and_nothing_else():
     rel = next(r for r in counterfact_table().relations if r.id == "capital")
     assert rel.edit_question not in (rel.question, rel.rephrase)
     assert rows[:2] == rewrite_rows(tok, capital, contexts) and len(rows) == 3
-    text, pos = rows[2]
+    text, pos, target = rows[2]
+    assert target == "tokyo"
+    assert rewrite_rows(tok, capital, contexts, ("who does ", " ? "), "statement")[2][2] == "the capital of narnia is tokyo"
     assert text == "who does " + rel.edit_question.replace("{}", "narnia") + " ? "
     start, end = tok(text, return_offsets_mapping=True)["offset_mapping"][pos]
     assert "narnia" in text[start:end]  # the key: the subject's last token in the question

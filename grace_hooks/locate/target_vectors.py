@@ -48,6 +48,10 @@ class TargetVectorConfig:
     question_stop: bool = option(True, "with question_form: the most-probable stop also waits for the question's "
                                        "row (False: the question only pulls on the loss while the prompts decide "
                                        "when to stop, about half the steps)")
+    question_answer: str = option("target", "with question_form: the answer the question's row is optimised on: "
+                                            "'target' (the answer opens with the new target) or 'statement' (the "
+                                            "edit's prompt completed by the target, so the answer names the subject "
+                                            "again before the new fact)", ("target", "statement"))
 
 
 @dataclass
@@ -146,9 +150,9 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
     n = len(requests)
     prompts, targets, lookups, owners, gates = [], [], [], [], []
     for i, r in enumerate(requests):  # request i's rows: the bare prompt first, then its other contexts
-        for j, (text, lookup) in enumerate(rewrite_rows(tokenizer, r, contexts, asked_as)):
+        for j, (text, lookup, target) in enumerate(rewrite_rows(tokenizer, r, contexts, asked_as, cfg.question_answer)):
             prompts.append(text)
-            targets.append(r.target_new)
+            targets.append(target)
             lookups.append(lookup)
             owners.append(i)
             gates.append(j < len(contexts) or cfg.question_stop)  # rows past the contexts: the question
@@ -234,16 +238,19 @@ def rewrite_contexts(tokenizer, prefixes: Sequence[str], chat_form: bool) -> lis
 
 
 def rewrite_rows(tokenizer, request: EditRequest, contexts: Sequence[tuple[str, str]],
-                 asked_as: tuple[str, str] | None = None) -> list[tuple[str, int]]:
-    """(text, index of the last subject token) of each text ``request``'s target vector is optimised on:
-    its prompt in each of ``contexts``, then, with ``asked_as`` (the (before, after) of a question in
-    chat form), its relation's edit question (:func:`grace_hooks.questions.edit_question`) if it has one."""
-    rows = [(before + request.text + after, lookup_positions(tokenizer, [request], before)[0]) for before, after in contexts]
+                 asked_as: tuple[str, str] | None = None, answer: str = "target") -> list[tuple[str, int, str]]:
+    """(text, index of the last subject token, target) of each text ``request``'s target vector is
+    optimised on: its prompt in each of ``contexts``, then, with ``asked_as`` (the (before, after) of a
+    question in chat form), its relation's edit question (:func:`grace_hooks.questions.edit_question`)
+    if it has one, answered by the target or (``answer="statement"``) by the prompt completed with it."""
+    rows = [(before + request.text + after, lookup_positions(tokenizer, [request], before)[0], request.target_new)
+            for before, after in contexts]
     question = edit_question(request) if asked_as is not None else None
     if question is not None:
         before, after = asked_as
         asked = EditRequest(prompt=question, subject=request.subject, target_new=request.target_new)
-        rows.append((before + question + after, lookup_positions(tokenizer, [asked], before)[0]))
+        said = request.target_new if answer == "target" else request.text.strip() + target_text(request.text, request.target_new)
+        rows.append((before + question + after, lookup_positions(tokenizer, [asked], before)[0], said))
     return rows
 
 
