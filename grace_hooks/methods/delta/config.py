@@ -123,6 +123,13 @@ class EncoreConfig(DeltaConfig):
                                             "(each costs as much as the bare prompt; the router keys still use n_prefixes); "
                                             "None = n_prefixes, as the paper")
     batch_size: int = option(64, "requests whose target vectors are optimised together")
+    # issue 35's lever table (benchmarks/RESULTS.md): on 200 CounterFact train edits the question row
+    # raised question success 52% -> 70% at about 3x the seconds per edit; checked on val
+    question_form: bool = option(True, "also optimise each target vector on its relation's edit question asked in "
+                                       "chat form, the target opening the answer (grace_hooks.questions): edits reach "
+                                       "questions users ask; False = the paper (cloze prompts only)")
+    question_stop: bool = option(False, "with question_form: the most-probable stop also waits for the question's row "
+                                         "(True: more steps for a few points more)")
     routed_c0_fraction: float = option(0.1, "in routed mode, C0's weight is this fraction of mom2_weight's value: the router "
                                             "already keeps other text out of scope, and a lighter C0 lets the update "
                                             "reach z (1 = the paper's weight)")
