@@ -138,8 +138,7 @@ class LifelongRun:
     def state_path(self) -> Path:
         return self.workdir / "state.json"
 
-    def _load_state(self, editor: Editor) -> dict:
-        self.signature["method_config"] = json.loads(json.dumps(editor.config(), default=str))  # as stored: JSON types
+    def _load_state(self) -> dict:
         if not self.state_path.is_file():
             return {"version": STATE_VERSION, "signature": self.signature, "edits": 0, "batch_seconds": [],
                     "immediate_es": [], "checkpoints": []}
@@ -163,7 +162,8 @@ class LifelongRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         editor = make_editor(self.model, self.spec)
         try:
-            state = self._load_state(editor)
+            self.signature["method_config"] = json.loads(json.dumps(editor.config(), default=str))  # as stored: JSON types
+            state = self._load_state()
             done = state["edits"]
             editor.restore(self.workdir, done // self.cfg.batch)
             if done:

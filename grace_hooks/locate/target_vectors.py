@@ -148,8 +148,9 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
     contexts = rewrite_contexts(tokenizer, prefixes, cfg.chat_form)
     asked_as = (chat_wrapping(tokenizer) or ("", "")) if cfg.question_form else None
     n = len(requests)
-    prompts, targets, lookups, owners, gates = [], [], [], [], []
+    prompts, targets, lookups, owners, gates, firsts = [], [], [], [], [], []
     for i, r in enumerate(requests):  # request i's rows: the bare prompt first, then its other contexts
+        firsts.append(len(prompts))
         for j, (text, lookup, target) in enumerate(rewrite_rows(tokenizer, r, contexts, asked_as, cfg.question_answer)):
             prompts.append(text)
             targets.append(target)
@@ -162,7 +163,7 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
                     real_positions, cached_prefix, gates=torch.tensor(gates))
     kl = _KLTerm(model, tokenizer, layer, requests, device, real_positions, cached_prefix) if cfg.kl_factor else None
 
-    bare = torch.cat([torch.zeros(1, dtype=torch.long), n_rows.long().cumsum(0)[:-1]])  # each request's first row
+    bare = torch.tensor(firsts)  # each request's bare-prompt row
     key_rows, key_cols = rewrite.key_columns()
     hidden = rewrite.replay.hidden_in
     dev = hidden.device  # block layer + 1's input: not the embedding's device when the model is split over several

@@ -124,7 +124,8 @@ class EncoreConfig(DeltaConfig):
                                             "None = n_prefixes, as the paper")
     batch_size: int = option(64, "requests whose target vectors are optimised together")
     # issue 35's lever table (benchmarks/RESULTS.md): on 200 CounterFact train edits the question row
-    # raised question success 52% -> 70% at about 3x the seconds per edit; checked on val
+    # raised question success 52% -> 60.5% at 2.7x the seconds per edit (71.5% at 4.2x with
+    # question_stop); on 50 val edits 42% -> 58%
     question_form: bool = option(True, "also optimise each target vector on its relation's edit question asked in "
                                        "chat form, the target opening the answer (grace_hooks.questions): edits reach "
                                        "questions users ask; False = the paper (cloze prompts only)")
