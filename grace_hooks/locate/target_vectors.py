@@ -142,30 +142,57 @@ class _Rows:
                      gates=self.gates[rows])
 
 
+def _replayed_rows(model, tokenizer, layer, rows, device, real_positions, cached_prefix) -> _Rows:
+    """The replay of ``rows``: (text, index of the key token, target, owning request, whether the stop waits for it)."""
+    texts, lookups, targets, owners, gates = zip(*rows)
+    batch = build_pair_batch(tokenizer, texts, targets, lookups, device).aligned_keys()
+    return _Rows(model, layer, batch, torch.tensor(owners), real_positions, cached_prefix, gates=torch.tensor(gates))
+
+
+class _RowGroups:
+    """Groups of rows replayed apart, read as one list of rows (group after group). A question in chat
+    form replays about twice the columns of a cloze prompt after the key: padded together, the cloze rows
+    would pay for the question's columns."""
+
+    def __init__(self, groups: list[_Rows]):
+        self.groups = groups
+        self.owner = torch.cat([g.owner for g in groups])
+        self.gates = torch.cat([g.gates for g in groups])
+
+    def scores(self, delta: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's mean target NLL (differentiable) and whether its target is the argmax, on ``device``
+        (the logits' device, the head's, may differ from the delta's)."""
+        found = [score_targets(g.logits(delta), g.scored) for g in self.groups]
+        return torch.cat([s.nll.to(device) for s in found]), torch.cat([s.correct.to(device) for s in found])
+
+    def select(self, keep: torch.Tensor, renumber: torch.Tensor) -> "_RowGroups":
+        """The rows of requests ``keep`` (chunk indices), renumbered by ``renumber``; empty groups go."""
+        picked = [g.select(torch.isin(g.owner, keep).nonzero().squeeze(1), renumber) for g in self.groups
+                  if bool(torch.isin(g.owner, keep).any())]
+        return _RowGroups(picked)
+
+
 def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConfig, real_positions,
               cached_prefix: bool) -> list[TargetVector]:
     device = next(model.parameters()).device
     contexts = rewrite_contexts(tokenizer, prefixes, cfg.chat_form)
     asked_as = (chat_wrapping(tokenizer) or ("", "")) if cfg.question_form else None
     n = len(requests)
-    prompts, targets, lookups, owners, gates, firsts = [], [], [], [], [], []
-    for i, r in enumerate(requests):  # request i's rows: the bare prompt first, then its other contexts
-        firsts.append(len(prompts))
-        for j, (text, lookup, target) in enumerate(rewrite_rows(tokenizer, r, contexts, asked_as, cfg.question_answer)):
-            prompts.append(text)
-            targets.append(target)
-            lookups.append(lookup)
-            owners.append(i)
-            gates.append(j < len(contexts) or cfg.question_stop)  # rows past the contexts: the question
-    owner = torch.tensor(owners)
-    n_rows = torch.bincount(owner, minlength=n).to(torch.float32)  # each request's loss is the mean over its rows
-    rewrite = _Rows(model, layer, build_pair_batch(tokenizer, prompts, targets, lookups, device).aligned_keys(), owner,
-                    real_positions, cached_prefix, gates=torch.tensor(gates))
+    rows: list[list] = [[], []]  # [the prompts in their contexts, the questions]: replayed apart (see _RowGroups)
+    for i, r in enumerate(requests):
+        for j, row in enumerate(rewrite_rows(tokenizer, r, contexts, asked_as, cfg.question_answer)):
+            asked = j >= len(contexts)  # rows past the contexts: the question
+            rows[asked].append((*row, i, not asked or cfg.question_stop))
+    n_rows = torch.bincount(torch.tensor([row[3] for group in rows for row in group]), minlength=n).to(torch.float32)
+    rewrite = _RowGroups([_replayed_rows(model, tokenizer, layer, group, device, real_positions, cached_prefix)
+                          for group in rows if group])
     kl = _KLTerm(model, tokenizer, layer, requests, device, real_positions, cached_prefix) if cfg.kl_factor else None
 
-    bare = torch.tensor(firsts)  # each request's bare-prompt row
-    key_rows, key_cols = rewrite.key_columns()
-    hidden = rewrite.replay.hidden_in
+    # each request's bare prompt is its first row in the first group: h is the residual there
+    prompts = rewrite.groups[0]
+    bare = torch.tensor([int((prompts.owner == i).nonzero()[0]) for i in range(n)])
+    key_rows, key_cols = prompts.key_columns()
+    hidden = prompts.replay.hidden_in
     dev = hidden.device  # block layer + 1's input: not the embedding's device when the model is split over several
     # float32: h, the delta and Adam's moments are float32 even when the model is bfloat16, whose 8 bits
     # would round lr-sized steps away; the loss is float32 too (score_targets upcasts the logits)
@@ -185,17 +212,16 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
         bar.update()
         bar.set_postfix(optimising=len(ids))
         d = delta[ids.to(dev)]
-        scores = score_targets(rw.logits(d), rw.scored)
+        row_nll, row_correct = rw.scores(d, dev)
         m = len(ids)
         owner_rows = rw.owner.to(dev)
-        row_nll = scores.nll.to(dev)  # the logits' device (the head's) may differ from the delta's
         per_request = n_rows[ids].to(dev)
         nll = torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, row_nll) / per_request
         hn = h[ids.to(dev)].norm(dim=1)
         loss = nll + cfg.weight_decay * d.norm(dim=1) / hn ** 2
         if kl is not None:
             loss = loss + cfg.kl_factor * kl.divergence(d, ids).to(dev)
-        short = ~scores.correct.to(dev) | (row_nll.detach() > -min_logprob)  # a rewrite prompt not yet where the stop wants it
+        short = ~row_correct | (row_nll.detach() > -min_logprob)  # a rewrite prompt not yet where the stop wants it
         short = short & rw.gates.to(dev)
         all_right = torch.zeros(m, dtype=torch.float32, device=dev).index_add(0, owner_rows, short.float()) == 0
         with torch.no_grad():
@@ -220,7 +246,7 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
             keep = (~done).nonzero().squeeze(1)
             local = torch.full((m,), -1, dtype=torch.long)
             local[keep] = torch.arange(len(keep))
-            rw = rw.select(torch.isin(rw.owner, keep).nonzero().squeeze(1), local)
+            rw = rw.select(keep, local)
             if kl is not None:
                 kl.select(keep, local)
             ids = ids[keep]
