@@ -217,14 +217,16 @@ def _short_time(value: Any) -> str:
         return str(value) or "?"
 
 
-def _pack_row(path: Path) -> list[str]:
+def _pack_row(path: Path, known: list[str]) -> list[str]:
     from .packs import read_header
 
     try:
         h = read_header(path)
         base = h["base_model"] if isinstance(h["base_model"], dict) else {}
         n_edits = h.get("n_edits", len(h["requests"]) if isinstance(h["requests"], list) else "?")
-        return [path.name, str(h["method"]), str(n_edits), ",".join(h["sites"]), _short_time(h.get("created_at", "")),
+        # a method from another distribution that is not installed here: listed, but it will not load
+        method = str(h["method"]) + ("" if h["method"] in known else " (not installed)")
+        return [path.name, method, str(n_edits), ",".join(h["sites"]), _short_time(h.get("created_at", "")),
                 str(base.get("name", "?"))]
     except (GraceHooksError, KeyError, TypeError, AttributeError, OSError) as exc:
         return [path.name, "!corrupt", "-", "-", "-", f"error: {exc}"]
@@ -234,6 +236,7 @@ def _pack_row(path: Path) -> list[str]:
 @click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(path_type=Path))
 def ls_cmd(adapters: Path) -> None:
     """List the packs of ADAPTERS (headers only; no model is loaded)."""
+    from .methods import method_names
     from .packs import list_packs
 
     if not adapters.is_dir():
@@ -245,7 +248,8 @@ def ls_cmd(adapters: Path) -> None:
         entries = sorted(p for p in adapters.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.is_symlink()))
         paths = [p for p in entries if _looks_like_pack(p)]
         others = [p.name for p in entries if not _looks_like_pack(p)]
-    rows = [_pack_row(p) for p in paths]
+    known = method_names()
+    rows = [_pack_row(p, known) for p in paths]
     if rows:
         _table([["NAME", "METHOD", "EDITS", "SITES", "CREATED (UTC)", "BASE MODEL"]] + rows)
     else:

@@ -12,7 +12,7 @@ TORCH_PIN="torch==2.13.0"
 venv=$(mktemp -d)/venv
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q "$TORCH_PIN" -e ".[test]"
-"$venv/bin/python" -m pip freeze --exclude-editable | grep -v '^torch==' | sort -f > "$venv/../newest.txt"
+"$venv/bin/python" -m pip freeze --all --exclude-editable | grep -v "^pip==" | grep -v '^torch==' | sort -f > "$venv/../newest.txt"
 echo "$TORCH_PIN" >> "$venv/../newest.txt"
 echo "== versions that differ from constraints.txt (old -> newest):"
 python3 - "$venv/../newest.txt" <<'PY'

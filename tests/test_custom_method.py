@@ -1,15 +1,20 @@
-"""A method family from outside the package (issue 19): defined here, registered, and held to the
-contract (the edit works, unrelated inputs are unchanged, save -> load is bit-identical, rollback is
-exact, no hook is left) without any change to ``grace_hooks/``.
+"""A method family from outside the package, as its own installed distribution (issues 19 and 36).
 
-The method, ``steer``: at one site, a key per request (the site input at the prompt's last token)
-and a vector added to the site output wherever that key wins the position, trained until the target
-is the greedy next token. Its effect is the two classes below; the runtime composes it with the
-others through the shared router without knowing what it is."""
+``tests/plugins/steer`` is a small distribution: the method ``steer`` written against
+``grace_hooks.method_kit`` alone, declared in the entry point group ``grace_hooks.methods``. The
+test installs it with pip into a folder of its own and puts that folder on the path, as an installed
+package is; nothing in ``grace_hooks/`` names it and the tests never register it. It is held to the
+contract (the edit works, unrelated inputs are unchanged, save -> load is bit-identical, rollback is
+exact, no hook is left), and found by the CLI, the server and ``from_pretrained``."""
 from __future__ import annotations
 
+import importlib
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,104 +22,53 @@ import torch
 from conftest import (TINY_REQUESTS, UNRELATED, assert_reloads_and_rolls_back, last_logits, next_token, param_hash,
                       target_id)
 from grace_hooks import EditableModel
-from grace_hooks.architectures import Site, num_layers
-from grace_hooks.config import option
-from grace_hooks.effects import Effect, EffectLayer, Gate, Hits, Plan, stored
-from grace_hooks.errors import PackError
+from grace_hooks.architectures import num_layers
+from grace_hooks.errors import ConfigError, PackError
 from grace_hooks.export import export_peft
-from grace_hooks.methods import ComputedEdit, EditContext, EditMethod, register, unregister
-from grace_hooks.pack_schema import TensorSpec
-from grace_hooks.runtime import SiteContribution
+from grace_hooks.method_kit import EditMethod, register, unregister
+from grace_hooks.methods import get_method, method_names
+
+PLUGIN = Path(__file__).parent / "plugins" / "steer"
 
 
-# ---------------------------------------------------------------------------- the family's effect
-class Additions(EffectLayer):
-    """Every loaded ``steer`` pack at a site: where one of its keys wins a position, its vector is added."""
-
-    order = 25
-
-    def plan(self, flat_x: torch.Tensor, hits: Hits | None, gate: Gate | None) -> Plan | None:
-        won = self.winning(hits, "vectors")  # where its keys win, and each winning key's vector
-        if won is None:
-            return None
-        rows, vectors = won
-
-        def add(flat: torch.Tensor) -> None:
-            flat[rows] = flat[rows] + vectors.to(flat)
-
-        return add
+def _on_path(folder: Path):
+    sys.path.insert(0, str(folder))
+    importlib.invalidate_caches()  # importlib.metadata and the import system see the new folder
 
 
-@dataclass
-class Addition(Effect):
-    vectors: torch.Tensor  # (n, d_out): key i's vector
-    layer: ClassVar[type[EffectLayer]] = Additions
-
-    def stored(self) -> "Addition":
-        return Addition(stored(self.vectors))
+def _off_path(folder: Path, *modules: str):
+    sys.path.remove(str(folder))
+    for name in modules:
+        sys.modules.pop(name, None)
+    importlib.invalidate_caches()
 
 
-# ---------------------------------------------------------------------------- the method
-@dataclass
-class SteerConfig:
-    layer: int | None = option(None, "block whose MLP output is steered; None = the last")
-    radius: float = option(0.01, "key radius, relative to the key's norm")
-    lr: float = option(0.5, "Adam learning rate of the vectors")
-    steps: int = option(200, "most Adam steps per request")
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """``tests/plugins/steer`` installed by pip into a folder of its own, put on the path."""
+    site = tmp_path_factory.mktemp("site")
+    build = tmp_path_factory.mktemp("build")  # a copy: a build writes its egg-info beside the sources
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(_copy_tree(PLUGIN, build / "steer"))],
+                   check=True, capture_output=True, text=True)
+    assert (site / "grace_hooks_steer").is_dir() and list(site.glob("grace_hooks_steer-*.dist-info"))
+    _on_path(site)
+    yield site
+    unregister("steer")
+    _off_path(site, "grace_hooks_steer")
 
 
-class Steer(EditMethod):
-    name = "steer"
-    config_class = SteerConfig
+def _copy_tree(src: Path, dst: Path) -> Path:
+    import shutil
 
-    def compute(self, ctx: EditContext, requests, cfg: SteerConfig) -> ComputedEdit:
-        site = Site(cfg.layer if cfg.layer is not None else num_layers(ctx.model) - 1)
-        encs = [ctx.tokenizer(r.text, return_tensors="pt").to(ctx.device) for r in requests]
-        keys = torch.stack([ctx.capture(site, **enc)[0][0, -1] for enc in encs]).float()
-        vectors = []
-        with ctx.frozen(), ctx.hooks.scoped() as scope:
-            now: dict[str, torch.Tensor] = {}
-
-            def steer(module, args, output):
-                out = output.clone()
-                out[0, -1] = out[0, -1] + now["v"].to(out)
-                return out
-
-            scope.forward(site.module(ctx.model), steer)
-            for r, enc in zip(requests, encs):
-                target = torch.tensor([ctx.tokenizer(" " + r.target_new, add_special_tokens=False)["input_ids"][0]])
-                v = torch.zeros(site.dims(ctx.model)[1], requires_grad=True)
-                opt = torch.optim.Adam([v], lr=cfg.lr)
-                for _ in range(cfg.steps):
-                    now["v"] = v
-                    logits = ctx.model(**enc).logits[0, -1]
-                    if int(logits.argmax()) == int(target):
-                        break
-                    opt.zero_grad()
-                    torch.nn.functional.cross_entropy(logits[None], target).backward()
-                    opt.step()
-                vectors.append(v.detach().clone())
-        n = site.name
-        tensors = {f"{n}/keys": keys.contiguous(), f"{n}/radii": cfg.radius * keys.norm(dim=1),
-                   f"{n}/vectors": torch.stack(vectors).contiguous()}
-        return ComputedEdit(sites=[n], tensors=tensors)
-
-    def site_layouts(self, config: SteerConfig) -> list[dict[str, TensorSpec]]:
-        return [{"keys": TensorSpec(("n", "d_in")), "radii": TensorSpec(("n",)), "vectors": TensorSpec(("n", "d_out"))}]
-
-    def contributions(self, pack) -> dict[str, SiteContribution]:
-        out = {}
-        for site in pack.sites:
-            t = pack.site_tensors(site)
-            out[site] = SiteContribution(Addition(t["vectors"]), keys=t["keys"], radii=t["radii"])
-        return out
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
+    return dst
 
 
 @pytest.fixture
-def steer():
-    register(Steer)
-    yield Steer.name
-    unregister(Steer.name)
+def steer(installed):
+    assert "steer" in method_names()  # found through its entry point, never registered here
+    return "steer"
 
 
 # ---------------------------------------------------------------------------- the contract
@@ -148,3 +102,105 @@ def test_a_method_from_outside_the_package_keeps_the_contract(arch, steer, make_
     # save -> load on a fresh copy of the base: bit-identical; rollback is exact, no hook left, weights untouched
     assert_reloads_and_rolls_back(em, "s1", arch, make_model, tokenizer, prompts, edited, base_edit, weights_before,
                                   tmp_path / "adapters")
+
+
+# ---------------------------------------------------------------------------- found everywhere
+def _saved_steer_pack(make_model, tokenizer, adapters: Path) -> Path:
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny-llama")
+    em.edit(TINY_REQUESTS[:1], method="steer", pack="s1")
+    em.save_pack("s1", adapters)
+    em.close()
+    return adapters
+
+
+def _cli(*args, site: Path | None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter; ``site`` (the plugin's install folder) on its path or not."""
+    env = dict(os.environ)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "grace_hooks.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_the_cli_finds_an_installed_method_and_lists_its_packs(steer, installed, make_model, tokenizer, tmp_path):
+    adapters = _saved_steer_pack(make_model, tokenizer, tmp_path / "adapters")
+    listed = _cli("methods", site=installed)
+    assert listed.returncode == 0, listed.stderr
+    assert "steer:" in listed.stdout and "key radius, relative to the key's norm" in listed.stdout
+    shown = _cli("ls", "--adapters", adapters, site=installed)
+    assert shown.returncode == 0, shown.stderr
+    row = next(line.split() for line in shown.stdout.splitlines() if line.startswith("s1 "))
+    assert row[1] == "steer"
+    # without the distribution the pack is still listed, and says what it needs
+    missing = _cli("ls", "--adapters", adapters, site=None)
+    assert "steer (not installed)" in missing.stdout
+
+
+def test_the_server_serves_and_computes_an_installed_methods_packs(steer, make_model, tokenizer, tmp_path):
+    pytest.importorskip("fastapi")
+    from grace_hooks.serve import ServeConfig, create_app, running
+    import urllib.request
+
+    adapters = _saved_steer_pack(make_model, tokenizer, tmp_path / "adapters")
+    served = EditableModel(make_model("llama"), tokenizer, name="tiny-llama")
+    app = create_app(served, adapters, ServeConfig(api_key="k", watch_s=0))
+    assert [p.name for p in served.packs] == ["s1"]  # the folder's pack loaded at start
+    body = {"name": "s2", "method": "steer", "requests": [TINY_REQUESTS[1].to_dict()], "options": {}}
+    with running(app) as url:
+        req = urllib.request.Request(url + "/v1/packs", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": "Bearer k"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            assert resp.status == 201  # created
+    assert [p.name for p in served.packs] == ["s1", "s2"] and (adapters / "s2").is_dir()
+    served.close()
+
+
+# ---------------------------------------------------------------------------- names are taken once
+@dataclass
+class _Options:
+    pass
+
+
+def test_a_name_that_is_taken_is_refused():
+    class Impostor(EditMethod):
+        name = "grace"
+        config_class = _Options
+
+    with pytest.raises(ConfigError, match="'grace' is taken by grace_hooks.methods"):
+        register(Impostor)
+    assert "grace" in method_names()
+
+    class Nameless(EditMethod):
+        name = "not a name"
+        config_class = _Options
+
+    with pytest.raises(ConfigError, match="short identifier"):
+        register(Nameless)
+
+
+def _fake_distribution(root: Path, name: str, entry_points: str, modules: dict[str, str]) -> Path:
+    """An installed distribution's metadata (what pip writes) and its modules, in folder ``root``."""
+    info = root / f"{name}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[grace_hooks.methods]\n{entry_points}\n")
+    for module, text in modules.items():
+        (root / f"{module}.py").write_text(text)
+    return root
+
+
+def test_a_broken_or_clashing_plugin_is_reported_and_the_others_still_work(tmp_path, caplog):
+    clash = ("from dataclasses import dataclass\nfrom grace_hooks.method_kit import EditMethod\n"
+             "@dataclass\nclass Options:\n    pass\n"
+             "class Clash(EditMethod):\n    name = 'grace'\n    config_class = Options\n")
+    site = _fake_distribution(tmp_path, "clashing_plugin",
+                              "grace = clash_module:Clash\nbroken = no_such_module_anywhere:Thing",
+                              {"clash_module": clash})
+    _on_path(site)
+    try:
+        with pytest.raises(ConfigError, match="unknown edit method 'broken'.*ModuleNotFoundError"):
+            get_method("broken")
+        assert "is taken by" in caplog.text  # the clash was logged, and refused
+        assert type(get_method("grace")).__module__.startswith("grace_hooks.methods")  # the built-in one still
+    finally:
+        _off_path(site, "clash_module")

@@ -140,29 +140,7 @@ class EditMethod(ABC):
 
     def squash(self, packs: list[EditPack], name: str) -> EditPack:
         """One pack with the same effect as the chain ``packs`` (methods with the "squash" capability)."""
-        raise ConfigError(f"method {self.name!r} cannot squash packs; methods that can: "
-                          f"{[n for n, c in _REGISTRY.items() if 'squash' in c.capabilities]}")
+        from .registry import method_names, method_class  # the registry imports this module
 
-
-_REGISTRY: dict[str, type[EditMethod]] = {}
-
-
-def register(cls: type[EditMethod]) -> type[EditMethod]:
-    """Make a method known by its name (a class decorator; a method from outside the package too)."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def unregister(name: str) -> None:
-    """Forget a registered method (packs of it can no longer be loaded)."""
-    _REGISTRY.pop(name, None)
-
-
-def get_method(name: str) -> EditMethod:
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown edit method {name!r}; registered methods: {method_names()}")
-    return _REGISTRY[name]()
-
-
-def method_names() -> list[str]:
-    return sorted(_REGISTRY)
+        able = [n for n in method_names() if "squash" in method_class(n).capabilities]
+        raise ConfigError(f"method {self.name!r} cannot squash packs; methods that can: {able}")

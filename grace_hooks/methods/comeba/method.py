@@ -27,7 +27,8 @@ from ...requests import EditRequest
 from ...loaded import LoadedSite
 from ...runtime import SiteContribution
 from ...locate.subject_keys import lookup_positions
-from ..base import EditContext, register
+from ..base import EditContext
+from ..registry import register
 from ..delta.method import DeltaMethod
 from .config import ComebaConfig
 from .hook_layer import HookLayer, hook_layers_everywhere, lowrank_is_smaller, zscores

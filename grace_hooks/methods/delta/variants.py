@@ -7,7 +7,7 @@ import torch
 
 from ...locate.linalg import orthonormal_basis, preservation_matrix
 from ...loaded import LoadedSite
-from ..base import register
+from ..registry import register
 from .config import DeltaConfig, EncoreConfig, OEditConfig
 from .method import DeltaMethod, loaded_factors
 

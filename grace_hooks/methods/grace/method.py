@@ -16,7 +16,8 @@ from ...router import NO_KEY, exact_assign
 from ...runtime import SiteContribution
 from ...spans import KeyRouting, request_answer_spans, request_spans
 from ...tokens import EditBatch, build_edit_batch, chat_form_requests, score_targets, scored_positions
-from ..base import ComputedEdit, EditContext, EditMethod, register
+from ..base import ComputedEdit, EditContext, EditMethod
+from ..registry import register
 from .codebook import Codebook
 from .config import DEFAULT_RELATIVE_DEPTH, GraceConfig
 from .effect import Replacement

@@ -1,0 +1,27 @@
+"""Everything a method author needs, in one import: the method contract, the effect contract, the
+pack schema, and the helpers a method's compute step uses.
+
+    from grace_hooks.method_kit import EditMethod, ComputedEdit, Effect, EffectLayer, register, ...
+
+A method is a class deriving from :class:`EditMethod` (``name``, a dataclass ``config_class``,
+``compute``, ``site_layouts``, ``contributions``); its effect at a site is an :class:`Effect` whose
+:class:`EffectLayer` composes every loaded pack of that kind. Register it in-process with
+:func:`register`, or ship it as its own distribution that declares it in the entry point group
+``grace_hooks.methods`` (:data:`ENTRY_POINT_GROUP`) so the CLI, the server and ``from_pretrained``
+find its packs. ``tests/plugins/steer`` is a complete example.
+"""
+from .architectures import Site, num_layers
+from .config import option
+from .effects import Effect, EffectLayer, Gate, Hits, Plan, stored
+from .errors import ConfigError, PackError
+from .methods.base import ComputedEdit, EditContext, EditMethod
+from .methods.registry import ENTRY_POINT_GROUP, register, unregister
+from .pack_schema import TensorSpec
+from .packs import EditPack
+from .requests import EditRequest
+from .runtime import SiteContribution
+from .spans import KeyRouting
+
+__all__ = ["ComputedEdit", "ConfigError", "ENTRY_POINT_GROUP", "EditContext", "EditMethod", "EditPack", "EditRequest",
+           "Effect", "EffectLayer", "Gate", "Hits", "KeyRouting", "PackError", "Plan", "Site", "SiteContribution",
+           "TensorSpec", "num_layers", "option", "register", "stored", "unregister"]
