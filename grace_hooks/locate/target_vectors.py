@@ -167,9 +167,8 @@ class _RowGroups:
 
     def select(self, keep: torch.Tensor, renumber: torch.Tensor) -> "_RowGroups":
         """The rows of requests ``keep`` (chunk indices), renumbered by ``renumber``; empty groups go."""
-        picked = [g.select(torch.isin(g.owner, keep).nonzero().squeeze(1), renumber) for g in self.groups
-                  if bool(torch.isin(g.owner, keep).any())]
-        return _RowGroups(picked)
+        kept = [(g, torch.isin(g.owner, keep).nonzero().squeeze(1)) for g in self.groups]
+        return _RowGroups([g.select(rows, renumber) for g, rows in kept if len(rows)])
 
 
 def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConfig, real_positions,
@@ -179,7 +178,9 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
     asked_as = (chat_wrapping(tokenizer) or ("", "")) if cfg.question_form else None
     n = len(requests)
     rows: list[list] = [[], []]  # [the prompts in their contexts, the questions]: replayed apart (see _RowGroups)
+    bare = []  # each request's bare-prompt row (its first) in the first group: h is the residual there
     for i, r in enumerate(requests):
+        bare.append(len(rows[0]))
         for j, row in enumerate(rewrite_rows(tokenizer, r, contexts, asked_as, cfg.question_answer)):
             asked = j >= len(contexts)  # rows past the contexts: the question
             rows[asked].append((*row, i, not asked or cfg.question_stop))
@@ -188,9 +189,7 @@ def _optimise(model, tokenizer, layer, requests, prefixes, cfg: TargetVectorConf
                           for group in rows if group])
     kl = _KLTerm(model, tokenizer, layer, requests, device, real_positions, cached_prefix) if cfg.kl_factor else None
 
-    # each request's bare prompt is its first row in the first group: h is the residual there
-    prompts = rewrite.groups[0]
-    bare = torch.tensor([int((prompts.owner == i).nonzero()[0]) for i in range(n)])
+    prompts, bare = rewrite.groups[0], torch.tensor(bare)
     key_rows, key_cols = prompts.key_columns()
     hidden = prompts.replay.hidden_in
     dev = hidden.device  # block layer + 1's input: not the embedding's device when the model is split over several
