@@ -8,8 +8,9 @@ as on a new machine. The steps run in the order the default method needs them, e
 the same calls the method makes (they are memoised, so the edit itself then only does its own work):
 
 1. loading the model; 2. the C0 corpus (read from the package when one ships for this model,
-else sampled from the model); 3. C0 at each edited site; 4. the router's corpus probe; 5. the
-context prefixes; 6. the edit of ``--n`` CounterFact records in one call.
+else sampled from the model); 3. C0 at each edited site; 4. the context prefixes; 5. the edit of
+``--n`` CounterFact records in one call (with whatever else it needs: the router's corpus probe,
+for instance, only where the method's options use it; the default's do not).
 
     python benchmarks/first_edit.py --model smollm2-135m --model gemma3-270m --threads 2
 
@@ -70,7 +71,6 @@ def first_edit(name: str, records, threads: int) -> dict:
         stats = method.statistics(ctx)
         for step, run in (("C0 corpus", lambda: stats.corpus(cfg.corpus_spec())),
                           ("C0 at the sites", lambda: method.second_moments(ctx, sites, cfg)),
-                          ("corpus probe", lambda: method.corpus_probe(ctx, sites, cfg)),
                           ("context prefixes", lambda: stats.prefixes(cfg.prefix_tokens))):
             t = time.perf_counter()
             run()

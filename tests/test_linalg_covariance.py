@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grace_hooks.architectures import Site
-from grace_hooks.locate.covariance import Corpus, sample_corpus, second_moment
+from grace_hooks.locate.covariance import Corpus, sample_corpus, second_moment, second_moments
 from grace_hooks.locate.linalg import closed_form_update, orthonormal_basis, preservation_matrix, project_out
 
 TEXTS = ("the cat sat on the mat", "the quick brown fox jumps over the lazy dog", "alice speaks french",
@@ -68,6 +68,22 @@ def test_second_moment_matches_a_direct_computation_and_is_cached(make_model, to
     assert not other.from_cache and other.count < got.count
     capped = second_moment(model, tokenizer, site, corpus, max_tokens=5, cache=False)
     assert capped.count == 5
+
+
+def test_snapshots_on_the_way_equal_c0_measured_with_that_many_tokens(make_model, tokenizer, tmp_path):
+    model, sites, corpus = make_model("llama"), [Site(0), Site(1)], Corpus(TEXTS, "test texts")
+    full = second_moments(model, tokenizer, sites, corpus, batch_size=2, cache=tmp_path / "one", also_at=(7, 13, 10_000))
+    for count in (7, 13):  # 7 falls inside the first batch, 13 inside a later one
+        snap = second_moments(model, tokenizer, sites, corpus, max_tokens=count, batch_size=2, cache=tmp_path / "one")
+        alone = second_moments(model, tokenizer, sites, corpus, max_tokens=count, batch_size=2, cache=tmp_path / "two")
+        for site in sites:
+            assert snap[site.name].from_cache and snap[site.name].count == count
+            assert not alone[site.name].from_cache
+            # the same tokens; a batch's products cut at a snapshot round differently in float32
+            assert torch.allclose(snap[site.name].matrix, alone[site.name].matrix, rtol=1e-5, atol=1e-6)
+    plain = second_moments(model, tokenizer, sites, corpus, batch_size=2, cache=False)
+    assert all(torch.allclose(full[s.name].matrix, plain[s.name].matrix, atol=1e-6) for s in sites)
+    assert len(list((tmp_path / "one").glob("*.safetensors"))) == 3 * len(sites)  # no snapshot past the corpus's end
 
 
 def test_self_sampled_corpus_is_reproducible(make_model, tokenizer):

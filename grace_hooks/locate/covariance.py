@@ -202,8 +202,12 @@ def second_moment(model, tokenizer, site: Site, corpus: Corpus, max_tokens: int 
 
 def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_tokens: int = 100_000,
                    dtype: torch.dtype = torch.float64, batch_size: int = 8, max_length: int = 256,
-                   cache: Path | None | bool = True, model_hash: str | None = None) -> dict[str, SecondMoment]:
-    """:func:`second_moment` at several sites: cached ones are read, the others share one pass."""
+                   cache: Path | None | bool = True, model_hash: str | None = None,
+                   also_at: tuple[int, ...] = ()) -> dict[str, SecondMoment]:
+    """:func:`second_moment` at several sites: cached ones are read, the others share one pass.
+    ``also_at``: smaller token counts whose C0 (over the first that many tokens, as a call with that
+    ``max_tokens`` would measure it, up to float32 rounding) is written to the cache on the way (studies of how many tokens
+    C0 needs measure them all in one pass)."""
     folder = (cache_dir() / "covariance") if cache is True else (Path(cache) if cache else None)
     out: dict[str, SecondMoment] = {}
     paths: dict[str, tuple[str, Path] | None] = {}
@@ -245,12 +249,19 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
             forward_until(model, deepest(model, todo), **enc)
             real = enc["attention_mask"].bool()
             n = 0
+            stops = sorted({c for c in also_at if count < c < max_tokens} | {max_tokens})
             for name, x in grabbed.items():
                 # moved in the model's dtype and widened on the CPU: the same numbers, half the copy of float32 ones
                 # float32 products (a batch is ~10^3 tokens: rounding stays ~1e-6 relative), summed over
                 # the batches in ``dtype`` (float64): several times faster than float64 products on a CPU
                 keys = x[real.to(x.device)].cpu().float()[: max_tokens - count]
-                totals[name] += (keys.T @ keys).to(dtype)
+                start = 0
+                for stop in stops:  # the products cut where a snapshot is due: each snapshot has exactly its tokens
+                    part = keys[start: max(start, stop - count)]
+                    totals[name] += (part.T @ part).to(dtype)
+                    start += len(part)
+                    if count + start == stop and stop != max_tokens and folder is not None:
+                        _store(folder, model_hash, todo, totals, stop, corpus, dtype, name)
                 n = len(keys)
             count += n
             bar.update(n)
@@ -262,13 +273,28 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
         where = paths[site.name]
         moment = SecondMoment(site.name, totals[site.name] / count, count, corpus.source, where[1] if where else None)
         if where is not None:
-            key, path = where
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"matrix": moment.matrix.contiguous()}, str(tmp))
-            (folder / f"{key}.json").write_text(json.dumps({"site": site.name, "count": count, "corpus_source": corpus.source,
-                                                            "corpus_digest": corpus.digest, "dtype": str(dtype)}), encoding="utf-8")
-            tmp.replace(path)
+            _write_moment(folder, where[0], moment, corpus, dtype)
         out[site.name] = moment
     log.info("covariance at %s: %d keys each from %s in %.0f s", [s.name for s in todo], count, corpus.source, seconds)
     return out
+
+
+def _store(folder: Path, model_hash: str, sites: list[Site], totals: dict[str, torch.Tensor], count: int,
+           corpus: Corpus, dtype: torch.dtype, name: str) -> None:
+    """Write the snapshot of site ``name`` after ``count`` tokens as a call with ``max_tokens=count`` would."""
+    site = next(s for s in sites if s.name == name)
+    key = _cache_key(model_hash, site, corpus, count, dtype)
+    _write_moment(folder, key, SecondMoment(name, totals[name] / count, count, corpus.source), corpus, dtype)
+    log.info("covariance %s: snapshot after %d tokens written (%s)", name, count, key)
+
+
+def _write_moment(folder: Path, key: str, moment: SecondMoment, corpus: Corpus, dtype: torch.dtype) -> None:
+    """C0 and its description into the cache folder, the matrix last and by rename (a reader never sees half)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({"matrix": moment.matrix.contiguous()}, str(tmp))
+    (folder / f"{key}.json").write_text(json.dumps({"site": moment.site, "count": moment.count,
+                                                    "corpus_source": corpus.source, "corpus_digest": corpus.digest,
+                                                    "dtype": str(dtype)}), encoding="utf-8")
+    tmp.replace(path)
