@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     import torch
 
     from grace_hooks import EditableModel
-    from grace_hooks.config import DEFAULT_METHOD, make_config
+    from grace_hooks.config import DEFAULT_METHOD
     from grace_hooks.eval.runinfo import loadavg, run_record
     from grace_hooks.locate.covariance import second_moments
     from grace_hooks.methods import get_method
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     record = {"run": run_record(REPO, args.threads)}
     em = EditableModel.from_pretrained(args.model)
     method = get_method(DEFAULT_METHOD)
-    cfg = make_config(method.config_class, {})
+    cfg = em.method_config(method.config_class)
     sites = method.sites(em.base_model, cfg)
     with em.edit_context() as ctx:
         stats = method.statistics(ctx)

@@ -56,7 +56,7 @@ def first_edit(name: str, records, threads: int) -> dict:
     import torch
 
     from grace_hooks import EditableModel
-    from grace_hooks.config import DEFAULT_METHOD, make_config
+    from grace_hooks.config import DEFAULT_METHOD
     from grace_hooks.methods import get_method
 
     torch.set_num_threads(threads)
@@ -65,7 +65,7 @@ def first_edit(name: str, records, threads: int) -> dict:
     em = EditableModel.from_pretrained(name)
     steps["load model"] = time.perf_counter() - start
     method = get_method(DEFAULT_METHOD)
-    cfg = make_config(method.config_class, {})
+    cfg = em.method_config(method.config_class)
     sites = method.sites(em.base_model, cfg)
     with em.edit_context() as ctx:
         stats = method.statistics(ctx)

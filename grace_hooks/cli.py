@@ -114,6 +114,7 @@ def edit(requests_file: Path, method: str, adapters: Path, pack_name: str | None
          sets: tuple[str, ...], overwrite: bool) -> None:
     """Compute an edit pack from a requests file and save it into ADAPTERS."""
     from .config import make_config
+    from .embedded import edit_defaults
     from .methods import get_method
     from .packs import validate_pack_name
     from .requests import read_requests
@@ -122,7 +123,7 @@ def edit(requests_file: Path, method: str, adapters: Path, pack_name: str | None
     # Cheap checks first: nothing slow happens before the inputs are known to be usable.
     overrides = _parse_sets(sets)
     impl = get_method(method)
-    cfg = make_config(impl.config_class, overrides)
+    cfg = make_config(impl.config_class, overrides, base=edit_defaults(model, impl.config_class))  # as em.edit makes it
     if pack_name is not None:
         validate_pack_name(pack_name)
     if adapters.exists() and not adapters.is_dir():

@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import GraceHooksError
@@ -56,6 +56,10 @@ class EmbeddedModel:
     # the converted weights' digest (locate.covariance.model_digest), by which a C0 corpus shipped in the
     # package is found: a first default edit then need not sample one (tests check both stay in step)
     weights_digest: str = ""
+    # method options whose value differs on this model (as EasyEdit keeps hyper-parameters per model): the
+    # defaults of every method whose config has the option, when the model is loaded by its name; a user's
+    # value still wins, and a pack records what it ran with
+    edit_options: tuple[tuple[str, object], ...] = ()
 
 
 def _gemma_part(k: int, sha256: str) -> WheelPart:
@@ -119,6 +123,14 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         weights_digest="5676cd702266e996bf49ad4b42fd46ff"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def edit_defaults(model_name: str, config_class: type) -> dict[str, object]:
+    """The options of ``config_class`` whose default the embedded model ``model_name`` changes ({} for
+    any other model)."""
+    spec = EMBEDDED.get(model_name)
+    names = {f.name for f in fields(config_class)}
+    return {k: v for k, v in spec.edit_options if k in names} if spec is not None else {}
 GGUF_MAGIC = b"GGUF"
 
 

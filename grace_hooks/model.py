@@ -11,6 +11,7 @@ from typing import Any, Iterable, Iterator
 from . import __version__
 from .architectures import Site
 from .config import DEFAULT_METHOD, make_config
+from .embedded import edit_defaults
 from .errors import ArchitectureError, EditError, PackError
 from .health import site_health
 from .hooks import HookOwner
@@ -101,13 +102,18 @@ class EditableModel:
             self._rank += 1
             self._packs[pack.name] = pack
 
+    def method_config(self, config_class: type, overrides: dict | None = None):
+        """``config_class`` with this model's defaults (an embedded model may change some, see
+        :func:`~grace_hooks.embedded.edit_defaults`), then ``overrides``."""
+        return make_config(config_class, overrides, base=edit_defaults(self.name, config_class))
+
     def edit(self, requests: Iterable[EditRequest | dict], method: str = DEFAULT_METHOD, pack: str | None = None,
              **config_overrides) -> PackInfo:
         """Compute an edit with ``method`` and apply it as a new pack (active at once). Forwards from
         other threads wait while it is computed (they never see it half done)."""
         reqs = as_requests(requests)
         impl = get_method(method)
-        cfg = make_config(impl.config_class, config_overrides)
+        cfg = self.method_config(impl.config_class, config_overrides)
         name = validate_pack_name(pack if pack is not None else f"{method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}")
         with self._runtime.lock:
             if name in self._packs:

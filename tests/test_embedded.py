@@ -150,3 +150,23 @@ def test_every_embedded_model_ships_the_c0_corpus_its_first_default_edit_reads()
     for name, spec in embedded.EMBEDDED.items():
         corpus = shipped_corpus(corpus_file_name(spec.weights_digest, 0, cfg.corpus_texts, cfg.corpus_tokens))
         assert corpus is not None and len(corpus.texts) >= 0.9 * cfg.corpus_texts, name
+
+
+def test_an_embedded_model_changes_the_defaults_of_the_methods_that_have_the_option(make_model, tokenizer, monkeypatch):
+    from conftest import DELTA_REQUESTS, DELTA_TINY
+    from grace_hooks import EditableModel
+    from grace_hooks.embedded import edit_defaults
+    from grace_hooks.methods import get_method
+
+    monkeypatch.setitem(embedded.EMBEDDED, "tiny-wide", EmbeddedModel(
+        (), "tiny.gguf", "0" * 64, "test", edit_options=(("max_tokens", 77), ("n_prefixes", 0))))
+    encore, grace = get_method("encore").config_class, get_method("grace").config_class
+    assert edit_defaults("tiny-wide", encore) == {"max_tokens": 77, "n_prefixes": 0}
+    assert edit_defaults("tiny-wide", grace) == {} and edit_defaults("smollm2-135m", encore) == {}
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny-wide")
+    assert em.method_config(encore).max_tokens == 77 and em.method_config(encore, {"max_tokens": 5}).max_tokens == 5
+    assert EditableModel(make_model("llama"), tokenizer, name="tiny").method_config(encore).max_tokens == 100_000
+    options = {k: v for k, v in DELTA_TINY.items() if k != "n_prefixes"}
+    em.edit(DELTA_REQUESTS[:1], method="encore", pack="p", **options)
+    assert em.pack("p").config["max_tokens"] == 77 and em.pack("p").config["n_prefixes"] == 0  # the pack says what ran
+    em.close()

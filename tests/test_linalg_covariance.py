@@ -8,7 +8,8 @@ import torch
 
 from grace_hooks.architectures import Site
 from grace_hooks.locate.covariance import Corpus, sample_corpus, second_moment, second_moments
-from grace_hooks.locate.linalg import closed_form_update, orthonormal_basis, preservation_matrix, project_out
+from grace_hooks.locate.linalg import (Preservation, PreservationTerms, closed_form_update, orthonormal_basis,
+                                      preservation_matrix, project_out)
 
 TEXTS = ("the cat sat on the mat", "the quick brown fox jumps over the lazy dog", "alice speaks french",
          "the capital of narnia is tokyo", "bob plays chess in the park")
@@ -28,6 +29,32 @@ def test_factors_equal_the_closed_form():
                                                + prev.double() @ prev.double().T + k64 @ k64.T)
     assert upd.dense().dtype == torch.float64 and upd.rank == n
     assert torch.allclose(upd.dense(), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_previous", [0, 2, 40])  # 40 earlier keys in 12 dimensions: the dense solve
+@pytest.mark.parametrize("identity", [0.5, 0.0])
+def test_a_factored_preservation_solves_as_the_dense_matrix(n_previous, identity):
+    torch.manual_seed(2)
+    d_in, n = 12, 3
+    a = torch.randn(d_in, 30)
+    c0, r, k = (a @ a.T / 30).double(), torch.randn(9, n), torch.randn(d_in, n)
+    prev = torch.randn(d_in, n_previous) if n_previous else None
+    terms = PreservationTerms(2.0, identity, prev)
+    factored = closed_form_update(r, k, Preservation(Preservation.factor_of(c0, terms), prev))
+    dense = closed_form_update(r, k, preservation_matrix(d_in, c0, 2.0, identity, prev))
+    assert torch.allclose(factored.V, dense.V, rtol=1e-9, atol=1e-12)
+    basis = orthonormal_basis(torch.randn(d_in, 2))  # a constraint takes the dense path with the same P
+    assert torch.allclose(closed_form_update(r, k, Preservation(Preservation.factor_of(c0, terms), prev), basis).V,
+                          closed_form_update(r, k, preservation_matrix(d_in, c0, 2.0, identity, prev), basis).V,
+                          rtol=1e-9, atol=1e-12)
+
+
+def test_c0_from_fewer_tokens_than_dimensions_still_factors():
+    keys = torch.randn(5, 16).double()  # rank 5 in 16 dimensions and no identity term: singular
+    factor = Preservation.factor_of(keys.T @ keys / 5, PreservationTerms(1.0))
+    assert torch.isfinite(factor).all()
+    v = Preservation(factor).solve(torch.randn(16, 2))
+    assert torch.isfinite(v).all()
 
 
 def test_tiny_preservation_maps_keys_to_residuals():

@@ -121,7 +121,7 @@ class PackEditor(Editor):
     def __init__(self, model, spec):
         super().__init__(model, spec)
         self.impl = get_method(spec.method)
-        self.cfg = spec.config(self.impl.config_class)
+        self.cfg = model.method_config(self.impl.config_class, dict(spec.overrides))
 
     @staticmethod
     def pack_name(index: int) -> str:

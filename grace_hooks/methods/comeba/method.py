@@ -20,7 +20,7 @@ import torch
 from ...architectures import Site
 from ...errors import PackError
 from ...hooks import forward_until
-from ...locate.linalg import preservation_matrix
+from ...locate.linalg import PreservationTerms
 from ...pack_schema import TensorSpec
 from ...packs import EditPack
 from ...requests import EditRequest
@@ -45,11 +45,10 @@ class ComebaHK(DeltaMethod):
     config_class = ComebaConfig
     capabilities = frozenset({"hook_layer", "routed", "squash"})
 
-    def preservation(self, c0: torch.Tensor, loaded: LoadedSite | None, cfg: ComebaConfig) -> torch.Tensor:
+    def preservation(self, d_in: int, loaded: LoadedSite | None, cfg: ComebaConfig) -> PreservationTerms:
         layer = loaded.layer(HookLayer) if loaded is not None else None
         earlier = [i.keys for i in layer.increments.values()] if layer is not None else []
-        previous = torch.cat(earlier).T if earlier else None
-        return preservation_matrix(c0.shape[0], c0, cfg.c0_weight(c0.shape[0]), previous_keys=previous)
+        return PreservationTerms(cfg.c0_weight(d_in), previous_keys=torch.cat(earlier).T if earlier else None)
 
     def routes(self, cfg: ComebaConfig) -> bool:
         return cfg.gate == "router"

@@ -21,7 +21,7 @@ from ...architectures import Site, arch_spec
 from ...hooks import head_only_at
 from ...loaded import LoadedSite
 from ...locate.covariance import SecondMoment
-from ...locate.linalg import LowRank, closed_form_update
+from ...locate.linalg import LowRank, Preservation, PreservationTerms, closed_form_update
 from ...locate.statistics import Statistics
 from ...locate.subject_keys import activations_at_subject
 from ...locate.target_vectors import target_vectors
@@ -52,8 +52,8 @@ class DeltaMethod(EditMethod):
 
     # ------------------------------------------------------------------ what variants change
     @abstractmethod
-    def preservation(self, c0: torch.Tensor, loaded: LoadedSite | None, cfg) -> torch.Tensor:
-        """P (d_in x d_in, float64), the part of the normal matrix that does not depend on the new keys."""
+    def preservation(self, d_in: int, loaded: LoadedSite | None, cfg) -> PreservationTerms:
+        """What P, the part of the normal matrix that does not depend on the new keys, is made of."""
 
     def constraint(self, loaded: LoadedSite | None, cfg) -> torch.Tensor | None:
         """Orthonormal columns the update's row space must avoid, or None."""
@@ -124,8 +124,11 @@ class DeltaMethod(EditMethod):
                 if sweep == 0:
                     loaded = ctx.loaded.site(site.name)
                     with clock("solve"):
-                        update = closed_form_update(residual.T, keys.T,
-                                                    self.preservation(moments[site.name].matrix, loaded, cfg),
+                        terms = self.preservation(keys.shape[1], loaded, cfg)
+                        factor = ctx.memo.get(("preservation", n, cfg.corpus_spec(), cfg.max_tokens, terms.c0_weight,
+                                               terms.identity_weight),
+                                              lambda: Preservation.factor_of(moments[n].matrix, terms))
+                        update = closed_form_update(residual.T, keys.T, Preservation(factor, terms.previous_keys),
                                                     self.constraint(loaded, cfg))
                     # solved in float64 (closed_form_update), stored in float32 whatever the model's dtype
                     tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),

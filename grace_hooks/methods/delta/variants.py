@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from ...locate.linalg import orthonormal_basis, preservation_matrix
+from ...locate.linalg import PreservationTerms, orthonormal_basis
 from ...loaded import LoadedSite
 from ..registry import register
 from .config import DeltaConfig, EncoreConfig, OEditConfig
@@ -21,8 +21,8 @@ class Memit(DeltaMethod):
     name = "memit"
     config_class = DeltaConfig
 
-    def preservation(self, c0: torch.Tensor, loaded: LoadedSite | None, cfg: DeltaConfig) -> torch.Tensor:
-        return preservation_matrix(c0.shape[0], c0, cfg.c0_weight(c0.shape[0]))
+    def preservation(self, d_in: int, loaded: LoadedSite | None, cfg: DeltaConfig) -> PreservationTerms:
+        return PreservationTerms(cfg.c0_weight(d_in))
 
 
 @register
@@ -34,9 +34,9 @@ class Encore(DeltaMethod):
     name = "encore"
     config_class = EncoreConfig
 
-    def preservation(self, c0: torch.Tensor, loaded: LoadedSite | None, cfg: EncoreConfig) -> torch.Tensor:
+    def preservation(self, d_in: int, loaded: LoadedSite | None, cfg: EncoreConfig) -> PreservationTerms:
         previous = loaded_factors(loaded, "keys") if cfg.keeps_previous_edits() else None
-        return preservation_matrix(c0.shape[0], c0, cfg.c0_weight(c0.shape[0]), cfg.norm_lambda, previous)
+        return PreservationTerms(cfg.c0_weight(d_in), cfg.norm_lambda, previous)
 
 
 @register
