@@ -59,7 +59,7 @@ def child(sources: Path, adapters: Path, rounds: int, overwrite: bool, widen_gap
                 time.sleep(0.05)
 
         os.replace = slow_replace
-    from grace_hooks.packs import load_pack, save_pack
+    from grace_hooks.store.packs import load_pack, save_pack
 
     packs = [load_pack(sources / "A"), load_pack(sources / "B")]
     print("ready", flush=True)
@@ -84,7 +84,7 @@ def leftovers(adapters: Path) -> list[str]:
 
 
 def kill_loop(sources: Path, root: Path, rounds: int, rng: random.Random, widen_gap: bool = False) -> dict:
-    from grace_hooks.packs import list_packs, load_pack
+    from grace_hooks.store.packs import list_packs, load_pack
 
     ids = {load_pack(sources / n).pack_id: n for n in ("A", "B")}
     counts = {"rounds": rounds, "left_leftovers_at_kill": 0, "no_pack_at_kill": 0, "finished_overwrite": 0,
@@ -100,8 +100,8 @@ def kill_loop(sources: Path, root: Path, rounds: int, rng: random.Random, widen_
         counts["left_leftovers_at_kill"] += bool(leftovers(adapters))
         counts["no_pack_at_kill"] += not (adapters / "facts").exists()
         try:
-            from grace_hooks.adapters_dir import recover
-            from grace_hooks.packs import _is_complete  # what list_packs runs first, counted here
+            from grace_hooks.store.adapters_dir import recover
+            from grace_hooks.store.packs import _is_complete  # what list_packs runs first, counted here
 
             for line in recover(adapters, _is_complete):
                 kind = "finished_overwrite" if "finished" in line else "restored_old" if "restored" in line else "removed_leftovers"
@@ -118,7 +118,7 @@ def kill_loop(sources: Path, root: Path, rounds: int, rng: random.Random, widen_
 
 
 def writer_rounds(sources: Path, root: Path, rounds: int, overwrite: bool) -> dict:
-    from grace_hooks.packs import list_packs, load_pack
+    from grace_hooks.store.packs import list_packs, load_pack
 
     counts = {"rounds": rounds, "saves_per_writer": 20, "writer_failures": 0, "refused_cleanly": 0, "whole_at_end": 0}
     for r in tqdm(range(rounds), desc=f"two writers, overwrite={overwrite}"):

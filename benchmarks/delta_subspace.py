@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from grace_hooks.locate.linalg import orthonormal_basis, project_out
-from grace_hooks.packs import load_pack, pack_dirs
+from grace_hooks.store.packs import load_pack, pack_dirs
 
 
 def frobenius_gram(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

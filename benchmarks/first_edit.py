@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     logging.getLogger("grace_hooks").setLevel(logging.INFO)  # what a user sees without -v: the library's INFO lines
-    from grace_hooks.embedded import cache_dir
+    from grace_hooks.bases.embedded import cache_dir
     from grace_hooks.eval.runinfo import loadavg, run_record
     from grace_hooks.requests import read_requests
 

@@ -49,13 +49,13 @@ if str(REPO) not in sys.path:  # run as a file from anywhere: the checkout's lib
     sys.path.insert(0, str(REPO))
 
 from grace_hooks import EditableModel  # noqa: E402
+from grace_hooks.bases.hooks import count_hooks  # noqa: E402
 from grace_hooks.config import DEFAULT_METHOD  # noqa: E402
+from grace_hooks.engine.health import reference_texts  # noqa: E402
 from grace_hooks.eval.editors import MethodSpec  # noqa: E402
 from grace_hooks.eval.generation import generate_one, greedy_batch  # noqa: E402
 from grace_hooks.eval.metrics import generation_success  # noqa: E402
 from grace_hooks.eval.runinfo import loadavg, peak_rss_mib, run_record  # noqa: E402
-from grace_hooks.health import reference_texts  # noqa: E402
-from grace_hooks.hooks import count_hooks  # noqa: E402
 from grace_hooks.requests import read_requests  # noqa: E402
 
 log = logging.getLogger("gpu_check")

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from grace_hooks import EditableModel, EditRequest
-from grace_hooks.architectures import Site
-from grace_hooks.health import reference_texts
-from grace_hooks.hooks import HookOwner
+from grace_hooks.bases.architectures import Site
+from grace_hooks.bases.hooks import HookOwner
+from grace_hooks.engine.health import reference_texts
+from grace_hooks.locate.subject_keys import activations_at_subject, context_prefixes
 from grace_hooks.methods.delta import DeltaConfig
 from grace_hooks.requests import read_requests
-from grace_hooks.locate.subject_keys import activations_at_subject, context_prefixes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 
 from grace_hooks import EditableModel
-from grace_hooks.errors import EditRequestError
-from grace_hooks.requests import record_to_request
 from grace_hooks import architectures
-from grace_hooks.architectures import Site
+from grace_hooks.bases.architectures import Site
+from grace_hooks.cli.took import target_token_count
+from grace_hooks.errors import EditRequestError
 from grace_hooks.eval.chat import chat_answers, chat_success
 from grace_hooks.eval.editors import MethodSpec
-from grace_hooks.eval.runinfo import run_record
 from grace_hooks.eval.generation import greedy_batch, reaches
-from grace_hooks.took import target_token_count
+from grace_hooks.eval.runinfo import run_record
+from grace_hooks.requests import record_to_request
 
 REPO = Path(__file__).resolve().parents[1]
 

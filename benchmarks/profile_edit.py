@@ -19,7 +19,7 @@ import time
 PHASES = [
     ("C0 (second moments)", "second_moments"), ("corpus sampling", "sample_corpus"),
     ("context prefixes", "context_prefixes"), ("target vectors: backward", "backward"),
-    ("target vectors: replay set-up", "__init__ (grace_hooks/target_vectors.py"),
+    ("target vectors: replay set-up", "__init__ (grace_hooks/locate/target_vectors.py"),
     ("target vectors: forward", "_optimise"), ("keys and residuals", "activations_at_subject_of"),
     ("solve", "closed_form_update"), ("router calibration", "_routing"), ("landing check", "_landed"),
 ]

@@ -36,15 +36,15 @@ import torch
 from tqdm import tqdm
 
 from grace_hooks import EditableModel
+from grace_hooks.bases.hooks import HookOwner, forward_until
 from grace_hooks.config import make_config
+from grace_hooks.engine.router import NO_KEY, KeyRouter
+from grace_hooks.engine.spans import NO_TOKEN, request_spans
+from grace_hooks.eval.runinfo import run_record
 from grace_hooks.locate.covariance import cached_sample_corpus, model_digest
-from grace_hooks.hooks import HookOwner, forward_until
+from grace_hooks.locate.subject_keys import activations_at_subject_of, context_prefixes
 from grace_hooks.methods import get_method
 from grace_hooks.requests import read_requests
-from grace_hooks.router import NO_KEY, KeyRouter
-from grace_hooks.eval.runinfo import run_record
-from grace_hooks.spans import NO_TOKEN, request_spans
-from grace_hooks.locate.subject_keys import activations_at_subject_of, context_prefixes
 
 log = logging.getLogger("router_scale")
 REPO = Path(__file__).resolve().parents[1]

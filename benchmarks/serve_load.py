@@ -33,9 +33,9 @@ import torch
 
 from grace_hooks import EditableModel
 from grace_hooks.eval.runinfo import run_record
-from grace_hooks.packs import read_header, reading
 from grace_hooks.requests import read_requests
 from grace_hooks.serve import ServeConfig, create_app, running
+from grace_hooks.store.packs import read_header, reading
 
 REPO = Path(__file__).resolve().parents[1]
 FACT = {"prompt": "The capital of {} is", "subject": "Freedonia", "target_new": "Zorbatown"}

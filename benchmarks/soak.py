@@ -27,8 +27,8 @@ from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS  # noqa: E402
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from grace_hooks import EditableModel  # noqa: E402
+from grace_hooks.bases.hooks import count_hooks  # noqa: E402
 from grace_hooks.eval.runinfo import run_record  # noqa: E402
-from grace_hooks.hooks import count_hooks  # noqa: E402
 
 
 def rss_mib() -> tuple[float, float]:

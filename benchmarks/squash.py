@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from grace_hooks import EditableModel, EditRequest
+from grace_hooks.engine.health import reference_texts
 from grace_hooks.eval.runinfo import run_record
-from grace_hooks.health import reference_texts
-from grace_hooks.packs import pack_dirs
+from grace_hooks.store.packs import pack_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,17 +10,17 @@ A method is a class deriving from :class:`EditMethod` (``name``, a dataclass ``c
 ``grace_hooks.methods`` (:data:`ENTRY_POINT_GROUP`) so the CLI, the server and ``from_pretrained``
 find its packs. ``tests/plugins/steer`` is a complete example.
 """
-from .architectures import Site, num_layers
+from .bases.architectures import Site, num_layers
 from .config import option
-from .effects import Effect, EffectLayer, Gate, Hits, Plan, stored
+from .engine.effects import Effect, EffectLayer, Gate, Hits, Plan, stored
+from .engine.runtime import SiteContribution
+from .engine.spans import KeyRouting
 from .errors import ConfigError, PackError
 from .methods.base import ComputedEdit, EditContext, EditMethod
 from .methods.registry import ENTRY_POINT_GROUP, register, unregister
-from .pack_schema import TensorSpec
-from .packs import EditPack
 from .requests import EditRequest
-from .runtime import SiteContribution
-from .spans import KeyRouting
+from .store.packs import EditPack
+from .store.schema import TensorSpec
 
 __all__ = ["ComputedEdit", "ConfigError", "ENTRY_POINT_GROUP", "EditContext", "EditMethod", "EditPack", "EditRequest",
            "Effect", "EffectLayer", "Gate", "Hits", "KeyRouting", "PackError", "Plan", "Site", "SiteContribution",

@@ -8,21 +8,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from . import __version__
-from .architectures import Site
+from .bases.architectures import Site
+from .bases.embedded import edit_defaults
+from .bases.hooks import HookOwner
+from .bases.loading import load_base
 from .config import DEFAULT_METHOD, make_config
-from .embedded import edit_defaults
+from .engine.health import site_health
+from .engine.loaded import LoadedView
+from .engine.memo import WeightMemo
+from .engine.runtime import EditRuntime
 from .errors import ArchitectureError, EditError, PackError
-from .health import site_health
-from .hooks import HookOwner
-from .loaded import LoadedView
-from .loading import load_base
-from .memo import WeightMemo
 from .methods import EditContext, get_method
-from .packs import (BaseInfo, EditPack, base_fingerprint, check_base, delete_pack_dir, load_pack, reading, save_pack,
-                    validate_pack_name)
 from .requests import EditRequest, as_requests
-from .runtime import EditRuntime
+from .store.packs import (BaseInfo, EditPack, base_fingerprint, check_base, delete_pack_dir, load_pack, reading,
+                          save_pack, validate_pack_name)
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class EditableModel:
 
     def method_config(self, config_class: type, overrides: dict | None = None):
         """``config_class`` with this model's defaults (an embedded model may change some, see
-        :func:`~grace_hooks.embedded.edit_defaults`), then ``overrides``."""
+        :func:`~grace_hooks.bases.embedded.edit_defaults`), then ``overrides``."""
         return make_config(config_class, overrides, base=edit_defaults(self.name, config_class))
 
     def edit(self, requests: Iterable[EditRequest | dict], method: str = DEFAULT_METHOD, pack: str | None = None,
@@ -220,7 +220,7 @@ class EditableModel:
     def health(self, texts: Iterable[str] | None = None, max_tokens: int = 512) -> dict[str, dict[str, float]]:
         """Per site carrying weight deltas: |W0 + sum dW|_F / |W0|_F (global deltas, and all of them)
         and the activation-norm ratio and drift against the base on a reference text (the shipped
-        unrelated paragraphs by default). See :mod:`grace_hooks.health`."""
+        unrelated paragraphs by default). See :mod:`grace_hooks.engine.health`."""
         return site_health(self.base_model, self.tokenizer, self._runtime, None if texts is None else list(texts), max_tokens)
 
     # ------------------------------------------------------------------ pass-through

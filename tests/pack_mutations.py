@@ -24,10 +24,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from grace_hooks import EditableModel
+from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.errors import GraceHooksError
-from grace_hooks.hooks import count_hooks
 from grace_hooks.methods import method_names
-from grace_hooks.packs import PACK_JSON, PACK_TENSORS
+from grace_hooks.store.packs import PACK_JSON, PACK_TENSORS
 
 PROBES = ["the capital of narnia is", "the cat sat on the mat", "the mother tongue of alice"]
 OUTCOMES = ("rejected", "accepted", "other")

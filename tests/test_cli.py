@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from grace_hooks.cli import main
-from grace_hooks.packs import PACK_JSON, PACK_TENSORS, read_header
-from grace_hooks.adapters_dir import LOCK_NAME
+from grace_hooks.store.adapters_dir import LOCK_NAME
+from grace_hooks.store.packs import PACK_JSON, PACK_TENSORS, read_header
 
 SENTENCES = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -282,8 +282,8 @@ def test_export_errors(adapters, tmp_path):
 
 
 def test_export_pack_is_the_library_function_behind_export(made_packs, tmp_path):
+    from grace_hooks.cli.folder_ops import export_pack
     from grace_hooks.errors import PackError
-    from grace_hooks.folder_ops import export_pack
 
     target = export_pack("facts", made_packs, tmp_path / "shelf")
     assert target == tmp_path / "shelf" / "facts"
@@ -331,9 +331,9 @@ def test_methods_lists_every_method_and_option():
 
 
 def test_shipped_demo_requests_are_valid():
-    from grace_hooks.demo import demo_requests
+    from grace_hooks.cli.demo import demo_requests
 
-    from grace_hooks.demo import demo_questions
+    from grace_hooks.cli.demo import demo_questions
 
     reqs = demo_requests()
     assert len(reqs) == 4
@@ -343,7 +343,7 @@ def test_shipped_demo_requests_are_valid():
 
 
 def test_run_demo_flow_on_tiny_model(tiny_model, requests_file, tmp_path):
-    from grace_hooks.demo import DEMO_PACK, run_demo
+    from grace_hooks.cli.demo import DEMO_PACK, run_demo
 
     lines: list[str] = []
     summary = run_demo(model=tiny_model, adapters=tmp_path / "ad", requests=requests_file, echo=lines.append,
@@ -365,7 +365,7 @@ def test_the_demo_run_from_a_clean_clone_leaves_git_status_clean(tiny_model, req
     import subprocess
     import sys
 
-    from grace_hooks.demo import DEMO_PACK
+    from grace_hooks.cli.demo import DEMO_PACK
 
     repo = Path(__file__).resolve().parents[1]
     if shutil.which("git") is None or not (repo / ".git").exists():

@@ -14,10 +14,10 @@ import torch
 from test_cli import REQUESTS, made_packs, requests_file, run, tiny_model  # noqa: F401 - fixtures shared with test_cli
 
 from grace_hooks import EditableModel, EditRequest
-from grace_hooks import loading
-from grace_hooks.embedded import EMBEDDED
-from grace_hooks.packs import PACK_JSON
-from grace_hooks.took import check_took, target_token_count
+from grace_hooks.bases import loading
+from grace_hooks.bases.embedded import EMBEDDED
+from grace_hooks.cli.took import check_took, target_token_count
+from grace_hooks.store.packs import PACK_JSON
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -166,15 +166,15 @@ def test_no_weight_loading_bar_unless_verbose(tiny_model, tmp_path):
 def test_cache_rename_warning_is_dropped_unless_verbose():
     from transformers.utils import logging as hf_logging
 
-    from grace_hooks import cli_logging
+    from grace_hooks.cli import logs
 
     record = logging.LogRecord("transformers.utils.generic", logging.WARNING, __file__, 1,
                                "`past_key_values`/`cache_params` are deprecated. Use `cache` instead.", None, None)
     handlers = hf_logging.get_logger().handlers
     try:
-        cli_logging.setup(verbose=False)
+        logs.setup(verbose=False)
         assert handlers and not any(h.filter(record) for h in handlers)
-        cli_logging.setup(verbose=True)
+        logs.setup(verbose=True)
         assert all(h.filter(record) for h in handlers)
     finally:
-        cli_logging.setup(verbose=True)  # leave transformers as other tests expect it: filter off, bars on
+        logs.setup(verbose=True)  # leave transformers as other tests expect it: filter off, bars on

@@ -5,16 +5,16 @@ from click.testing import CliRunner
 
 from conftest import DELTA_REQUESTS, DELTA_TINY, UNRELATED, last_logits
 from grace_hooks import EditableModel, EditRequest
-from grace_hooks.architectures import Site
+from grace_hooks.bases.architectures import Site
+from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.cli import main
+from grace_hooks.cli.folder_ops import squash_in_folder
 from grace_hooks.errors import ConfigError, PackError
-from grace_hooks.methods.comeba.hook_layer import ZSCORE_GATE, HookIncrement, HookLayer, zscores
-from grace_hooks.hooks import count_hooks
 from grace_hooks.methods import get_method
+from grace_hooks.methods.comeba.hook_layer import ZSCORE_GATE, HookIncrement, HookLayer, zscores
 from grace_hooks.methods.comeba.squash import squash_packs
-from grace_hooks.folder_ops import squash_in_folder
-from grace_hooks.packs import load_pack
-from grace_hooks.adapters_dir import LOCK_NAME
+from grace_hooks.store.adapters_dir import LOCK_NAME
+from grace_hooks.store.packs import load_pack
 
 GATES = ("router", "zscore")
 # three batches of one chain: the second and third edit other subjects

@@ -9,9 +9,9 @@ from filelock import FileLock
 
 from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS
 from grace_hooks import EditableModel, adapters_dir
-from grace_hooks.adapters_dir import LOCK_NAME
 from grace_hooks.errors import PackError
-from grace_hooks.packs import PACK_JSON, list_packs, load_pack
+from grace_hooks.store.adapters_dir import LOCK_NAME
+from grace_hooks.store.packs import PACK_JSON, list_packs, load_pack
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_writers_to_one_folder_take_turns(two_versions):
     def writer(pack):
         try:
             for _ in range(10):
-                from grace_hooks.packs import save_pack
+                from grace_hooks.store.packs import save_pack
                 save_pack(pack, adapters, name="facts", overwrite=True)
         except Exception as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
@@ -91,7 +91,7 @@ def test_a_writer_that_cannot_get_the_lock_gets_a_clear_error(two_versions, monk
 
 
 def _try_save(new_copy, adapters):
-    from grace_hooks.packs import save_pack
+    from grace_hooks.store.packs import save_pack
     try:
         save_pack(load_pack(new_copy), adapters, name="facts", overwrite=True)
     except PackError as exc:

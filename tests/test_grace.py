@@ -4,7 +4,7 @@ import torch
 
 from conftest import CHAT_TEMPLATE, TINY_REQUESTS, UNRELATED, last_logits, next_token, target_id
 from grace_hooks import EditableModel, EditRequest
-from grace_hooks.hooks import count_hooks
+from grace_hooks.bases.hooks import count_hooks
 
 NARNIA = "the capital of {} is"
 

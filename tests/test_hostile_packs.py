@@ -10,10 +10,10 @@ import torch
 
 from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS, last_logits
 from grace_hooks import EditableModel
+from grace_hooks.bases.hooks import count_hooks
+from grace_hooks.engine.runtime import SiteRuntime
 from grace_hooks.errors import EditError, PackError, PackNameError
-from grace_hooks.hooks import count_hooks
-from grace_hooks.packs import PACK_JSON, PACK_TENSORS, load_pack
-from grace_hooks.runtime import SiteRuntime
+from grace_hooks.store.packs import PACK_JSON, PACK_TENSORS, load_pack
 from pack_mutations import read, write
 
 PROBES = [r.text for r in TINY_REQUESTS] + ["the cat sat on the mat"]

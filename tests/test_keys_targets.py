@@ -2,12 +2,12 @@
 import torch
 
 from conftest import CHAT_TEMPLATE, TINY_REQUESTS, param_hash
-from grace_hooks.architectures import Site
-from grace_hooks.hooks import count_hooks
-from grace_hooks.methods.comeba.hook_layer import HookLayer
-from grace_hooks.memo import WeightMemo
+from grace_hooks.bases.architectures import Site
+from grace_hooks.bases.hooks import count_hooks
+from grace_hooks.engine.memo import WeightMemo
 from grace_hooks.locate.subject_keys import context_prefixes, lookup_positions, subject_keys
 from grace_hooks.locate.target_vectors import TargetVectorConfig, target_vector
+from grace_hooks.methods.comeba.hook_layer import HookLayer
 
 
 def test_prefixes_are_made_once_per_weight_version(make_model, tokenizer):
@@ -207,8 +207,8 @@ def test_a_shared_prefix_keeps_the_packs_that_act_on_it(make_model, tokenizer):
     spans carry over from the one row to all); the runtime says when they are not causal."""
     from conftest import DELTA_REQUESTS, DELTA_TINY
     from grace_hooks import EditableModel
-    from grace_hooks.requests import EditRequest
     from grace_hooks.locate.subject_keys import activations_at_subject_of
+    from grace_hooks.requests import EditRequest
 
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     em.edit(DELTA_REQUESTS[:2], method="memit", layers="0-1", **DELTA_TINY)
@@ -288,9 +288,9 @@ def test_chat_form_target_vector_makes_the_target_the_answer_in_chat_form(make_m
 def test_question_form_adds_the_relations_edit_question_and_nothing_else():
     """A cloze of a known relation gains one row, its relation's edit wording about the subject (the
     harness never asks that wording); a question record and a cloze of an unknown relation gain none."""
+    from grace_hooks import EditRequest
     from grace_hooks.locate.target_vectors import rewrite_rows
     from grace_hooks.questions import counterfact_table
-    from grace_hooks import EditRequest
     from tiny import tiny_tokenizer
     tok = tiny_tokenizer()
     capital = TINY_REQUESTS[0]  # "the capital of {} is"

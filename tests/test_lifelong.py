@@ -10,7 +10,7 @@ from grace_hooks import EditableModel, EditRequest
 from grace_hooks.errors import ConfigError
 from grace_hooks.eval import FineTune, LifelongConfig, LifelongRun, MethodSpec, PackEditor, checkpoint_counts
 from grace_hooks.eval.bench import run_benchmark
-from grace_hooks.adapters_dir import LOCK_NAME
+from grace_hooks.store.adapters_dir import LOCK_NAME
 
 SUBJECTS = ["narnia", "gondor", "mordor", "rohan", "alice", "bob"]
 TARGETS = ["tokyo", "london", "berlin", "madrid", "rome", "paris"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grace_hooks.architectures import Site
+from grace_hooks.bases.architectures import Site
 from grace_hooks.locate.covariance import Corpus, sample_corpus, second_moment, second_moments
 from grace_hooks.locate.linalg import (Preservation, PreservationTerms, closed_form_update, orthonormal_basis,
                                       preservation_matrix, project_out)

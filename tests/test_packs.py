@@ -8,11 +8,11 @@ import torch
 
 from conftest import TINY_REQUESTS, last_logits
 from grace_hooks import EditableModel, EditRequest
+from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.errors import EditRequestError, FingerprintMismatch, PackError, PackNameError
-from grace_hooks.hooks import count_hooks
-from grace_hooks import packs as packs_mod
-from grace_hooks.adapters_dir import LOCK_NAME
-from grace_hooks.packs import PACK_JSON, PACK_TENSORS, load_pack
+from grace_hooks.store import packs as packs_mod
+from grace_hooks.store.adapters_dir import LOCK_NAME
+from grace_hooks.store.packs import PACK_JSON, PACK_TENSORS, load_pack
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import torch
 
 from conftest import assert_first_edit_reads_shipped_corpus, counterfact_path, embedded_or_skip, prompt_logits
 from grace_hooks import EditableModel, read_requests
+from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.eval import greedy, reaches
 from grace_hooks.eval.chat import chat_answers
-from grace_hooks.hooks import count_hooks
 
 NAME = "qwen2.5-coder-1.5b"
 N_TOKENS = 6
@@ -34,7 +34,7 @@ def qwen():
 
 
 def test_the_architecture_facts_hold_on_real_weights(qwen):
-    from grace_hooks.architectures import Site, arch_spec
+    from grace_hooks.bases.architectures import Site, arch_spec
 
     cfg = qwen.base_model.config
     assert cfg.model_type == "qwen2" and cfg.num_hidden_layers == 28 and cfg.hidden_size == 1536

@@ -8,10 +8,10 @@ from transformers import (
 
 from conftest import TINY_REQUESTS, UNRELATED
 from grace_hooks import EditableModel, EditRequest
-from grace_hooks.architectures import ARCHITECTURES, num_layers
-from grace_hooks.hooks import count_hooks
-from grace_hooks.methods.grace import method as grace_method
+from grace_hooks.bases.architectures import ARCHITECTURES, num_layers
+from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.locate.replay import LayerReplay
+from grace_hooks.methods.grace import method as grace_method
 from grace_hooks.tokens import build_edit_batch
 from tiny import _LLAMA_LIKE, TINY_CONFIGS, tiny_model
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from grace_hooks.router import NO_KEY, KeyRouter, exact_assign
+from grace_hooks.engine.router import NO_KEY, KeyRouter, exact_assign
 
 
 def _setup(seed=0, n_keys=40, dim=16):

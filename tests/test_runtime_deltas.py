@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import UNRELATED, last_logits, param_hash
-from grace_hooks.architectures import Site
-from grace_hooks.hooks import count_hooks
+from grace_hooks.bases.architectures import Site
+from grace_hooks.bases.hooks import count_hooks
+from grace_hooks.engine.runtime import EditRuntime, SiteContribution
 from grace_hooks.methods.delta.effect import LowRankDelta
 from grace_hooks.methods.grace.effect import Replacement
-from grace_hooks.runtime import EditRuntime, SiteContribution
 
 ARCHS = ["llama", "gpt2", "gemma3_text", "gpt_neox"]
 

@@ -18,8 +18,8 @@ from conftest import TINY_REQUESTS  # noqa: E402
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from grace_hooks import EditableModel  # noqa: E402
-from grace_hooks.adapters_dir import LOCK_NAME  # noqa: E402
 from grace_hooks.serve import ServeConfig, create_app, running  # noqa: E402
+from grace_hooks.store.adapters_dir import LOCK_NAME  # noqa: E402
 
 KEY = "sekret"
 QUESTION = "the capital of narnia is"

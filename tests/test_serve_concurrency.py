@@ -19,9 +19,9 @@ from test_serve import KEY, Server, chat_tokenizer, tiny_editable  # noqa: E402
 from test_serve import server  # noqa: E402,F401 - a fixture: the served tiny model of test_serve
 from test_serve_limits import address, wait_until  # noqa: E402
 
-from grace_hooks.adapters_dir import LOCK_NAME  # noqa: E402
 from grace_hooks.eval.chat import end_of_turn_ids  # noqa: E402
-from grace_hooks.packs import load_pack  # noqa: E402
+from grace_hooks.store.adapters_dir import LOCK_NAME  # noqa: E402
+from grace_hooks.store.packs import load_pack  # noqa: E402
 
 # Each pack edits its own question into a chain of three words (one edit request per word, the
 # answer's end left free): a generation that lost a pack after its first word would go on with

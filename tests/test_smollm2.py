@@ -10,9 +10,9 @@ import torch
 
 from conftest import assert_first_edit_reads_shipped_corpus, counterfact_path, embedded_or_skip, prompt_logits
 from grace_hooks import EditableModel, EditRequest, read_requests
+from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.eval import greedy, reaches
 from grace_hooks.eval.generation import mentions
-from grace_hooks.hooks import count_hooks
 
 pytestmark = pytest.mark.real_model
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_twenty_counterfact_edits_save_reload_rollback(smol, tmp_path):
 
     smol.save_pack("cf20", tmp_path)
     script = (
-        "import json,sys; from grace_hooks import EditableModel, read_requests; from grace_hooks.demo import greedy;"
+        "import json,sys; from grace_hooks import EditableModel, read_requests; from grace_hooks.cli.demo import greedy;"
         f"em=EditableModel.from_pretrained('smollm2-135m', adapters=sys.argv[1]);"
         f"reqs=read_requests(sys.argv[2], limit=20); print(json.dumps([greedy(em, r.text, {N_TOKENS}) for r in reqs]))"
     )

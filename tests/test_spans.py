@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import UNRELATED, last_logits
-from grace_hooks.architectures import Site
+from grace_hooks.bases.architectures import Site
+from grace_hooks.engine.router import NO_KEY, KeyRouter
+from grace_hooks.engine.runtime import EditRuntime, SiteContribution
+from grace_hooks.engine.spans import NO_TOKEN, KeyRouting, SpanIndex, subject_spans
 from grace_hooks.locate.replay import cache_argument
-from grace_hooks.router import NO_KEY, KeyRouter
 from grace_hooks.methods.delta.effect import LowRankDelta
-from grace_hooks.runtime import EditRuntime, SiteContribution
-from grace_hooks.spans import NO_TOKEN, KeyRouting, SpanIndex, subject_spans
 
 SUBJECT = [7, 8]  # token ids of a two-token subject
 

@@ -13,13 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .. import __version__
+from ..bases.embedded import sha256_of
 from ..model import EditableModel
 from ..requests import read_requests
+from ..version import __version__
 from .editors import MethodSpec
 from .lifelong import BaseReference, LifelongConfig, LifelongRun
 from .report import markdown, plots
-from ..embedded import sha256_of
 from .runinfo import git_info, loadavg, machine_info
 
 log = logging.getLogger(__name__)

@@ -16,17 +16,17 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..architectures import Site, relative_layer
+from ..bases.architectures import Site, relative_layer
+from ..bases.hooks import frozen_parameters
 from ..config import make_config, option
-from ..effects import is_gate_label
+from ..engine.effects import is_gate_label
+from ..engine.health import summarize
 from ..errors import ConfigError
-from ..health import summarize
-from ..hooks import frozen_parameters
+from ..locate.replay import LayerReplay
 from ..methods import get_method
 from ..methods.grace.config import DEFAULT_RELATIVE_DEPTH
 from ..model import EditableModel
 from ..requests import EditRequest
-from ..locate.replay import LayerReplay
 from ..tokens import build_edit_batch, score_targets, scored_positions
 from .metrics import Hit
 

@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..config import option
+from ..engine.health import reference_texts
 from ..errors import ConfigError
-from ..health import reference_texts
 from ..model import EditableModel
 from ..requests import EditRequest
+from ..version import __version__
 from .asking import Asker, chat_metrics, question_metrics
 from .chat import CHAT_MAX_NEW_TOKENS, question_form
 from .editors import Editor, MethodSpec, make_editor

@@ -26,7 +26,7 @@ from typing import Callable, Collection, Sequence
 import numpy as np
 import torch
 
-from ..hooks import head_only_at
+from ..bases.hooks import head_only_at
 from ..requests import EditRequest
 from ..tokens import build_pair_batch, score_targets, scored_positions, target_text
 from .generation import greedy_batch, mentions, reaches

@@ -41,7 +41,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     try:  # optional for a caller that never routes; None says it was absent, not unknown
         import faiss

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from ..architectures import Site, deepest
-from ..embedded import cache_dir
-from ..hooks import HookOwner, forward_until
+from ..bases.architectures import Site, deepest
+from ..bases.embedded import cache_dir
+from ..bases.hooks import HookOwner, forward_until
 from ..progress import Progress
 
 log = logging.getLogger(__name__)

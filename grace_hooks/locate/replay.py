@@ -14,7 +14,7 @@ added at the key token, and every key token sits at column ``start``), and it co
 a full replay. Hooks inside the replayed blocks would see only those columns, so a replay with
 such hooks always runs in full (``replay.start`` says which was done).
 
-Architecture facts come from :data:`~grace_hooks.architectures.ARCHITECTURES` (``layers``,
+Architecture facts come from :data:`~grace_hooks.bases.architectures.ARCHITECTURES` (``layers``,
 ``final_norm``); nothing here knows a model by name. Hooks on the model itself do not fire in a
 replay: the edit runtime's record of the real positions is set with ``EditRuntime.attention_mask``.
 """
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import arch_spec
-from ..hooks import HookOwner, forward_until
+from ..bases.architectures import arch_spec
+from ..bases.hooks import HookOwner, forward_until
 from .precision import add_to
 
 try:

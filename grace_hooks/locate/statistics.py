@@ -2,7 +2,7 @@
 
 The model's digest, its context prefixes, the C0 corpus, C0 at the edited sites and the site inputs
 of a corpus probe depend only on the base weights (never on the loaded packs: they are measured with
-the packs off), so they live in the model's :class:`~grace_hooks.memo.WeightMemo` under its one
+the packs off), so they live in the model's :class:`~grace_hooks.engine.memo.WeightMemo` under its one
 invalidation rule; C0 and model-sampled corpora are also kept on disk, keyed by content.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from ..architectures import Site
-from ..memo import WeightMemo
+from ..bases.architectures import Site
+from ..engine.memo import WeightMemo
 from .covariance import Corpus, SecondMoment, cached_sample_corpus, model_digest, second_moments, site_inputs
 from .subject_keys import context_prefixes
 

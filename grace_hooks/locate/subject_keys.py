@@ -2,7 +2,7 @@
 (MEMIT, Meng et al. 2023, sec. 4.3: k = mean over prefixes x_j of the site input at the subject).
 
 The prefixes depend only on the model's weights, so they are made once per weight version and kept
-in the model's memo (:class:`~grace_hooks.memo.WeightMemo`), never in a module global.
+in the model's memo (:class:`~grace_hooks.engine.memo.WeightMemo`), never in a module global.
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import Site
-from ..hooks import HookOwner, forward_until
-from ..memo import WeightMemo
-from .replay import continue_shared_prefix
+from ..bases.architectures import Site
+from ..bases.hooks import HookOwner, forward_until
+from ..engine.memo import WeightMemo
 from ..requests import EditRequest
 from ..tokens import subject_last_index
+from .replay import continue_shared_prefix
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 

@@ -15,14 +15,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import arch_spec
+from ..bases.architectures import arch_spec
+from ..bases.hooks import frozen_parameters
 from ..config import option
-from ..hooks import frozen_parameters
-from .replay import LayerReplay
 from ..questions import edit_question
 from ..requests import EditRequest
-from .subject_keys import lookup_positions
 from ..tokens import EditBatch, build_pair_batch, chat_wrapping, score_targets, scored_positions, target_text
+from .replay import LayerReplay
+from .subject_keys import lookup_positions
 
 
 @dataclass

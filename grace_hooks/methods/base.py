@@ -10,17 +10,17 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import nn
 
-from ..architectures import Site
+from ..bases.architectures import Site
+from ..bases.hooks import HookOwner, frozen_parameters
 from ..config import make_config
+from ..engine.loaded import LoadedView
+from ..engine.memo import WeightMemo
+from ..engine.runtime import EditRuntime, SiteContribution
+from ..engine.spans import KeyRouting
 from ..errors import ConfigError, PackError
-from ..hooks import HookOwner, frozen_parameters
-from ..loaded import LoadedView
-from ..memo import WeightMemo
-from ..pack_schema import TensorSpec, site_problems
-from ..packs import EditPack
 from ..requests import EditRequest
-from ..runtime import EditRuntime, SiteContribution
-from ..spans import KeyRouting
+from ..store.packs import EditPack
+from ..store.schema import TensorSpec, site_problems
 
 
 class EditContext:

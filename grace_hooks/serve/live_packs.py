@@ -31,8 +31,8 @@ from ..config import make_config
 from ..errors import EditRequestError, GraceHooksError, PackError
 from ..methods import get_method
 from ..model import EditableModel, PackInfo
-from ..packs import EditPack, delete_pack_dir, load_pack, read_header, reading, save_pack, validate_pack_name
 from ..requests import EditRequest, as_requests
+from ..store.packs import EditPack, delete_pack_dir, load_pack, read_header, reading, save_pack, validate_pack_name
 from ..timing import PhaseClock
 from .errors import ApiError
 from .turns import Turns

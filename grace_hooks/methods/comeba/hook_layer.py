@@ -1,7 +1,7 @@
 """COMEBA-HK hook layers (Li et al. 2024): beside a frozen site W0, a hook layer W_h = W0 + the
 increments of every loaded ``comeba_hk`` pack, whose output replaces the base's where a scope gate
 lets it through: where one of its packs' router keys wins the position (the router gate), or where
-its z-score gate fires. This is COMEBA-HK's effect (:mod:`grace_hooks.effects`).
+its z-score gate fires. This is COMEBA-HK's effect (:mod:`grace_hooks.engine.effects`).
 
 The z-score gate (the paper, sec. 3.3): per position, M_i = |W_h x_i - W0 x_i|, standardised over
 the positions of its sequence; the hook output is used where z_i >= alpha. The paper scores a whole
@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ...effects import Effect, EffectLayer, Gate, Hits, Plan, gate_label, stored
+from ...engine.effects import Effect, EffectLayer, Gate, Hits, Plan, gate_label, stored
 from ...locate.precision import add_to, dense_change, lowrank_change
 
 ZSCORE_GATE = gate_label("z-score")  # the 'pack' of a traced hit where the z-score gate, not a key, fired

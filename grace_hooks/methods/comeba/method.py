@@ -17,19 +17,19 @@ from dataclasses import replace
 
 import torch
 
-from ...architectures import Site
+from ...bases.architectures import Site
+from ...bases.hooks import forward_until
+from ...engine.loaded import LoadedSite
+from ...engine.runtime import SiteContribution
 from ...errors import PackError
-from ...hooks import forward_until
 from ...locate.linalg import PreservationTerms
-from ...pack_schema import TensorSpec
-from ...packs import EditPack
-from ...requests import EditRequest
-from ...loaded import LoadedSite
-from ...runtime import SiteContribution
 from ...locate.subject_keys import lookup_positions
+from ...requests import EditRequest
+from ...store.packs import EditPack
+from ...store.schema import TensorSpec
 from ..base import EditContext
-from ..registry import register
 from ..delta.method import DeltaMethod
+from ..registry import register
 from .config import ComebaConfig
 from .hook_layer import HookLayer, hook_layers_everywhere, lowrank_is_smaller, zscores
 from .squash import hook_increment, squash_packs

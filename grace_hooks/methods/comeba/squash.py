@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ...engine.spans import KeyRouting
 from ...errors import PackError
-from ...packs import EditPack
-from ...spans import KeyRouting
+from ...store.packs import EditPack
 from .hook_layer import HookIncrement, lowrank_is_smaller
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from ...architectures import arch_spec, num_layers
+from ...bases.architectures import arch_spec, num_layers
 from ...config import option
+from ...engine.spans import SCOPE_HELP, SCOPES
 from ...errors import ConfigError
-from ...spans import SCOPE_HELP, SCOPES
 from ...locate.statistics import CorpusSpec
 from ...locate.target_vectors import TargetVectorConfig
 

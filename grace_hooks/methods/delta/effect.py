@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ...effects import Effect, EffectLayer, Gate, Hits, NoLoraForm, Plan, stored
+from ...engine.effects import Effect, EffectLayer, Gate, Hits, NoLoraForm, Plan, stored
 from ...locate.precision import add_to, lowrank_change
 
 

@@ -17,19 +17,19 @@ from abc import abstractmethod
 
 import torch
 
-from ...architectures import Site, arch_spec
-from ...hooks import head_only_at
-from ...loaded import LoadedSite
+from ...bases.architectures import Site, arch_spec
+from ...bases.hooks import head_only_at
+from ...engine.loaded import LoadedSite
+from ...engine.runtime import SiteContribution
+from ...engine.spans import KeyRouting, request_spans
 from ...locate.covariance import SecondMoment
 from ...locate.linalg import LowRank, Preservation, PreservationTerms, closed_form_update
 from ...locate.statistics import Statistics
 from ...locate.subject_keys import activations_at_subject
 from ...locate.target_vectors import target_vectors
-from ...pack_schema import TensorSpec
-from ...packs import EditPack
 from ...requests import EditRequest
-from ...runtime import SiteContribution
-from ...spans import KeyRouting, request_spans
+from ...store.packs import EditPack
+from ...store.schema import TensorSpec
 from ...timing import PhaseClock
 from ...tokens import build_edit_batch, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod

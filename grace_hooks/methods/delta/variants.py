@@ -5,8 +5,8 @@ import logging
 
 import torch
 
+from ...engine.loaded import LoadedSite
 from ...locate.linalg import PreservationTerms, orthonormal_basis
-from ...loaded import LoadedSite
 from ..registry import register
 from .config import DeltaConfig, EncoreConfig, OEditConfig
 from .method import DeltaMethod, loaded_factors

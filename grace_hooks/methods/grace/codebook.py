@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ...router import NO_KEY
-from ...loaded import LoadedSite
+from ...engine.loaded import LoadedSite
+from ...engine.router import NO_KEY
 from .effect import Replacements
 
 SPLIT_MARGIN = 1e-5  # the paper's code keeps the nearest key just inside d/2

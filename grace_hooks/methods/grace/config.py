@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import option
-from ...spans import SCOPE_HELP, SCOPES
+from ...engine.spans import SCOPE_HELP, SCOPES
 from ...tokens import KEY_POSITIONS
 
 # GRACE edits a late layer: GPT2-XL block 35 of 48 in the paper's code.

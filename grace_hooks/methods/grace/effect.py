@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ...effects import Effect, EffectLayer, Gate, Hits, Plan, stored
+from ...engine.effects import Effect, EffectLayer, Gate, Hits, Plan, stored
 
 
 class Replacements(EffectLayer):

@@ -6,15 +6,15 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from ...architectures import Site, relative_layer
-from ...hooks import head_only_at
-from ...pack_schema import MAX_ABS, TensorSpec, is_finite_number
-from ...packs import EditPack
+from ...bases.architectures import Site, relative_layer
+from ...bases.hooks import head_only_at
+from ...engine.router import NO_KEY, exact_assign
+from ...engine.runtime import SiteContribution
+from ...engine.spans import KeyRouting, request_answer_spans, request_spans
 from ...locate.replay import LayerReplay
 from ...requests import EditRequest
-from ...router import NO_KEY, exact_assign
-from ...runtime import SiteContribution
-from ...spans import KeyRouting, request_answer_spans, request_spans
+from ...store.packs import EditPack
+from ...store.schema import MAX_ABS, TensorSpec, is_finite_number
 from ...tokens import EditBatch, build_edit_batch, chat_form_requests, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod
 from ..registry import register

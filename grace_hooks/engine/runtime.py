@@ -1,7 +1,7 @@
 """Composing loaded packs at their sites through forward hooks.
 
 A pack contributes a :class:`SiteContribution` to each of its sites: an effect (what its method
-family does there, :mod:`grace_hooks.effects`) and, optionally, router keys. The runtime composes
+family does there, :mod:`grace_hooks.engine.effects`) and, optionally, router keys. The runtime composes
 the effects through the shared router without knowing their kinds, never by method name.
 Out-of-scope positions are never touched, so on unrelated text the outputs are bit-identical
 to the base model's.
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .architectures import Site
+from ..bases.architectures import Site
+from ..bases.hooks import HookOwner
+from ..errors import PackError
 from .effects import Effect, EffectLayer, Gate, Hits
-from .errors import PackError
 from .forward_context import ForwardContext, ThreadContexts, cache_length, forward_ids, forward_mask, positions, track_tokens
-from .hooks import HookOwner
 from .router import NO_KEY, KeyRouter
 
 STAGED_RANK = 2**62  # above any loaded pack's rank
@@ -122,7 +122,7 @@ class SiteRuntime:
     def apply(self, x: torch.Tensor, y: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """The site output with every loaded pack applied (None: unchanged), for the forward that
         ``ctx`` describes: each layer's changes at every position, then its gate, the router, and
-        each layer's plan at the positions in scope, in layer order (see :mod:`grace_hooks.effects`)."""
+        each layer's plan at the positions in scope, in layer order (see :mod:`grace_hooks.engine.effects`)."""
         valid, is_last, past = positions(ctx, x)
         trace = ctx.trace
         layers = self._ordered
@@ -179,7 +179,7 @@ class SiteRuntime:
 class EditRuntime:
     """Every site runtime of one model, plus the per-forward context (which positions are real).
 
-    Thread safety: each thread has its own :class:`~grace_hooks.forward_context.ForwardContext`, and
+    Thread safety: each thread has its own :class:`~grace_hooks.engine.forward_context.ForwardContext`, and
     one re-entrant lock is held by every model forward while packs are loaded and by every change to
     the loaded packs, so a forward never sees a pack half added or half removed, and forwards from
     several threads run one at a time (their KV-cached generations interleave step by step, each

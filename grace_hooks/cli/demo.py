@@ -19,12 +19,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import DEFAULT_METHOD
-from .eval.chat import chat_answers
-from .eval.generation import greedy, mentions, reaches
-from .embedded import DEFAULT_MODEL, cache_dir
-from .model import EditableModel
-from .requests import EditRequest, as_requests, read_requests
+from ..bases.embedded import DEFAULT_MODEL, cache_dir
+from ..config import DEFAULT_METHOD
+from ..eval.chat import chat_answers
+from ..eval.generation import greedy, mentions, reaches
+from ..model import EditableModel
+from ..requests import EditRequest, as_requests, read_requests
 
 log = logging.getLogger(__name__)
 

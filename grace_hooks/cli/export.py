@@ -1,5 +1,5 @@
 """Exporting a pack as a standard PEFT LoRA adapter (PEFT, vLLM and LoRAX serve these), where its
-effect at every site has a LoRA form (``Effect.lora``, :mod:`grace_hooks.effects`).
+effect at every site has a LoRA form (``Effect.lora``, :mod:`grace_hooks.engine.effects`).
 
 A global-mode delta dW = U V^T at a site is exactly a LoRA pair with A = V^T (r x d_in),
 B = U (d_out x r) and scaling lora_alpha / r = 1; GPT-2's Conv1D sites set ``fan_in_fan_out``
@@ -13,13 +13,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .adapters_dir import write_new_dir
-from .architectures import ARCHITECTURES, Site
-from .effects import NoLoraForm
-from .errors import PackError
-from .loading import hf_reference
-from .methods import get_method
-from .packs import EditPack
+from ..bases.architectures import ARCHITECTURES, Site
+from ..bases.loading import hf_reference
+from ..engine.effects import NoLoraForm
+from ..errors import PackError
+from ..methods import get_method
+from ..store.adapters_dir import write_new_dir
+from ..store.packs import EditPack
 
 
 def export_peft(pack: EditPack, dest: str | Path) -> Path:

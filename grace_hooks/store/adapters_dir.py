@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from .errors import PackError
+from ..errors import PackError
 
 log = logging.getLogger(__name__)
 

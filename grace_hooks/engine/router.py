@@ -3,7 +3,7 @@
 One :class:`KeyRouter` per site holds the keys of every loaded pack in a FAISS ``IndexIDMap2``
 over an exact flat L2 index, so ids are stable and removable. Each key has its own radius; a
 query is in scope of a key when their Euclidean distance is <= the radius, and, for a key that
-carries subject spans (:mod:`grace_hooks.spans`), when the text holds its subject there too: such
+carries subject spans (:mod:`grace_hooks.engine.spans`), when the text holds its subject there too: such
 keys are tested only at the positions their spans allow, so their cost does not grow with the
 number of keys. Where several keys cover a query the key of the newest pack wins (highest
 ``rank``), then the nearest.

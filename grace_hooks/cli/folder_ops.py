@@ -7,10 +7,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters_dir import write_new_dir
-from .errors import PackError
-from .methods import get_method
-from .packs import delete_pack_dir, list_packs, load_pack, save_pack, validate_pack_name
+from ..errors import PackError
+from ..methods import get_method
+from ..store.adapters_dir import write_new_dir
+from ..store.packs import delete_pack_dir, list_packs, load_pack, save_pack, validate_pack_name
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from ..bases.architectures import ARCHITECTURES, Site
+from ..engine.spans import KeyRouting
+from ..errors import ArchitectureError, FingerprintMismatch, PackError, PackNameError
 from .adapters_dir import aside, delete_dir, locked, recover, replace_dir
-from .architectures import ARCHITECTURES, Site
-from .errors import ArchitectureError, FingerprintMismatch, PackError, PackNameError
-from .spans import KeyRouting
-from .pack_io import MAX_JSON_BYTES, MAX_TENSOR_BYTES, check_safetensors, parse_json, read_bounded
+from .io import MAX_JSON_BYTES, MAX_TENSOR_BYTES, check_safetensors, parse_json, read_bounded
 
 log = logging.getLogger(__name__)
 

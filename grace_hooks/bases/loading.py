@@ -1,6 +1,6 @@
 """Resolving a base model: hub id, local folder, GGUF file, embedded short name, or a loaded model.
 
-Embedded models (:mod:`grace_hooks.embedded`: GGUF files carried by PyPI wheels, checked against pinned
+Embedded models (:mod:`grace_hooks.bases.embedded`: GGUF files carried by PyPI wheels, checked against pinned
 hashes) are de-quantised once into a cached float32 safetensors folder that records which GGUF file it
 came from; later loads read that folder (seconds).
 """
@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..errors import GraceHooksError
 from .embedded import EMBEDDED, cache_dir, fetch_gguf
-from .errors import GraceHooksError
 
 log = logging.getLogger(__name__)
 

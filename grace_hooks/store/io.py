@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .errors import PackError
+from ..errors import PackError
 
 MAX_JSON_BYTES = 64 * 2**20
 MAX_TENSOR_BYTES = 4 * 2**30  # a pack larger than this is refused before it is read

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ArchitectureError
+from ..errors import ArchitectureError
 from .hooks import HookOwner
 
 
@@ -64,7 +64,7 @@ def arch_spec(model: nn.Module) -> ArchSpec:
     if model_type not in ARCHITECTURES:
         raise ArchitectureError(
             f"architecture {model_type!r} is not supported yet; supported: {sorted(ARCHITECTURES)}. "
-            "Add an ArchSpec entry to grace_hooks.architectures.ARCHITECTURES."
+            "Add an ArchSpec entry to grace_hooks.bases.architectures.ARCHITECTURES."
         )
     return ARCHITECTURES[model_type]
 

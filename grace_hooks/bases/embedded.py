@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import GraceHooksError
+from ..errors import GraceHooksError
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from .eval.generation import greedy_batch, reaches
-from .requests import EditRequest, as_requests
-from .tokens import target_text
+from ..eval.generation import greedy_batch, reaches
+from ..requests import EditRequest, as_requests
+from ..tokens import target_text
 
 
 @dataclass(frozen=True)

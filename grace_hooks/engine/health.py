@@ -2,7 +2,7 @@
 sequential locate-then-edit updates inflate the edited matrices and drift the activations).
 
 For each site where a loaded effect is a weight update (its ``dense_update``, see
-:mod:`grace_hooks.effects`: weight deltas, COMEBA-HK's hook-layer increments):
+:mod:`grace_hooks.engine.effects`: weight deltas, COMEBA-HK's hook-layer increments):
 - ``weight_norm_ratio``: |W0 + sum dW|_F / |W0|_F over the updates that act at every position (the
   global deltas: what the papers' merged weights would be); ``weight_norm_ratio_all``: the same with
   every update added as if global (routed deltas, and |W_h|_F / |W0|_F for COMEBA-HK);
@@ -16,8 +16,8 @@ from typing import Sequence
 
 import torch
 
-from .architectures import Site
-from .hooks import HookOwner
+from ..bases.architectures import Site
+from ..bases.hooks import HookOwner
 from .runtime import EditRuntime
 
 

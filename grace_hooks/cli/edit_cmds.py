@@ -1,0 +1,200 @@
+"""The commands that edit and ask: ``demo``, ``edit`` (and whether each edit took), ``methods``,
+``ask`` and ``model-path``."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import click
+
+from ..bases.embedded import DEFAULT_MODEL
+from ..config import DEFAULT_METHOD
+from ..errors import PackError
+from .group import DEFAULT_ADAPTERS, busy, load_model, main, print_table
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
+@click.option("--adapters", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder the demo pack is written to  [default: <cache>/demo/adapters, outside any checkout]")
+@click.option("--requests", "requests_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Edit requests (JSON/JSONL, any supported layout); default: the four shipped facts.")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Edit method (see `grace-hooks methods`).")
+def demo(model: str, adapters: Path | None, requests_file: Path | None, method: str) -> None:
+    """Edit facts, save them as pack 'demo-facts', reload, roll back."""
+    from .demo import run_demo
+
+    summary = run_demo(model=model, adapters=adapters, requests=requests_file, echo=click.echo, method=method)
+    if summary["success"] < summary["total"] or not summary["identical"]:
+        log.warning("demo: %d/%d edits reached their target; rollback identical: %s",
+                    summary["success"], summary["total"], summary["identical"])
+
+
+# ---------------------------------------------------------------------------- edit
+@main.command()
+@click.option("--requests", "requests_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON list or JSON lines: native, CounterFact (EasyEdit), ROME or zsRE (MEND) layout.")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Edit method (see `grace-hooks methods`).")
+@click.option("--adapters", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of packs: its packs are loaded first, the new pack is saved there.")
+@click.option("--pack", "pack_name", default=None, help="Name of the new pack (default: <method>-<UTC time>).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N requests.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Method config override (repeatable), e.g. --set eps_init=2.")
+@click.option("--overwrite", is_flag=True, help="Replace a pack of the same name in the adapters folder.")
+def edit(requests_file: Path, method: str, adapters: Path, pack_name: str | None, model: str, limit: int | None,
+         sets: tuple[str, ...], overwrite: bool) -> None:
+    """Compute an edit pack from a requests file and save it into ADAPTERS."""
+    from ..bases.embedded import edit_defaults
+    from ..config import make_config
+    from ..methods import get_method
+    from ..requests import read_requests
+    from ..store.packs import validate_pack_name
+    from .took import check_took
+
+    # Cheap checks first: nothing slow happens before the inputs are known to be usable.
+    overrides = _parse_sets(sets)
+    impl = get_method(method)
+    cfg = make_config(impl.config_class, overrides, base=edit_defaults(model, impl.config_class))  # as em.edit makes it
+    if pack_name is not None:
+        validate_pack_name(pack_name)
+    if adapters.exists() and not adapters.is_dir():
+        raise PackError(f"adapters path {str(adapters)!r} exists and is not a directory")
+    existing = pack_name is not None and (adapters / pack_name).exists()
+    if existing and not overwrite:
+        raise PackError(f"a pack named {pack_name!r} already exists in {adapters}; pass --overwrite to replace it")
+    reqs = read_requests(requests_file, limit=limit)
+    if not reqs:
+        raise PackError(f"{requests_file} holds no edit requests")
+
+    em = load_model(model, adapters if adapters.is_dir() else None, skip=pack_name if existing else None)
+    try:
+        t0 = time.perf_counter()
+        busy(f"editing {len(reqs)} request(s) with {method} ...")
+        info = em.edit(reqs, method=method, pack=pack_name, **overrides)
+        busy(f"edited in {time.perf_counter() - t0:.1f} s")
+        path = em.save_pack(info.name, adapters, overwrite=overwrite)
+        metrics = em.pack(info.name).metrics
+        busy("checking each edit: the greedy answer of its prompt, with every loaded pack acting ...")
+        took = check_took(em, reqs)
+    finally:
+        em.close()
+    click.echo(f"pack:    {info.name}")
+    click.echo(f"path:    {path}")
+    click.echo(f"method:  {info.method}")
+    click.echo(f"edits:   {info.n_edits}")
+    click.echo(f"bytes:   {info.nbytes}")
+    click.echo(f"sites:   {', '.join(info.sites)}")
+    click.echo("metrics:")
+    for line in _flatten(metrics):
+        click.echo(f"  {line}")
+    _show_took(took, method, cfg, info.name, adapters)
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected key=value, got {item!r}", param_hint="'--set'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _cut(text: str, width: int) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _show_took(took, method: str, cfg, pack: str, adapters: Path) -> None:
+    """Per request: did the new target become the greedy answer? Then, if some did not, what to try."""
+    rows = [["TOOK", "PROMPT", "TARGET", "ANSWER NOW"]]
+    rows += [["yes" if t.took else "no", _cut(t.prompt, 60), _cut(t.target, 24), _cut(t.answer.strip(), 24) or "(nothing)"]
+             for t in took]
+    click.echo("\ndid each edit take? (the greedy answer of its prompt, now)")
+    print_table(rows, indent="  ")
+    missed = [t for t in took if not t.took]
+    if not missed:
+        click.echo(f"all {len(took)} edit(s) took.")
+        return
+    click.echo(f"{len(missed)} of {len(took)} edit(s) did NOT take: the model still answers otherwise. The pack was saved "
+               f"with every request (grace-hooks rm {pack} --adapters {adapters} removes it). To try:")
+    knob = next((k for k in ("steps", "n_iter") if hasattr(cfg, k)), None)
+    if knob:
+        now = getattr(cfg, knob)
+        click.echo(f"  - more optimisation: --set {knob}={max(2 * now, 10)} (now {now})")
+    other = "grace" if method != "grace" else DEFAULT_METHOD
+    click.echo(f"  - another method: --method {other} (`grace-hooks methods` lists them)")
+    click.echo("  - a smaller batch: fewer requests per edit (--limit N, or split the requests file)")
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += _flatten(v, f"{prefix}{k}.")
+        elif isinstance(v, float):
+            lines.append(f"{prefix}{k}: {v:.4g}")
+        else:
+            lines.append(f"{prefix}{k}: {v}")
+    return lines
+
+
+@main.command()
+def methods() -> None:
+    """List the edit methods and their options."""
+    from ..config import option_lines
+    from ..methods import get_method, method_names
+
+    for name in method_names():
+        click.echo(f"{name}:")
+        for line in option_lines(get_method(name).config_class):
+            click.echo(f"  {line}")
+
+
+# ---------------------------------------------------------------------------- ask
+@main.command()
+@click.argument("prompt")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
+@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of packs to apply; a folder given here must exist (the default one is skipped with a note).")
+@click.option("--no-edits", is_flag=True, help="Answer with the base model only (no packs).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
+@click.pass_context
+def ask(ctx: click.Context, prompt: str, model: str, adapters: Path, no_edits: bool, max_new_tokens: int) -> None:
+    """Greedy continuation of PROMPT (with the packs of ADAPTERS unless --no-edits)."""
+    from .demo import greedy
+
+    use = None
+    if not no_edits:
+        if adapters.is_dir():
+            use = adapters
+        elif ctx.get_parameter_source("adapters") is not click.core.ParameterSource.DEFAULT:
+            # A folder the user named but that is not there is a typo, not a wish for the bare base model.
+            raise PackError(f"adapters folder {str(adapters)!r} does not exist; check the path, or pass --no-edits "
+                            "to ask the base model")
+        else:
+            busy(f"note: {adapters} does not exist; answering with the base model")
+    em = load_model(model, use)
+    try:
+        click.echo(greedy(em, prompt, max_new_tokens))
+    finally:
+        em.close()
+
+
+@main.command("model-path")
+@click.argument("model", default=DEFAULT_MODEL)
+def model_path(model: str) -> None:
+    """Print the plain Hugging Face base of MODEL, for other libraries (PEFT, vLLM): an embedded short
+    name's converted folder (made on first use), a folder's absolute path, or the hub id as given."""
+    from ..bases.embedded import EMBEDDED
+    from ..bases.loading import embedded_model_dir, hf_reference
+
+    if model in EMBEDDED:
+        embedded_model_dir(model)
+    click.echo(hf_reference(model))
+
