@@ -28,14 +28,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def make_sources(folder: Path) -> None:
-    from conftest import TINY_REQUESTS
-    from tiny import tiny_model, tiny_tokenizer
-
     from grace_hooks import EditableModel
+    from grace_hooks.testing import TINY_REQUESTS, tiny_model, tiny_tokenizer
 
     em = EditableModel(tiny_model("llama"), tiny_tokenizer(), name="tiny")
     for name, reqs in (("A", TINY_REQUESTS[:1]), ("B", TINY_REQUESTS)):
@@ -101,9 +98,9 @@ def kill_loop(sources: Path, root: Path, rounds: int, rng: random.Random, widen_
         counts["no_pack_at_kill"] += not (adapters / "facts").exists()
         try:
             from grace_hooks.store.adapters_dir import recover
-            from grace_hooks.store.packs import _is_complete  # what list_packs runs first, counted here
+            from grace_hooks.store.packs import is_complete_pack  # what list_packs runs first, counted here
 
-            for line in recover(adapters, _is_complete):
+            for line in recover(adapters, is_complete_pack):
                 kind = "finished_overwrite" if "finished" in line else "restored_old" if "restored" in line else "removed_leftovers"
                 counts[kind] += 1
             names = [p.name for p in list_packs(adapters)]

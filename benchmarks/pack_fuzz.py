@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Load thousands of mutated edit packs and count what happened (issue: hostile packs).
 
-Every method and mode (tests/pack_mutations.py SOURCES) is saved on a tiny random Llama, then
+Every method and mode (``grace_hooks.testing.pack_mutations.SOURCES``) is saved on a tiny random Llama, then
 mutated (header fields, method relabelled, config, state, sites, tensors dropped / renamed /
 reshaped / retyped / poisoned, odd safetensors dtypes and ranges, corrupt bytes and JSON) and
 loaded through ``load_pack`` or ``load_adapters`` into a model that already holds a pack. Counts:
@@ -17,7 +17,6 @@ import collections
 import json
 import logging
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +24,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS  # noqa: E402
-from pack_mutations import OUTCOMES, SOURCES, build_sources, mutant, outcome  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from grace_hooks.eval.runinfo import run_record
+from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS, tiny_model, tiny_tokenizer
+from grace_hooks.testing.pack_mutations import OUTCOMES, SOURCES, build_sources, mutant, outcome
 
-from grace_hooks.eval.runinfo import run_record  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

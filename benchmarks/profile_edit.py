@@ -21,7 +21,7 @@ PHASES = [
     ("context prefixes", "context_prefixes"), ("target vectors: backward", "backward"),
     ("target vectors: replay set-up", "__init__ (grace_hooks/locate/target_vectors.py"),
     ("target vectors: forward", "_optimise"), ("keys and residuals", "activations_at_subject_of"),
-    ("solve", "closed_form_update"), ("router calibration", "_routing"), ("landing check", "_landed"),
+    ("solve", "closed_form_update"), ("router calibration", "route_keys_and_radii"), ("landing check", "_landed"),
 ]
 
 

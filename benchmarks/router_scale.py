@@ -2,7 +2,7 @@
 """The router alone, at scale (issue 16, part 1): keys and radii of N edits, then who they fire on.
 
 The keys and radii are the ones a routed weight-delta pack stores (the same code: the method's
-sites, ``activations_at_subject_of`` for the keys, ``DeltaMethod._routing`` for the radii), added
+sites, ``activations_at_subject_of`` for the keys, ``DeltaMethod.route_keys_and_radii`` for the radii), added
 to one ``KeyRouter`` per site in batches of ``--batch`` (rank = batch, as sequential packs). No
 target vector is computed, so 10,000 edits take minutes. Measured, as the runtime routes:
 
@@ -270,7 +270,7 @@ def curve_point(impl, ctx, sites, samples, queries_by_site, own, names, spans, c
     per_site, us = [], []
     for site in sites:
         s = samples[site.name]
-        route_keys, radii = impl._routing(ctx, sites, site, s, s.mean(0), cfg)
+        route_keys, radii = impl.route_keys_and_radii(ctx, sites, site, s, s.mean(0), cfg)
         owners = np.tile(np.arange(args.n), len(route_keys) // args.n)  # mean keys, then prefix-major samples
         router, owner_of_key = router_for(route_keys.numpy(), radii.numpy(), owners, args.batch,
                                           None if spans is None else [spans[o] for o in owners])

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,14 +20,12 @@ import psutil
 import torch
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from grace_hooks import EditableModel
+from grace_hooks.bases.hooks import count_hooks
+from grace_hooks.eval.runinfo import run_record
+from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS, tiny_model, tiny_tokenizer
 
-from grace_hooks import EditableModel  # noqa: E402
-from grace_hooks.bases.hooks import count_hooks  # noqa: E402
-from grace_hooks.eval.runinfo import run_record  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rss_mib() -> tuple[float, float]:

@@ -1,34 +1,13 @@
 import hashlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
-
-from grace_hooks import EditRequest  # noqa: E402
+from grace_hooks.testing import tiny_model, tiny_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# Single-word targets: at the last layer a replaced output cannot steer later positions, so
-# multi-token targets are exercised on the real model instead.
-TINY_REQUESTS = [
-    EditRequest(prompt="the capital of {} is", subject="narnia", target_new="tokyo"),
-    EditRequest(prompt="the mother tongue of {} is", subject="alice", target_new="german"),
-    EditRequest(prompt="the sport that {} plays is", subject="bob", target_new="chess"),
-]
-# Weight-delta methods edit the last subject token; here it ends the prompt (see test_contract).
-DELTA_REQUESTS = [
-    EditRequest(prompt="the capital of {}", subject="narnia", target_new="tokyo"),
-    EditRequest(prompt="the mother tongue of {}", subject="alice", target_new="german"),
-    EditRequest(prompt="the sport of {}", subject="bob", target_new="chess"),
-]
-# Tiny-model settings: a small self-sampled C0 corpus, no context prefixes (a random model's prefixes
-# scatter its activations), C0 weight 1 (3 keys against a 128-dim C0) and a long target optimisation.
-DELTA_TINY = dict(corpus_texts=32, corpus_tokens=32, n_prefixes=0, mom2_weight=1.0, clamp=4.0, lr=1.0, steps=50,
-                  stop="most_probable")
 # A chat template for the tiny word-level tokenizer: one user turn reads "who does {text} ? ".
 CHAT_TEMPLATE = "{% for m in messages %}who does {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} ? {% endif %}"
 UNRELATED = ["the cat sat on the mat", "the quick brown fox jumps over the lazy dog", "carol speaks french",

@@ -8,7 +8,7 @@ from grace_hooks import EditableModel
 from grace_hooks.bases.hooks import HookOwner
 from grace_hooks.eval.chat import chat_answers, chat_input, chat_success, natural_answer
 from grace_hooks.eval.generation import greedy_batch
-from tiny import tiny_model, tiny_tokenizer
+from grace_hooks.testing import tiny_model, tiny_tokenizer
 
 # The scripted model's next token depends on the current token only (hand-computable greedy answers).
 NEXT = {"?": "paris", "paris": "is", "is": "red", "red": ".", ".": "rome", "rome": "rome",  # a sentence, then more

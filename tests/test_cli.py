@@ -26,7 +26,9 @@ REQUESTS = [
 ]
 
 
-def _build_tiny_model(folder: Path) -> Path:
+def build_tiny_model(folder: Path) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer trained on ``SENTENCES``, saved in ``folder``
+    (a model folder the command line loads like any other; tests/test_router_scale.py uses it too)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -55,7 +57,7 @@ def _build_tiny_model(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    return str(_build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import DELTA_REQUESTS, DELTA_TINY, UNRELATED, last_logits
+from conftest import UNRELATED, last_logits
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.bases.architectures import Site
 from grace_hooks.bases.hooks import count_hooks
@@ -15,6 +15,7 @@ from grace_hooks.methods.comeba.hook_layer import ZSCORE_GATE, HookIncrement, Ho
 from grace_hooks.methods.comeba.squash import squash_packs
 from grace_hooks.store.adapters_dir import LOCK_NAME
 from grace_hooks.store.packs import load_pack
+from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY
 
 GATES = ("router", "zscore")
 # three batches of one chain: the second and third edit other subjects
@@ -76,7 +77,8 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
     enc = tokenizer(DELTA_REQUESTS[0].text, return_tensors="pt")
     out = em.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     ids, mask = enc.input_ids, enc.attention_mask
-    running = em._runtime.context.state  # per site: (version, batch, positions seen, count, sum, sum of squares)
+    # white box: the gate's running statistics, per site (version, batch, positions seen, count, sum, sum of squares)
+    running = em._runtime.context.state
     for name in em.loaded.sites:  # every position fed so far entered the statistics (the last token is never fed)
         assert int(running["zscore", name][3][0]) == out.shape[1] - 1
     with torch.no_grad():
@@ -179,18 +181,18 @@ def test_squash_turns_dense_when_factors_would_be_larger():
         return {"keys": torch.randn(rank, d_in, generator=g), "U": torch.randn(d_out, rank, generator=g),
                 "V": torch.randn(d_in, rank, generator=g), "alpha": torch.tensor([2.0 - seed / 10])}
 
-    from grace_hooks.methods.comeba.squash import _site_tensors
-    small = _site_tensors([part(1, 0), part(1, 1)])  # rank 2: 20 numbers < 24
+    from grace_hooks.methods.comeba.squash import squash_site
+    small = squash_site([part(1, 0), part(1, 1)])  # rank 2: 20 numbers < 24
     assert "U" in small and small["U"].shape == (d_out, 2)
     parts = [part(1, 0), part(1, 1), part(2, 2)]  # rank 4: 40 numbers > 24
-    big = _site_tensors(parts)
+    big = squash_site(parts)
     assert "dense" in big and "U" not in big
     want = sum(p["U"].double() @ p["V"].double().T for p in parts)
     torch.testing.assert_close(big["dense"], want.float())
     assert float(big["alpha"]) == pytest.approx(1.8) and big["keys"].shape == (4, d_in)
     many = [part(4, s) for s in range(3)]  # 12 keys > d_in: a d_in x d_in factor with the same K^T K
     keys = torch.cat([p["keys"] for p in many]).double()
-    squashed = _site_tensors(many)["keys"].double()
+    squashed = squash_site(many)["keys"].double()
     assert squashed.shape == (d_in, d_in)
     torch.testing.assert_close(squashed.T @ squashed, keys.T @ keys, rtol=1e-5, atol=1e-4)
     layer = HookLayer(d_in, d_out)  # the runtime's sum of the same chain is the same dense matrix

@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from conftest import (DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS, UNRELATED, assert_reloads_and_rolls_back, last_logits,
-                      next_token, param_hash, target_id)
+from conftest import UNRELATED, assert_reloads_and_rolls_back, last_logits, next_token, param_hash, target_id
 from grace_hooks import EditableModel
-from tiny import TINY_CONFIGS
+from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY, TINY_CONFIGS, TINY_REQUESTS
 
 # (method, config overrides): each a row of the matrix. subject_last keys need layers after the site.
 METHODS = {

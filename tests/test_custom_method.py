@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (TINY_REQUESTS, UNRELATED, assert_reloads_and_rolls_back, last_logits, next_token, param_hash,
-                      target_id)
+from conftest import UNRELATED, assert_reloads_and_rolls_back, last_logits, next_token, param_hash, target_id
 from grace_hooks import EditableModel
 from grace_hooks.bases.architectures import num_layers
 from grace_hooks.cli.export import export_peft
 from grace_hooks.errors import ConfigError, PackError
 from grace_hooks.method_kit import EditMethod, register, unregister
 from grace_hooks.methods import get_method, method_names
+from grace_hooks.testing import TINY_REQUESTS
 
 PLUGIN = Path(__file__).parent / "plugins" / "steer"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import DELTA_REQUESTS, DELTA_TINY, UNRELATED, last_logits, param_hash
+from conftest import UNRELATED, last_logits, param_hash
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.bases.architectures import Site
 from grace_hooks.bases.hooks import count_hooks
@@ -18,6 +18,7 @@ from grace_hooks.eval.metrics import score_pairs
 from grace_hooks.locate.covariance import cached_sample_corpus, model_digest, second_moment
 from grace_hooks.methods import get_method
 from grace_hooks.methods.delta.config import EncoreConfig
+from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY
 
 MORE = [EditRequest(prompt="the city of {}", subject="gondor", target_new="paris"),
         EditRequest(prompt="the language of {}", subject="carol", target_new="french")]

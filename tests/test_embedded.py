@@ -153,10 +153,10 @@ def test_every_embedded_model_ships_the_c0_corpus_its_first_default_edit_reads()
 
 
 def test_an_embedded_model_changes_the_defaults_of_the_methods_that_have_the_option(make_model, tokenizer, monkeypatch):
-    from conftest import DELTA_REQUESTS, DELTA_TINY
     from grace_hooks import EditableModel
     from grace_hooks.bases.embedded import edit_defaults
     from grace_hooks.methods import get_method
+    from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY
 
     monkeypatch.setitem(embedded.EMBEDDED, "tiny-wide", EmbeddedModel(
         (), "tiny.gguf", "0" * 64, "test", edit_options=(("max_tokens", 77), ("n_prefixes", 0))))

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_REQUESTS
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.eval.generation import mentions
 from grace_hooks.eval import (MethodSpec, PackEditor, counterfact_metrics, generation_success, greedy, perplexity,
                               score_pairs, score_records)
 from grace_hooks.eval.metrics import retention
+from grace_hooks.testing import TINY_REQUESTS
 
 
 class Bigram(torch.nn.Module):

@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS
-from tiny import tiny_model, tiny_tokenizer
-
 from grace_hooks import EditableModel
 from grace_hooks.config import DEFAULT_METHOD
 from grace_hooks.locate.precision import add_to, lowrank_change
+from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS, tiny_model, tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 

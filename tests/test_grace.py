@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from conftest import CHAT_TEMPLATE, TINY_REQUESTS, UNRELATED, last_logits, next_token, target_id
+from conftest import CHAT_TEMPLATE, UNRELATED, last_logits, next_token, target_id
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.bases.hooks import count_hooks
+from grace_hooks.testing import TINY_REQUESTS
 
 NARNIA = "the capital of {} is"
 
@@ -71,7 +72,8 @@ def test_exception_in_user_forward_leaves_only_pack_hooks(make_model, tokenizer)
     hooks = count_hooks(em.base_model)
     with pytest.raises(Exception):
         em(input_ids=torch.tensor([[10_000]]))  # out-of-vocabulary id fails inside forward
-    assert count_hooks(em.base_model) == hooks and em._runtime.context.mask is None
+    assert count_hooks(em.base_model) == hooks
+    assert em._runtime.context.mask is None  # white box: the failed forward's mask is not left for the next one
     base = last_logits(em.base_model, tokenizer, UNRELATED[:1])  # still routed correctly afterwards
     with em.disabled():
         assert torch.equal(last_logits(em, tokenizer, UNRELATED[:1])[0], base[0])
@@ -104,7 +106,7 @@ def test_chat_form_keys_the_prompt_asked_as_a_user_turn(make_model, chat_form):
     """``chat_form``: a second key per edit at the end of its prompt asked as a user turn, serving the
     same request; asked that way, the answer opens with the target (and only with the option), and
     removing the pack gives the base's answer back."""
-    from tiny import tiny_tokenizer
+    from grace_hooks.testing import tiny_tokenizer
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     em = _em(make_model, tok)

@@ -8,13 +8,14 @@ import struct
 import pytest
 import torch
 
-from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS, last_logits
+from conftest import last_logits
 from grace_hooks import EditableModel
 from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.engine.runtime import SiteRuntime
 from grace_hooks.errors import EditError, PackError, PackNameError
 from grace_hooks.store.packs import PACK_JSON, PACK_TENSORS, load_pack
-from pack_mutations import read, write
+from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS
+from grace_hooks.testing.pack_mutations import read, write
 
 PROBES = [r.text for r in TINY_REQUESTS] + ["the cat sat on the mat"]
 

@@ -1,13 +1,14 @@
 """Subject keys over context prefixes and target-vector optimisation (shared by weight-delta methods)."""
 import torch
 
-from conftest import CHAT_TEMPLATE, TINY_REQUESTS, param_hash
+from conftest import CHAT_TEMPLATE, param_hash
 from grace_hooks.bases.architectures import Site
 from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.engine.memo import WeightMemo
 from grace_hooks.locate.subject_keys import context_prefixes, lookup_positions, subject_keys
 from grace_hooks.locate.target_vectors import TargetVectorConfig, target_vector
 from grace_hooks.methods.comeba.hook_layer import HookLayer
+from grace_hooks.testing import TINY_REQUESTS
 
 
 def test_prefixes_are_made_once_per_weight_version(make_model, tokenizer):
@@ -63,8 +64,8 @@ def test_target_vector_respects_the_clamp(make_model, tokenizer):
 
 def test_batched_target_vectors_equal_one_at_a_time(make_model, tokenizer):
     """Each request keeps its own delta, loss and early stop inside a batch (Adam is per coordinate)."""
-    from conftest import DELTA_REQUESTS
     from grace_hooks.locate.target_vectors import target_vectors
+    from grace_hooks.testing import DELTA_REQUESTS
 
     model = make_model("qwen2")
     cfg = dict(steps=30, stop="most_probable", lr=1.0, clamp=4.0)
@@ -89,9 +90,9 @@ import pytest  # noqa: E402
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma3_text"])
 def test_cached_prefix_gives_the_full_replays_target_vectors(arch, make_model, tokenizer, monkeypatch):
     """Replaying only the columns from the key token on (keys aligned by left padding) is exact."""
-    from conftest import DELTA_REQUESTS
     from grace_hooks.locate.replay import LayerReplay
     from grace_hooks.locate.target_vectors import target_vectors
+    from grace_hooks.testing import DELTA_REQUESTS
 
     starts = []
     init = LayerReplay.__init__
@@ -112,9 +113,9 @@ def test_cached_prefix_gives_the_full_replays_target_vectors(arch, make_model, t
 
 def test_cached_prefix_is_exact_under_a_z_score_gate_below(make_model, tokenizer):
     """A z-score gate scores the whole sequence; the cached columns come from a forward over all of it."""
-    from conftest import DELTA_REQUESTS, DELTA_TINY
     from grace_hooks import EditableModel
     from grace_hooks.locate.target_vectors import target_vectors
+    from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY
 
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     em.edit(DELTA_REQUESTS[:2], method="comeba_hk", gate="zscore", layers="0", **DELTA_TINY)
@@ -143,26 +144,37 @@ def test_stop_prob_waits_for_a_margin_beyond_the_argmax(make_model, tokenizer):
     assert margin.target_prob >= 0.3 > bare.target_prob
 
 
-def test_kl_factor_zero_runs_no_kl_prompts(make_model, tokenizer, monkeypatch):
-    import grace_hooks.locate.target_vectors as tv_module
+class _Recording:
+    """A tokenizer that records every text it is asked to encode."""
 
-    model = make_model("llama")
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts = tokenizer, []
+
+    def __call__(self, text, *args, **kwargs):
+        self.texts.extend([text] if isinstance(text, str) else text)
+        return self.tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_kl_factor_zero_runs_no_kl_prompts(make_model, tokenizer):
+    """The KL term's prompts ("{subject} is a") are encoded only when its factor is not 0."""
+    model, req = make_model("llama"), TINY_REQUESTS[2]
     cfg = TargetVectorConfig(steps=5, lr=1.0)
-    with_kl = target_vector(model, tokenizer, 0, TINY_REQUESTS[2], [""], cfg)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the KL prompts were run although kl_factor is 0")
-
-    monkeypatch.setattr(tv_module, "_KLTerm", refuse)
-    without = target_vector(model, tokenizer, 0, TINY_REQUESTS[2], [""], TargetVectorConfig(**{**vars(cfg), "kl_factor": 0.0}))
-    assert without.steps >= 1 and not torch.equal(without.z, with_kl.z)
+    with_kl, without = _Recording(tokenizer), _Recording(tokenizer)
+    kl = target_vector(model, with_kl, 0, req, [""], cfg)
+    no_kl = target_vector(model, without, 0, req, [""], TargetVectorConfig(**{**vars(cfg), "kl_factor": 0.0}))
+    kl_prompt = f"{req.subject} is a"
+    assert kl_prompt in with_kl.texts and kl_prompt not in without.texts
+    assert no_kl.steps >= 1 and not torch.equal(no_kl.z, kl.z)
 
 
 def test_kl_prompts_cut_after_the_subject_give_the_same_vectors(make_model, tokenizer, monkeypatch):
     """The KL term reads the subject token only, so cutting its prompts there changes nothing."""
-    from conftest import DELTA_REQUESTS
     from grace_hooks.locate.replay import LayerReplay
     from grace_hooks.locate.target_vectors import target_vectors
+    from grace_hooks.testing import DELTA_REQUESTS
     from grace_hooks.tokens import EditBatch
 
     model = make_model("llama")
@@ -205,10 +217,10 @@ def test_a_shared_prefix_run_once_gives_the_same_keys(arch, make_model, tokenize
 def test_a_shared_prefix_keeps_the_packs_that_act_on_it(make_model, tokenizer):
     """Loaded causal packs see the prefix once and every row after it as if each had run it (subject
     spans carry over from the one row to all); the runtime says when they are not causal."""
-    from conftest import DELTA_REQUESTS, DELTA_TINY
     from grace_hooks import EditableModel
     from grace_hooks.locate.subject_keys import activations_at_subject_of
     from grace_hooks.requests import EditRequest
+    from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY
 
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     em.edit(DELTA_REQUESTS[:2], method="memit", layers="0-1", **DELTA_TINY)
@@ -233,11 +245,11 @@ def test_a_shared_prefix_keeps_the_packs_that_act_on_it(make_model, tokenizer):
 
 def test_target_vectors_come_back_in_request_order_when_grouped_by_length(make_model, tokenizer):
     """Requests are optimised with those of like length; each vector still belongs to its request."""
-    from grace_hooks.locate.target_vectors import _replayed_columns, target_vectors
+    from grace_hooks.locate.target_vectors import replayed_columns, target_vectors
 
     model = make_model("llama")
     reqs = [TINY_REQUESTS[2], TINY_REQUESTS[0], TINY_REQUESTS[1]]
-    assert _replayed_columns(tokenizer, reqs[0]) > _replayed_columns(tokenizer, reqs[1])  # the order changes
+    assert replayed_columns(tokenizer, reqs[0]) > replayed_columns(tokenizer, reqs[1])  # the order changes
     cfg = dict(steps=20, stop="most_probable", lr=1.0, clamp=4.0)
     grouped = target_vectors(model, tokenizer, 1, reqs, [""], TargetVectorConfig(batch_size=2, **cfg))
     for got, req in zip(grouped, reqs):
@@ -248,7 +260,7 @@ def test_target_vectors_come_back_in_request_order_when_grouped_by_length(make_m
 
 def test_chat_form_adds_the_prompt_asked_as_a_user_turn():
     from grace_hooks.locate.target_vectors import rewrite_contexts
-    from tiny import tiny_tokenizer
+    from grace_hooks.testing import tiny_tokenizer
     plain, chat = tiny_tokenizer(), tiny_tokenizer()
     chat.chat_template = CHAT_TEMPLATE
     prefixes = ["", "the sun . "]
@@ -259,7 +271,7 @@ def test_chat_form_adds_the_prompt_asked_as_a_user_turn():
 def test_chat_form_target_vector_makes_the_target_the_answer_in_chat_form(make_model):
     """With ``chat_form`` the most-probable stop waits until the target also opens the answer to the
     prompt asked as a user turn: adding z - h at the subject of that turn makes it the argmax."""
-    from tiny import tiny_tokenizer
+    from grace_hooks.testing import tiny_tokenizer
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     model = make_model("llama")
@@ -291,7 +303,7 @@ def test_question_form_adds_the_relations_edit_question_and_nothing_else():
     from grace_hooks import EditRequest
     from grace_hooks.locate.target_vectors import rewrite_rows
     from grace_hooks.questions import counterfact_table
-    from tiny import tiny_tokenizer
+    from grace_hooks.testing import tiny_tokenizer
     tok = tiny_tokenizer()
     capital = TINY_REQUESTS[0]  # "the capital of {} is"
     contexts = [("", ""), ("the sun . ", "")]

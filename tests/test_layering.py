@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("eval",),     # the benchmark harness
     ("serve",),    # the server (uses eval's chat helpers)
     ("cli",),      # the command line (runs eval and serve)
+    ("testing",),  # tiny random models and hostile packs for tests and benchmarks: nothing imports it
 ]
 
 

@@ -199,7 +199,7 @@ def test_final_sample_and_resume_of_a_run_made_before_a_setting_existed(make_mod
 
 def test_delta_run_records_health_at_every_checkpoint(make_model, tokenizer, tmp_path):
     """The harness records |W0 + sum dW| / |W0| and activation drift; a global delta grows them."""
-    from conftest import DELTA_TINY
+    from grace_hooks.testing import DELTA_TINY
 
     spec = "encore:" + ",".join(f"{k}={v}" for k, v in {**DELTA_TINY, "mode": "global", "norm_lambda": 1.0}.items())
     cks = _run(make_model, tokenizer, tmp_path, spec)["checkpoints"]

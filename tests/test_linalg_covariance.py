@@ -151,7 +151,7 @@ def test_model_digest_follows_the_weights_not_where_they_were_loaded(make_model)
 
     model = make_model("llama")
     before = model_digest(model)
-    model.config._name_or_path = "/somewhere/else"
+    model.config.name_or_path = "/somewhere/else"
     model.config.transformers_version = "0.0.0"
     assert model_digest(model) == before
     with torch.no_grad():

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS
-from pack_mutations import SOURCES, build_sources, collapse_one, mutant, outcome, read
+from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS
+from grace_hooks.testing.pack_mutations import SOURCES, build_sources, collapse_one, mutant, outcome, read
 
 
 @pytest.fixture(scope="module")
 def fuzz_setup(tmp_path_factory):
-    from tiny import tiny_model, tiny_tokenizer
+    from grace_hooks.testing import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     folder = tmp_path_factory.mktemp("sources")

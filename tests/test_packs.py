@@ -6,13 +6,14 @@ import pickle
 import pytest
 import torch
 
-from conftest import TINY_REQUESTS, last_logits
+from conftest import last_logits
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.errors import EditRequestError, FingerprintMismatch, PackError, PackNameError
 from grace_hooks.store import packs as packs_mod
 from grace_hooks.store.adapters_dir import LOCK_NAME
 from grace_hooks.store.packs import PACK_JSON, PACK_TENSORS, load_pack
+from grace_hooks.testing import TINY_REQUESTS
 
 
 @pytest.fixture
@@ -120,14 +121,12 @@ def test_second_save_refused_unless_overwrite(saved, tmp_path):
 def test_interrupted_save_keeps_old_pack(saved, tmp_path, monkeypatch):
     em, path = saved
     before = {f: (path / f).read_bytes() for f in os.listdir(path)}
-    real_write = packs_mod._fsync_write
 
-    def failing(target, data):
-        if target.name == PACK_JSON:
-            raise KeyboardInterrupt("power cut")
-        real_write(target, data)
+    def failing(tmp, final):  # the new pack written whole beside the old one, not yet renamed in
+        assert (tmp / PACK_JSON).is_file() and final == path
+        raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(packs_mod, "_fsync_write", failing)
+    monkeypatch.setattr(packs_mod, "replace_dir", failing)
     with pytest.raises(KeyboardInterrupt):
         em.save_pack("facts", tmp_path, overwrite=True)
     assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
@@ -151,18 +150,27 @@ def test_load_adapters_stacks_in_creation_order(saved, make_model, tokenizer, tm
     assert torch.equal(last_logits(fresh, tokenizer, ["the capital of narnia is"])[0], expected)
 
 
-def test_fingerprint_is_hashed_once_per_site_until_the_weight_changes(make_model, tokenizer, monkeypatch):
+def test_fingerprint_is_hashed_once_per_site_until_the_weight_changes(saved, make_model, tokenizer, monkeypatch):
     import grace_hooks.model as model_module
 
-    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    _, path = saved
+    pack = load_pack(path)
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny-llama")
     calls = []
     real = model_module.base_fingerprint
     monkeypatch.setattr(model_module, "base_fingerprint", lambda m, s: calls.append(s) or real(m, s))
-    first = em._fingerprint(["L1.mlp_out"])
-    assert em._fingerprint(["L1.mlp_out"]) == first and len(calls) == 1
+
+    def add_again():  # each add checks the pack's fingerprint against the base's
+        em.remove_pack("facts")
+        em.add_pack(pack)
+
+    em.add_pack(pack)
+    add_again()
+    assert calls == [pack.sites]
     with torch.no_grad():
         em.base_model.model.layers[1].mlp.down_proj.weight.mul_(1.0)  # an in-place write, even a no-op one
-    assert em._fingerprint(["L1.mlp_out"]) == first and len(calls) == 2
+    add_again()
+    assert calls == [pack.sites, pack.sites]
 
 
 def test_the_committed_demo_pack_reads_with_typed_fields_and_writes_back_the_same_header():

@@ -11,7 +11,7 @@ from grace_hooks.eval.asking import question_metrics, share, subject_kept, uncha
 from grace_hooks.questions import PLACEHOLDER, Relation, RelationTable, counterfact_table, coverage
 from grace_hooks.eval.report import table
 from grace_hooks.requests import read_requests
-from tiny import tiny_model, tiny_tokenizer
+from grace_hooks.testing import tiny_model, tiny_tokenizer
 
 COVERAGE_FLOOR = 0.98
 

@@ -6,22 +6,22 @@ from transformers import (
     Qwen3Config, SiglipVisionConfig,
 )
 
-from conftest import TINY_REQUESTS, UNRELATED
+from conftest import UNRELATED
 from grace_hooks import EditableModel, EditRequest
 from grace_hooks.bases.architectures import ARCHITECTURES, num_layers
 from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.locate.replay import LayerReplay
 from grace_hooks.methods.grace import method as grace_method
+from grace_hooks.testing import TINY_CONFIGS, TINY_LLAMA_LIKE, TINY_REQUESTS, tiny_model
 from grace_hooks.tokens import build_edit_batch
-from tiny import _LLAMA_LIKE, TINY_CONFIGS, tiny_model
 
-# The table's architectures that tests/tiny.py does not build; small sliding windows make the
+# The table's architectures that grace_hooks.testing does not build; small sliding windows make the
 # per-layer attention masks differ, and Gemma 2 soft-caps its logits.
 EXTRA = {
-    "qwen3": lambda: Qwen3Config(**_LLAMA_LIKE, head_dim=16),
-    "gemma": lambda: GemmaConfig(**_LLAMA_LIKE, head_dim=16),
-    "gemma2": lambda: Gemma2Config(**_LLAMA_LIKE, head_dim=16, sliding_window=3, final_logit_softcapping=5.0),
-    "gemma3_text-sliding": lambda: Gemma3TextConfig(**_LLAMA_LIKE, head_dim=16, sliding_window=3),
+    "qwen3": lambda: Qwen3Config(**TINY_LLAMA_LIKE, head_dim=16),
+    "gemma": lambda: GemmaConfig(**TINY_LLAMA_LIKE, head_dim=16),
+    "gemma2": lambda: Gemma2Config(**TINY_LLAMA_LIKE, head_dim=16, sliding_window=3, final_logit_softcapping=5.0),
+    "gemma3_text-sliding": lambda: Gemma3TextConfig(**TINY_LLAMA_LIKE, head_dim=16, sliding_window=3),
 }
 ALL = sorted(TINY_CONFIGS) + sorted(EXTRA) + ["gemma3"]
 PROMPTS = ["the capital of narnia is tokyo", "the cat sat", "alice speaks german and plays chess on the mat ."]
@@ -32,7 +32,7 @@ def _model(arch: str):
         return tiny_model(arch)
     torch.manual_seed(0)
     if arch == "gemma3":  # the multimodal wrapper: blocks under model.language_model
-        text = Gemma3TextConfig(**_LLAMA_LIKE, head_dim=16, sliding_window=3)
+        text = Gemma3TextConfig(**TINY_LLAMA_LIKE, head_dim=16, sliding_window=3)
         vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                     image_size=28, patch_size=14)
         cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=1,

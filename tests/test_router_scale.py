@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cli import _build_tiny_model
+from test_cli import build_tiny_model
 
 SUBJECTS = ["Paris", "Tokyo", "Rome", "Berlin", "London", "Japan"]
 
@@ -27,7 +27,7 @@ def test_router_scale_writes_the_fixed_interface(tmp_path, monkeypatch, scope, s
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setenv("GRACE_HOOKS_CACHE", str(tmp_path / "cache"))
-    model = _build_tiny_model(tmp_path / "model")
+    model = build_tiny_model(tmp_path / "model")
     out = tmp_path / "out.json"
     monkeypatch.setattr(sys, "argv", ["router_scale.py", "--data", str(_records(tmp_path / "cf.json")), "--n", "6",
                                       "--model", str(model), "--json", str(out), "--batch", "2", "--generic-tokens", "100",

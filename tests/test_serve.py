@@ -14,12 +14,11 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from conftest import TINY_REQUESTS  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from grace_hooks import EditableModel  # noqa: E402
 from grace_hooks.serve import ServeConfig, create_app, running  # noqa: E402
 from grace_hooks.store.adapters_dir import LOCK_NAME  # noqa: E402
+from grace_hooks.testing import TINY_REQUESTS, tiny_model, tiny_tokenizer  # noqa: E402
 
 KEY = "sekret"
 QUESTION = "the capital of narnia is"

@@ -79,7 +79,7 @@ def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest]
         raise ValueError(f"target vectors are optimised at the output of block {layer}: it must be below the last "
                          f"block ({n_blocks - 1}); edit earlier layers")
     out: list[TargetVector | None] = [None] * len(requests)
-    order = sorted(range(len(requests)), key=lambda i: _replayed_columns(tokenizer, requests[i]))  # less padding
+    order = sorted(range(len(requests)), key=lambda i: replayed_columns(tokenizer, requests[i]))  # less padding
     with frozen_parameters(model):
         for lo in range(0, len(requests), cfg.batch_size):
             rows = order[lo:lo + cfg.batch_size]
@@ -90,7 +90,7 @@ def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest]
     return out
 
 
-def _replayed_columns(tokenizer, request: EditRequest) -> int:
+def replayed_columns(tokenizer, request: EditRequest) -> int:
     """Columns a cached-suffix replay of the bare prompt + target runs: from the key token on. Requests
     optimised together are padded to the longest, so like lengths go together."""
     text = request.text

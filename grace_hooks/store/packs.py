@@ -133,8 +133,9 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _is_complete(path: Path) -> bool:
-    """Whether a folder holds a whole pack (its header parses and its tensors match the checksum)."""
+def is_complete_pack(path: Path) -> bool:
+    """Whether a folder holds a whole pack (its header parses and its tensors match the checksum): how
+    :func:`~grace_hooks.store.adapters_dir.recover` tells a finished save from an interrupted one."""
     try:
         read_files(path)
         return True
@@ -151,7 +152,7 @@ def save_pack(pack: EditPack, directory: str | Path, name: str | None = None, ov
     blob = st_save(tensors, metadata={"format": "grace_hooks.edit_pack", "format_version": str(FORMAT_VERSION), "method": pack.method})
     header = pack.header() | {"tensors_sha256": hashlib.sha256(blob).hexdigest()}
     with locked(directory, create=True):
-        recover(directory, _is_complete)
+        recover(directory, is_complete_pack)
         final = directory / name
         if final.exists() and not overwrite:
             raise PackError(f"a pack named {name!r} already exists in {directory}; pass overwrite=True to replace it")
@@ -309,7 +310,7 @@ def reading(directory: str | Path) -> Iterator[list[Path]]:
     block, after interrupted saves were finished or undone (a read-only folder: as it is)."""
     with locked(Path(directory)) as held:
         if held:
-            recover(Path(directory), _is_complete)
+            recover(Path(directory), is_complete_pack)
         yield pack_dirs(directory)
 
 

@@ -36,7 +36,12 @@ def _check_chain(packs: list[EditPack]) -> None:
                             f"({first.base.name})")
 
 
-def _site_tensors(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def squash_site(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One site's tensors of a chain of packs (``parts``, oldest first) as one hook increment with the
+    same outputs: the keys joined (reduced to d_in rows by QR when there are more: only K^T K enters
+    later solves), the factors side by side where every part has them and they are smaller than the
+    dense sum (else that sum), the smallest alpha, and the router keys and radii joined when every
+    part has them."""
     incs = [hook_increment(t) for t in parts]
     d_out, d_in = incs[0].dense.shape if incs[0].dense is not None else (incs[0].U.shape[0], incs[0].V.shape[0])
     keys = torch.cat([i.keys for i in incs])
@@ -63,7 +68,7 @@ def squash_packs(packs: list[EditPack], name: str) -> EditPack:
     last = packs[-1]
     tensors = {}
     for site in last.sites:
-        tensors.update({f"{site}/{k}": v for k, v in _site_tensors([p.site_tensors(site) for p in packs]).items()})
+        tensors.update({f"{site}/{k}": v for k, v in squash_site([p.site_tensors(site) for p in packs]).items()})
     routing = KeyRouting()
     if last.routing.key_requests is not None:  # router key -> request, renumbered into the joined request list
         joined: dict[str, list] = {}

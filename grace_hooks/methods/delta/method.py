@@ -134,7 +134,7 @@ class DeltaMethod(EditMethod):
                     tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
                                     f"{n}/keys": keys.float().contiguous()})
                     if routed:  # a global pack needs no router keys
-                        route_keys, route_radii = self._routing(ctx, sites, site, samples, keys, cfg)
+                        route_keys, route_radii = self.route_keys_and_radii(ctx, sites, site, samples, keys, cfg)
                         tensors.update({f"{n}/route_keys": route_keys.float().contiguous(),
                                         f"{n}/route_radii": route_radii.float().contiguous()})
                 else:  # V = M^-1 K depends on the keys alone: a later sweep's update R' V^T only adds R' to U
@@ -207,8 +207,8 @@ class DeltaMethod(EditMethod):
                               subject_spans=request_spans(ctx.tokenizer, requests))
         return KeyRouting(key_requests={s.name: [[i % n] for i in range(n * n_samples)] for s in sites})
 
-    def _routing(self, ctx: EditContext, sites: list[Site], site: Site, samples: torch.Tensor, keys: torch.Tensor,
-                 cfg: DeltaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def route_keys_and_radii(self, ctx: EditContext, sites: list[Site], site: Site, samples: torch.Tensor,
+                             keys: torch.Tensor, cfg: DeltaConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """Router keys of each request and their radii: scale x the spread, at least 5% of the key's
         norm (the same prompt in another batch differs by rounding). Scope 'span': the mean key alone
         (the subject's tokens already say where it may fire). Scope 'key': the mean key and each

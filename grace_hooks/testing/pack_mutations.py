@@ -1,7 +1,7 @@
 """Hostile and broken edit packs, made by mutating real ones, and what loading one must do.
 
-Shared by the property-based test (tests/test_pack_fuzz.py, a few hundred cases) and the fuzz
-benchmark (benchmarks/pack_fuzz.py, 10,000). A mutation rewrites one saved pack folder; most
+Used by the property-based test (tests/test_pack_fuzz.py, a few hundred cases), the fuzz benchmark
+(benchmarks/pack_fuzz.py, 10,000) and the hostile-pack tests (:func:`read`, :func:`write`). A mutation rewrites one saved pack folder; most
 rewrite the tensors and then fix the checksum, so the mutant gets past the integrity check and
 reaches the schema and the runtime. :func:`outcome` loads a mutant into a model that already
 holds a pack and sorts the result into
@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from grace_hooks import EditableModel
-from grace_hooks.bases.hooks import count_hooks
-from grace_hooks.errors import GraceHooksError
-from grace_hooks.methods import method_names
-from grace_hooks.store.packs import PACK_JSON, PACK_TENSORS
+from ..bases.hooks import count_hooks
+from ..errors import GraceHooksError
+from ..methods import method_names
+from ..model import EditableModel
+from ..store.packs import PACK_JSON, PACK_TENSORS
 
 PROBES = ["the capital of narnia is", "the cat sat on the mat", "the mother tongue of alice"]
 OUTCOMES = ("rejected", "accepted", "other")
@@ -56,11 +56,14 @@ def random_json(rng: random.Random, depth: int = 0):
 
 # ------------------------------------------------------------------ reading and writing a folder
 def read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A pack folder's header and tensors, read as they are (no check)."""
     return json.loads((folder / PACK_JSON).read_text()), st_load((folder / PACK_TENSORS).read_bytes())
 
 
 def write(folder: Path, header: dict, tensors: dict[str, torch.Tensor] | None = None, blob: bytes | None = None,
           fix_checksum: bool = True) -> None:
+    """Write ``header`` and the tensors (or the raw safetensors ``blob``) into a pack folder; with
+    ``fix_checksum`` the header's checksum matches the new tensors, so the mutant passes that check."""
     if blob is None and tensors is not None:
         blob = st_save({k: v.contiguous() for k, v in tensors.items()})
     if blob is not None:
@@ -335,4 +338,4 @@ def build_sources(model, tokenizer, folder: Path, requests, delta_requests, delt
     return em, paths, {"preloaded_id": em.pack("preloaded").pack_id}
 
 
-__all__ = ["MUTATIONS", "OUTCOMES", "SOURCES", "build_sources", "collapse_one", "mutant", "outcome", "read"]
+__all__ = ["MUTATIONS", "OUTCOMES", "SOURCES", "build_sources", "collapse_one", "mutant", "outcome", "read", "write"]
