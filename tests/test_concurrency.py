@@ -7,8 +7,9 @@ import pytest
 import torch
 from filelock import FileLock
 
-from grace_hooks import EditableModel, adapters_dir
+from grace_hooks import EditableModel
 from grace_hooks.errors import PackError
+from grace_hooks.store import adapters_dir
 from grace_hooks.store.adapters_dir import LOCK_NAME
 from grace_hooks.store.packs import PACK_JSON, list_packs, load_pack
 from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY, TINY_REQUESTS
