@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How many corpus tokens C0 needs before the update it gives stops changing.
 
-    python benchmarks/c0_settle.py --n-requests 100 --threads 2
+    python benchmarks/studies/c0_settle.py --n-requests 100 --threads 2
 
 Samples (or reads from the cache) the model-written corpus the delta methods use, measures the
 site inputs of its first ``--max-tokens`` tokens at the default sites, and for growing prefixes of
@@ -28,7 +28,7 @@ from grace_hooks.eval.runinfo import run_record
 from grace_hooks.requests import read_requests
 from grace_hooks.locate.subject_keys import activations_at_subject_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:

@@ -3,13 +3,13 @@
 greedy decoding of the prompt and of its paraphrase now starts with the target, plus the pack's own
 figures (z reached, landed, seconds per phase). Rolled back after.
 
-    python benchmarks/norm_aware_solve.py --model gemma3-270m --n 20 --json benchmarks/results/norm_aware_solve.json
+    python benchmarks/studies/norm_aware_solve.py --model gemma3-270m --n 20 --json benchmarks/results/norm_aware_solve.json
 
 C0 comes from CounterFact sentences beyond the edited records (records 500-1,499: sampling the
 model's own text takes about 20 minutes on Gemma here). With ``--chat`` it also asks each prompt
 and paraphrase in chat form, answered to the natural stop. ``--set`` passes method options:
 
-    python benchmarks/norm_aware_solve.py --model smollm2-135m --n 100 --chat --set chat_form=true --json OUT.json
+    python benchmarks/studies/norm_aware_solve.py --model smollm2-135m --n 100 --chat --set chat_form=true --json OUT.json
 
 The name is from its first use: on Gemma 3, whose MLP output reaches the residual stream through a
 norm, it compared a solve taken as is with one aimed through that norm (rows up to commit 4b12318);
@@ -19,54 +19,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 
 from grace_hooks import EditableModel
-from grace_hooks import architectures
+from grace_hooks.bases import architectures
 from grace_hooks.bases.architectures import Site
 from grace_hooks.cli.took import target_token_count
-from grace_hooks.errors import EditRequestError
 from grace_hooks.eval.chat import chat_answers, chat_success
-from grace_hooks.eval.editors import MethodSpec
 from grace_hooks.eval.generation import greedy_batch, reaches
 from grace_hooks.eval.runinfo import run_record
-from grace_hooks.requests import record_to_request
 
-REPO = Path(__file__).resolve().parents[1]
+from common import edit_bench, usable_requests
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _answers(em, prompts, reqs):
     lengths = [target_token_count(em.tokenizer, p, r.target_new) for p, r in zip(prompts, reqs)]
     return [reaches(a, r.target_new) for a, r in zip(greedy_batch(em, prompts, lengths, batch_size=16), reqs)]
-
-
-def _usable_requests(path: str, limit: int):
-    """The file's first ``limit`` records as edit requests, leaving out the few that are not usable as
-    one (zsRE holds records with an empty answer)."""
-    out = []
-    for record in json.loads(Path(path).read_text(encoding="utf-8"))[:limit]:
-        try:
-            out.append(record_to_request(record).validate())
-        except EditRequestError:
-            continue
-    return out
-
-
-def corpus_file(records) -> str:
-    """A C0 corpus of CounterFact sentences beyond the edited records (``records[500:]``): sampling the
-    model's own text takes about 20 minutes on Gemma here. Returns the file's path."""
-    path = Path(tempfile.mkdtemp()) / "corpus.txt"
-    path.write_text("\n\n".join(f"{r.text} {r.ground_truth}. {r.rephrase_prompt or ''}" for r in records[500:]),
-                    encoding="utf-8")
-    return str(path)
-
-
-def method_overrides(text: str) -> dict:
-    """``--set`` options of the default method, checked as the CLI checks them."""
-    return dict(MethodSpec.parse(f"encore:{text}").overrides) if text else {}
 
 
 def _chat(em, prompts, reqs):
@@ -89,11 +61,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = run_record(REPO, args.threads)
     em = EditableModel.from_pretrained(args.model)
-    records = _usable_requests(args.data, 1500)
+    records = usable_requests(args.data, 1500)
     reqs = records[: args.n]
     rows = []
-    em.edit(reqs, pack="bench", corpus=corpus_file(records), max_tokens=4000, corpus_probe=4000,
-            **method_overrides(args.overrides))
+    edit_bench(em, reqs, records, args.overrides)
     metrics = em.pack("bench").metrics
     prompt = _answers(em, [r.text for r in reqs], reqs)
     para = _answers(em, [r.rephrase_prompt for r in reqs], reqs)

@@ -8,7 +8,7 @@ each prompt greedily for ``--tokens`` tokens. Counts:
 - ``ends_like_base``: the token after the target is the base model's own next token after
   prompt + target (what the edit should let come next).
 
-    python benchmarks/answer_end.py --n 50 --json benchmarks/results/answer_end.json
+    python benchmarks/studies/answer_end.py --n 50 --json benchmarks/results/answer_end.json
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from grace_hooks import EditableModel, EditRequest, read_requests
 from grace_hooks.eval.generation import greedy_batch
 from grace_hooks.eval.runinfo import run_record
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SYLLABLES = ["zor", "ba", "tel", "vix", "mun", "dra", "qua", "pel", "rish", "ton", "gar", "lem"]
 

@@ -8,7 +8,7 @@ prompt's subject token is, how far the nearest token of unrelated text (the ship
 the records' locality prompts) is, and how far the nearest other key is. Prints a markdown table
 and writes it to benchmarks/results/weight_deltas/key_geometry.md.
 
-    python benchmarks/key_geometry.py --n 40
+    python benchmarks/studies/key_geometry.py --n 40
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from grace_hooks.locate.subject_keys import activations_at_subject, context_pref
 from grace_hooks.methods.delta import DeltaConfig
 from grace_hooks.requests import read_requests
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def site_inputs(model, tok, module, texts):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Locality prompts that name an edited subject, apart from those that do not.
 
-    python benchmarks/locality_overlap.py --adapters DIR --n 5000 --stride 20 --json OUT.json
+    python benchmarks/studies/locality_overlap.py --adapters DIR --n 5000 --stride 20 --json OUT.json
 
 In a long CounterFact stream a record's locality (neighbourhood) prompt often names the subject of
 another record of the stream: "John Lennon performs on the" is unrelated to record 0's edit, but not
@@ -25,7 +25,7 @@ from grace_hooks.eval.metrics import names_edited_subject
 from grace_hooks.eval.runinfo import run_record
 from grace_hooks.requests import read_requests
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _rates(flags: list[tuple[bool, bool]]) -> dict:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Target-vector cost: the cached-prefix replay against the full replay, on the same requests.
 
-    python benchmarks/target_vectors.py --n-requests 16 --rounds 2
+    python benchmarks/studies/target_vectors.py --n-requests 16 --rounds 2
 
 Optimises MEMIT/ENCORE target vectors (at the default top edited block of the model) for the
 first CounterFact records, alternating the two replays round by round. Prints the median seconds
@@ -25,7 +25,7 @@ from grace_hooks.requests import read_requests
 from grace_hooks.locate.subject_keys import context_prefixes
 from grace_hooks.locate.target_vectors import target_vectors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:

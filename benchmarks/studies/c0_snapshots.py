@@ -6,7 +6,7 @@ MLP input has 8,960 dimensions): this writes C0 after each ``--tokens`` count ex
 with ``max_tokens=N`` would measure it, so the harness then compares
 ``--method encore:max_tokens=N`` variants without measuring C0 again:
 
-    python benchmarks/c0_snapshots.py --model qwen2.5-coder-1.5b --tokens 1024,2048,4096,8192 --threads 2
+    python benchmarks/studies/c0_snapshots.py --model qwen2.5-coder-1.5b --tokens 1024,2048,4096,8192 --threads 2
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Target vectors alone under different settings: seconds per request, steps, final P(target).
 
-    python benchmarks/target_vector_levers.py --n-requests 32 --set lr=0.5,stop_prob=0 --set lr=1.0
+    python benchmarks/studies/target_vector_levers.py --n-requests 32 --set lr=0.5,stop_prob=0 --set lr=1.0
 
 Each ``--set`` is a list of ENCORE config overrides (the target-vector options and
 ``target_prefixes``); the vectors are optimised at the top edited block for the first CounterFact
@@ -27,7 +27,7 @@ from grace_hooks.requests import read_requests
 from grace_hooks.locate.subject_keys import context_prefixes
 from grace_hooks.locate.target_vectors import target_vectors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:

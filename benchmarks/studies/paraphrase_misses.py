@@ -3,7 +3,7 @@
 one call with the default method, then read each paraphrase's next-token distribution and its
 greedy continuation, edited and unedited.
 
-    python benchmarks/paraphrase_misses.py --model smollm2-135m --n 100 --json benchmarks/results/paraphrase_misses.json
+    python benchmarks/studies/paraphrase_misses.py --model smollm2-135m --n 100 --json benchmarks/results/paraphrase_misses.json
 
 Per paraphrase: the rank and probability of the target's first token, and of the old answer's; the
 greedy continuation (the target's length + 12 tokens) sorted into: starts with the target, names
@@ -24,10 +24,10 @@ from grace_hooks.eval.generation import greedy_batch, mentions, reaches
 from grace_hooks.eval.runinfo import run_record
 from grace_hooks.tokens import target_text
 
-from norm_aware_solve import _usable_requests, corpus_file, method_overrides
+from common import edit_bench, usable_requests
 
 EXTRA_TOKENS = 12
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _first_token(tok, prompt: str, answer: str) -> int:
@@ -95,12 +95,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = run_record(REPO, args.threads)
     em = EditableModel.from_pretrained(args.model)
-    records = _usable_requests(args.data, 1500)
+    records = usable_requests(args.data, 1500)
     reqs = [r for r in records[: args.n] if r.rephrase_prompt]
     with em.disabled():
         base = _read(em, reqs)
-    em.edit(reqs, pack="bench", corpus=corpus_file(records), max_tokens=4000, corpus_probe=4000,
-            **method_overrides(args.overrides))
+    edit_bench(em, reqs, records, args.overrides)
     edited = _read(em, reqs)
     em.remove_pack("bench")
     ranks = edited.pop("_ranks")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The 10,000-edit runs of GRACE and of the default method in one set of plots.
 
-    python benchmarks/plot_tenk.py
+    python benchmarks/studies/plot_tenk.py
 
 The default's checkpoints come from two runs with the same method settings: 1,000 and 2,000 edits
 from the run whose packs were lost between sessions (its state), 5,000 and 10,000 from the run made

@@ -2,7 +2,7 @@
 """The unedited model's chat answers to a few records' questions (the base column of the example
 tables in RESULTS.md; lifelong runs now record it themselves).
 
-    python benchmarks/chat_examples.py --model gemma3-270m --data ../shared/data/zsre-train-1k.json --records 0,2,4
+    python benchmarks/studies/chat_examples.py --model gemma3-270m --data ../shared/data/zsre-train-1k.json --records 0,2,4
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from grace_hooks import EditableModel, read_requests
 from grace_hooks.eval.chat import chat_answers
 from grace_hooks.eval.runinfo import run_record
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 """One more batch of edits on top of a folder of earlier packs, once per setting: does it still land,
 and do the earlier edits still hold?
 
-    python benchmarks/edit_on_top.py --adapters DIR --offset 5000 --batch 100 --set "" --set previous_edits=false \
+    python benchmarks/studies/edit_on_top.py --adapters DIR --offset 5000 --batch 100 --set "" --set previous_edits=false \
         --json benchmarks/results/edit_on_top.json
 
 Loads the packs of ``DIR`` (e.g. the first 5,000 edits of a lifelong run) onto the base. Then, for
@@ -29,7 +29,7 @@ from grace_hooks.eval.metrics import score_records
 from grace_hooks.eval.runinfo import run_record
 from grace_hooks.requests import read_requests
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _es(em, reqs) -> float:
