@@ -81,10 +81,12 @@ def first_edit(name: str, records, threads: int) -> dict:
     steps["the edit"] = time.perf_counter() - t
     wall = time.perf_counter() - start
     landed = em.pack("first").metrics.get("landed", [])
+    phases = em.pack("first").metrics.get("seconds", {})  # the edit's own phases (target vectors, solve, ...)
     em.close()
     return {"model": name, "wall_s": round(wall, 1), "steps_s": {k: round(v, 1) for k, v in steps.items()},
             "corpus_source": corpus.source, "corpus_texts": len(corpus.texts), "n_edits": info.n_edits,
-            "landed": sum(bool(x) for x in landed), "sites": info.sites}
+            "landed": sum(bool(x) for x in landed), "sites": info.sites, "edit_phases_s": phases,
+            "options": {k: getattr(cfg, k) for k in ("max_tokens", "layers") if hasattr(cfg, k)}}
 
 
 def main(argv=None) -> int:
