@@ -55,7 +55,8 @@ def preservation_matrix(d_in: int, c0: torch.Tensor | None = None, lam: float = 
 class Preservation:
     """P = F + Kp Kp^T with the fixed part F = lambda C0 + lambda_N I held as its Cholesky factor, made
     once per model, site and corpus: each solve then costs O(d^2 m) for m new and earlier keys instead
-    of a d x d factorisation (on Qwen's 8,960-wide MLP input about 10 s a site, every edit)."""
+    of a d x d factorisation per site and edit (on Qwen's 8,960-wide MLP input the one factorisation
+    took 32 s for 5 sites on 2 threads: benchmarks/results/first_edit_qwen_quiet.json)."""
 
     def __init__(self, factor: torch.Tensor, previous_keys: torch.Tensor | None = None) -> None:
         self.factor = factor  # lower triangular L, F = L L^T, float64
