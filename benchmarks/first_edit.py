@@ -14,8 +14,9 @@ for instance, only where the method's options use it; the default's do not).
 
     python benchmarks/first_edit.py --model smollm2-135m --model gemma3-270m --threads 2
 
-``--keep-corpus DIR`` copies each model-sampled corpus (the text, not statistics) into DIR: that is
-how the corpora shipped in ``grace_hooks/data/corpus/`` are made.
+``--keep-text DIR`` copies each model-sampled corpus and each model's context prefixes (text, not
+statistics) into DIR/corpus and DIR/prefixes: with ``--keep-text grace_hooks/data`` that is how the
+files shipped in ``grace_hooks/data/corpus/`` and ``grace_hooks/data/prefixes/`` are made.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "counterfact-val.json")
     p.add_argument("--n", type=int, default=10, help="records edited in the one call")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--keep-corpus", type=Path, default=None, help="copy model-sampled corpora into this folder")
+    p.add_argument("--keep-text", type=Path, default=None,
+                   help="copy model-sampled corpora and context prefixes into this folder's corpus/ and prefixes/")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "first_edit.json")
     return p.parse_args(argv)
 
@@ -107,11 +109,11 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["GRACE_HOOKS_CACHE"] = str(fresh_cache(real, Path(tmp)))
             row = first_edit(name, records, args.threads)
-            if args.keep_corpus is not None:
-                for f in (Path(tmp) / "corpus").glob("*.json"):
-                    args.keep_corpus.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(f, args.keep_corpus / f.name)
-                    row["kept_corpus"] = f.name
+            for kind in ("corpus", "prefixes") if args.keep_text is not None else ():
+                for f in (Path(tmp) / kind).glob("*.json"):
+                    (args.keep_text / kind).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(f, args.keep_text / kind / f.name)
+                    row[f"kept_{kind}"] = f.name
         os.environ.pop("GRACE_HOOKS_CACHE", None)
         record["runs"].append(row)
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in row["steps_s"].items())

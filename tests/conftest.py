@@ -91,24 +91,31 @@ def embedded_or_skip(name: str) -> str:
     return name
 
 
-def assert_first_edit_reads_shipped_corpus(em, name: str, tmp_path, monkeypatch) -> None:
+def assert_first_edit_reads_shipped_text(em, name: str, tmp_path, monkeypatch) -> None:
     """The embedded model ``name`` as loaded has the weights digest its table entry names, so its
-    first default edit reads the shipped C0 corpus from an empty cache instead of sampling one."""
+    first default edit reads the shipped C0 corpus and context prefixes from an empty cache instead of
+    sampling them; and the shipped prefixes are the ones this model writes."""
     from grace_hooks.bases.embedded import EMBEDDED
-    from grace_hooks.locate import covariance
+    from grace_hooks.locate import covariance, subject_keys
     from grace_hooks.methods.delta.config import DeltaConfig
 
     digest = covariance.model_digest(em.base_model)
-    assert digest == EMBEDDED[name].weights_digest, "re-make the shipped corpus (benchmarks/first_edit.py --keep-corpus)"
+    assert digest == EMBEDDED[name].weights_digest, \
+        "re-make the shipped corpus and prefixes (benchmarks/first_edit.py --keep-text grace_hooks/data)"
+    cfg = DeltaConfig()
+    written = subject_keys.write_prefixes(em.base_model, em.tokenizer, cfg.prefix_tokens, 0)
 
     def no_sampling(*args, **kwargs):
-        raise AssertionError("the first edit sampled a corpus although one ships for this model")
+        raise AssertionError("the first edit sampled text although the package ships it for this model")
 
     monkeypatch.setattr(covariance, "sample_corpus", no_sampling)
-    cfg = DeltaConfig()
+    monkeypatch.setattr(subject_keys, "write_prefixes", no_sampling)
     corpus = covariance.cached_sample_corpus(em.base_model, em.tokenizer, digest, cfg.corpus_texts, cfg.corpus_tokens,
                                              cache=tmp_path / "empty-cache")
     assert len(corpus.texts) >= 0.9 * cfg.corpus_texts
+    shipped = subject_keys.context_prefixes(em.base_model, em.tokenizer, cfg.prefix_tokens, 0, model_hash=digest,
+                                            cache=tmp_path / "empty-cache")
+    assert shipped == written
 
 
 def counterfact_path() -> Path:

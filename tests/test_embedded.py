@@ -152,6 +152,19 @@ def test_every_embedded_model_ships_the_c0_corpus_its_first_default_edit_reads()
         assert corpus is not None and len(corpus.texts) >= 0.9 * cfg.corpus_texts, name
 
 
+def test_every_embedded_model_ships_its_context_prefixes():
+    """Writing the prefixes took 32 s of Qwen's first edit: every embedded model ships its own (the
+    real-model tests check that they are what the model writes)."""
+    from grace_hooks.locate.subject_keys import PREFIX_STARTS, prefix_file_name, shipped_prefixes
+    from grace_hooks.methods.delta.config import DeltaConfig
+
+    cfg = DeltaConfig()
+    for name, spec in embedded.EMBEDDED.items():
+        prefixes = shipped_prefixes(prefix_file_name(spec.weights_digest, 0, cfg.prefix_tokens))
+        assert prefixes is not None and len(prefixes) == 1 + len(PREFIX_STARTS), name
+        assert all(p.startswith(start) for p, start in zip(prefixes[1:], PREFIX_STARTS)), name
+
+
 def test_an_embedded_model_changes_the_defaults_of_the_methods_that_have_the_option(make_model, tokenizer, monkeypatch):
     from grace_hooks import EditableModel
     from grace_hooks.bases.embedded import edit_defaults

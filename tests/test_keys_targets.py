@@ -23,6 +23,32 @@ def test_prefixes_are_made_once_per_weight_version(make_model, tokenizer):
     assert context_prefixes(model, tokenizer, n_tokens=3, memo=memo) is not first
 
 
+def test_prefixes_come_from_the_cache_then_the_shipped_folder_then_the_model(make_model, tokenizer, tmp_path,
+                                                                           monkeypatch):
+    import json
+
+    from grace_hooks.locate import subject_keys
+
+    model = make_model("llama")
+    name = subject_keys.prefix_file_name("abc", 0, 3)
+    shipped, cache = tmp_path / "shipped", tmp_path / "cache"
+    shipped.mkdir()
+    stored = ["", "The a. ", "Therefore b. ", "Because c. ", "I d. ", "You e. "]
+    (shipped / name).write_text(json.dumps({"prefixes": stored, "source": "test"}))
+    monkeypatch.setattr(subject_keys, "SHIPPED_PREFIXES", str(shipped))  # an absolute folder replaces the package's
+    calls = []
+    real = subject_keys.write_prefixes
+    monkeypatch.setattr(subject_keys, "write_prefixes", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    assert subject_keys.context_prefixes(model, tokenizer, 3, model_hash="abc", cache=cache) == stored and not calls
+    (shipped / name).write_text("{not json")  # a broken shipped file is not used: the model writes them, kept
+    written = subject_keys.context_prefixes(model, tokenizer, 3, model_hash="abc", cache=cache)
+    assert calls == [1] and written == real(model, tokenizer, 3, 0) and (cache / name).is_file()
+    assert subject_keys.context_prefixes(model, tokenizer, 3, model_hash="abc", cache=cache) == written and calls == [1]
+    (cache / name).write_text(json.dumps({"prefixes": ["only one"]}))  # not prefixes: ignored, written again
+    assert subject_keys.context_prefixes(model, tokenizer, 3, model_hash="abc", cache=cache) == written and calls == [1, 1]
+
+
 def test_subject_keys_average_the_site_input_at_the_subject(make_model, tokenizer):
     model = make_model("llama")
     site = Site(1)

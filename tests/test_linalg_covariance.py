@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from grace_hooks.bases.architectures import Site
-from grace_hooks.locate.covariance import Corpus, sample_corpus, second_moment, second_moments
-from grace_hooks.locate.linalg import (Preservation, PreservationTerms, closed_form_update, orthonormal_basis,
-                                      preservation_matrix, project_out)
+from grace_hooks.locate.covariance import Corpus, sample_corpus, second_moment, second_moments, site_inputs
+from grace_hooks.locate.linalg import (Preservation, PreservationTerms, closed_form_update, fixed_part,
+                                      orthonormal_basis, preservation_matrix, project_out)
 
 TEXTS = ("the cat sat on the mat", "the quick brown fox jumps over the lazy dog", "alice speaks french",
          "the capital of narnia is tokyo", "bob plays chess in the park")
@@ -40,20 +40,40 @@ def test_a_factored_preservation_solves_as_the_dense_matrix(n_previous, identity
     c0, r, k = (a @ a.T / 30).double(), torch.randn(9, n), torch.randn(d_in, n)
     prev = torch.randn(d_in, n_previous) if n_previous else None
     terms = PreservationTerms(2.0, identity, prev)
-    factored = closed_form_update(r, k, Preservation(Preservation.factor_of(c0, terms), prev))
+    factored = closed_form_update(r, k, Preservation(fixed_part(terms, c0), prev))
     dense = closed_form_update(r, k, preservation_matrix(d_in, c0, 2.0, identity, prev))
     assert torch.allclose(factored.V, dense.V, rtol=1e-9, atol=1e-12)
     basis = orthonormal_basis(torch.randn(d_in, 2))  # a constraint takes the dense path with the same P
-    assert torch.allclose(closed_form_update(r, k, Preservation(Preservation.factor_of(c0, terms), prev), basis).V,
+    assert torch.allclose(closed_form_update(r, k, Preservation(fixed_part(terms, c0), prev), basis).V,
                           closed_form_update(r, k, preservation_matrix(d_in, c0, 2.0, identity, prev), basis).V,
                           rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_previous", [0, 3, 30])
+@pytest.mark.parametrize("identity", [20.0, 0.0])
+def test_c0_kept_as_rows_solves_as_its_matrix(n_previous, identity):
+    """C0 measured on fewer tokens than dimensions, kept as its rows and solved through them (Woodbury),
+    gives the update the dense matrix gives, with and without lambda_N and earlier keys."""
+    torch.manual_seed(4)
+    d_in, tokens, n = 40, 9, 3
+    rows = torch.randn(tokens, d_in) * 3
+    r, k = torch.randn(6, n), torch.randn(d_in, n)
+    prev = torch.randn(d_in, n_previous) if n_previous else None
+    terms = PreservationTerms(15.0, identity, prev)
+    thin = fixed_part(terms, rows=rows)
+    dense = fixed_part(terms, rows.double().T @ rows.double() / tokens)
+    assert torch.allclose(thin.dense(), dense.dense(), rtol=1e-9, atol=1e-9)
+    got = closed_form_update(r, k, Preservation(thin, prev)).V
+    want = closed_form_update(r, k, Preservation(dense, prev)).V
+    rtol = 1e-6 if identity else 1e-3  # without lambda_N both invert a 1e-9 ridge: condition ~1e9
+    assert torch.allclose(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
 def test_c0_from_fewer_tokens_than_dimensions_still_factors():
     keys = torch.randn(5, 16).double()  # rank 5 in 16 dimensions and no identity term: singular
-    factor = Preservation.factor_of(keys.T @ keys / 5, PreservationTerms(1.0))
-    assert torch.isfinite(factor).all()
-    v = Preservation(factor).solve(torch.randn(16, 2))
+    fixed = fixed_part(PreservationTerms(1.0), keys.T @ keys / 5)
+    assert torch.isfinite(fixed.factor).all()
+    v = Preservation(fixed).solve(torch.randn(16, 2))
     assert torch.isfinite(v).all()
 
 
@@ -111,6 +131,30 @@ def test_snapshots_on_the_way_equal_c0_measured_with_that_many_tokens(make_model
     plain = second_moments(model, tokenizer, sites, corpus, batch_size=2, cache=False)
     assert all(torch.allclose(full[s.name].matrix, plain[s.name].matrix, atol=1e-6) for s in sites)
     assert len(list((tmp_path / "one").glob("*.safetensors"))) == 3 * len(sites)  # no snapshot past the corpus's end
+
+
+def test_c0_over_fewer_tokens_than_dimensions_is_kept_as_its_rows(make_model, tokenizer, tmp_path):
+    from grace_hooks.locate.covariance import thin_form
+
+    model, sites, corpus = make_model("llama"), [Site(0), Site(1)], Corpus(TEXTS, "test texts")
+    d_in = sites[0].dims(model)[0]
+    few = 12
+    assert thin_form(few, d_in) and not thin_form(d_in + 1, d_in)
+    thin = second_moments(model, tokenizer, sites, corpus, max_tokens=few, batch_size=2, cache=tmp_path,
+                          also_at=(5,))
+    dense = second_moments(model, tokenizer, sites, corpus, max_tokens=d_in + 1, batch_size=2, cache=False)
+    again = second_moments(model, tokenizer, sites, corpus, max_tokens=few, batch_size=2, cache=tmp_path)
+    snap = second_moments(model, tokenizer, sites, corpus, max_tokens=5, batch_size=2, cache=tmp_path)
+    for site in sites:
+        got = thin[site.name]
+        assert got.thin and got.rows.shape == (few, d_in) and got.count == few and not dense[site.name].thin
+        assert again[site.name].from_cache and again[site.name].thin and torch.equal(again[site.name].rows, got.rows)
+        assert snap[site.name].from_cache and torch.equal(snap[site.name].rows, got.rows[:5])
+    inputs = site_inputs(model, tokenizer, sites, corpus.texts, few)  # the same tokens, one text per forward
+    for site in sites:
+        rows = thin[site.name].rows
+        assert torch.allclose(rows, inputs[site.name], atol=1e-5)  # float32 forwards, batched vs one by one
+        assert torch.allclose(thin[site.name].matrix, rows.double().T @ rows.double() / few)
 
 
 def test_self_sampled_corpus_is_reproducible(make_model, tokenizer):

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_first_edit_reads_shipped_corpus, counterfact_path, embedded_or_skip, prompt_logits
+from conftest import assert_first_edit_reads_shipped_text, counterfact_path, embedded_or_skip, prompt_logits
 from grace_hooks import EditableModel, read_requests
 from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.eval import greedy, reaches
@@ -67,5 +67,5 @@ def test_counterfact_grace_edits_land_stay_local_reload_and_roll_back(qwen, tmp_
         qwen.remove_pack("cf3")
 
 
-def test_first_default_edit_reads_the_shipped_corpus(qwen, tmp_path, monkeypatch):
-    assert_first_edit_reads_shipped_corpus(qwen, NAME, tmp_path, monkeypatch)
+def test_first_default_edit_reads_the_shipped_corpus_and_prefixes(qwen, tmp_path, monkeypatch):
+    assert_first_edit_reads_shipped_text(qwen, NAME, tmp_path, monkeypatch)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_first_edit_reads_shipped_corpus, counterfact_path, embedded_or_skip, prompt_logits
+from conftest import assert_first_edit_reads_shipped_text, counterfact_path, embedded_or_skip, prompt_logits
 from grace_hooks import EditableModel, EditRequest, read_requests
 from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.eval import greedy, reaches
@@ -141,5 +141,5 @@ def test_chat_form_edits_answer_the_question_asked_in_a_chat(smol, cf_corpus, me
     assert chat_answers(smol, questions) == base[:4]  # rollback
 
 
-def test_first_default_edit_reads_the_shipped_corpus(smol, tmp_path, monkeypatch):
-    assert_first_edit_reads_shipped_corpus(smol, "smollm2-135m", tmp_path, monkeypatch)
+def test_first_default_edit_reads_the_shipped_corpus_and_prefixes(smol, tmp_path, monkeypatch):
+    assert_first_edit_reads_shipped_text(smol, "smollm2-135m", tmp_path, monkeypatch)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from ..bases.architectures import Site, deepest
-from ..bases.embedded import cache_dir
 from ..bases.hooks import HookOwner, forward_until
 from ..progress import Progress
+from .kept import cache_folder, kept_or_made, read_json
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +84,9 @@ def cached_sample_corpus(model, tokenizer, model_hash: str, n_texts: int = 64, n
     """:func:`sample_corpus`, kept on disk per (model weights, seed, size): sampling takes minutes.
     Looked up in the cache folder, then among the corpora shipped with the package (those the
     embedded models use, so a first edit on a fresh machine need not sample), then sampled."""
-    folder = (cache_dir() / "corpus") if cache is True else (Path(cache) if cache else None)
-    name = corpus_file_name(model_hash, seed, n_texts, n_tokens)
-    path = None if folder is None else folder / name
-    if path is not None and path.is_file():
-        corpus = _read_corpus(path.read_text(encoding="utf-8"))
-        if corpus is not None:
-            log.info("covariance corpus: %d texts from %s", len(corpus.texts), path)
-            return corpus
-        log.warning("covariance corpus: %s is not a corpus file (texts and source); it is ignored", path)
-    corpus = shipped_corpus(name) if cache is not False and cache is not None else None
-    if corpus is not None:
-        log.info("covariance corpus: %d texts shipped with the package (%s)", len(corpus.texts), corpus.source)
-        return corpus
-    corpus = sample_corpus(model, tokenizer, n_texts, n_tokens, seed)
-    if path is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"texts": list(corpus.texts), "source": corpus.source}), encoding="utf-8")
-        tmp.replace(path)
-    return corpus
+    return kept_or_made(cache_folder("corpus", cache), corpus_file_name(model_hash, seed, n_texts, n_tokens), _read_corpus,
+                        lambda name: shipped_corpus(name), lambda: sample_corpus(model, tokenizer, n_texts, n_tokens, seed),
+                        lambda c: {"texts": list(c.texts), "source": c.source}, "covariance corpus")
 
 
 def corpus_file_name(model_hash: str, seed: int, n_texts: int, n_tokens: int) -> str:
@@ -130,10 +113,7 @@ def shipped_corpus(name: str) -> Corpus | None:
 
 def _read_corpus(text: str) -> Corpus | None:
     """A stored corpus, or None when the text is not one (bad JSON, wrong types, no text)."""
-    try:
-        stored = json.loads(text)
-    except ValueError:
-        return None
+    stored = read_json(text)
     if not (isinstance(stored, dict) and isinstance(stored.get("source"), str) and isinstance(stored.get("texts"), list)
             and stored["texts"] and all(isinstance(t, str) for t in stored["texts"])):
         return None
@@ -176,14 +156,37 @@ def model_digest(model) -> str:
 
 @dataclass
 class SecondMoment:
-    """E[k k^T] over ``count`` key vectors at ``site``."""
+    """E[k k^T] over ``count`` key vectors at ``site``, kept as the (d_in, d_in) matrix or, when there
+    are no more keys than dimensions, as the keys themselves: ``rows`` (count, d_in), E[k k^T] = rows^T
+    rows / count, a rank-``count`` matrix that is smaller to keep and cheaper to solve through its rows
+    (:func:`~grace_hooks.locate.linalg.fixed_part`) than to form and factor."""
 
     site: str
-    matrix: torch.Tensor  # (d_in, d_in)
     count: int
     corpus_source: str
+    stored: torch.Tensor  # the matrix, or the rows when ``thin``
+    thin: bool = False
     cache_path: Path | None = None
     from_cache: bool = False
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return self.stored if self.thin else None
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The (d_in, d_in) matrix, formed from the rows (in float64) when it is kept as rows."""
+        if not self.thin:
+            return self.stored
+        rows = self.stored.to(torch.float64)
+        return rows.T @ rows / self.count
+
+
+def thin_form(max_tokens: int, d_in: int) -> bool:
+    """Whether C0 over at most ``max_tokens`` keys of width ``d_in`` is kept as its rows: its rank is at
+    most ``max_tokens``, so the rows hold it exactly in no more room than the matrix (on Qwen's 8,960-wide
+    MLP input, 1,024 rows are 37 MB against 642 MB)."""
+    return max_tokens <= d_in
 
 
 def _cache_key(model_hash: str, site: Site, corpus: Corpus, max_tokens: int, dtype: torch.dtype) -> str:
@@ -207,8 +210,8 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
     """:func:`second_moment` at several sites: cached ones are read, the others share one pass.
     ``also_at``: smaller token counts whose C0 (over the first that many tokens, as a call with that
     ``max_tokens`` would measure it, up to float32 rounding) is written to the cache on the way (studies of how many tokens
-    C0 needs measure them all in one pass)."""
-    folder = (cache_dir() / "covariance") if cache is True else (Path(cache) if cache else None)
+    C0 needs measure them all in one pass). A site where :func:`thin_form` holds keeps its keys, not their products."""
+    folder = cache_folder("covariance", cache)
     out: dict[str, SecondMoment] = {}
     paths: dict[str, tuple[str, Path] | None] = {}
     for site in sites:
@@ -222,13 +225,17 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
             stored = load_file(str(path[1]))
             meta = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
             log.info("covariance %s: cache hit %s (%d keys, corpus %s)", site.name, path[1].name, meta["count"], meta["corpus_source"])
-            out[site.name] = SecondMoment(site.name, stored["matrix"], int(meta["count"]), meta["corpus_source"], path[1], True)
+            thin = "rows" in stored
+            out[site.name] = SecondMoment(site.name, int(meta["count"]), meta["corpus_source"],
+                                          stored["rows" if thin else "matrix"], thin, path[1], True)
     todo = [s for s in sites if s.name not in out]
     if not todo:
         return out
+    thin = {s.name: thin_form(max_tokens, s.dims(model)[0]) for s in todo}
     # float64 by default (``dtype``): C0 sums up to 1e5 outer products, and the solve inverts lambda C0 + K K^T;
     # in the model's bfloat16 or even float32 the sum would lose the small directions the solve relies on
-    totals = {s.name: torch.zeros(s.dims(model)[0], s.dims(model)[0], dtype=dtype) for s in todo}
+    totals = {s.name: torch.zeros(s.dims(model)[0], s.dims(model)[0], dtype=dtype) for s in todo if not thin[s.name]}
+    rows: dict[str, list[torch.Tensor]] = {s.name: [] for s in todo if thin[s.name]}
     count = 0
     device = next(model.parameters()).device
     grabbed: dict[str, torch.Tensor] = {}
@@ -252,26 +259,36 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
             stops = sorted({c for c in also_at if count < c < max_tokens} | {max_tokens})
             for name, x in grabbed.items():
                 # moved in the model's dtype and widened on the CPU: the same numbers, half the copy of float32 ones
+                keys = x[real.to(x.device)].cpu().float()[: max_tokens - count]
+                n = len(keys)
+                if name in rows:  # the keys themselves (float32, as the model gave them): snapshots are their first rows
+                    rows[name].append(keys)
+                    continue
                 # float32 products (a batch is ~10^3 tokens: rounding stays ~1e-6 relative), summed over
                 # the batches in ``dtype`` (float64): several times faster than float64 products on a CPU
-                keys = x[real.to(x.device)].cpu().float()[: max_tokens - count]
                 start = 0
                 for stop in stops:  # the products cut where a snapshot is due: each snapshot has exactly its tokens
                     part = keys[start: max(start, stop - count)]
                     totals[name] += (part.T @ part).to(dtype)
                     start += len(part)
                     if count + start == stop and stop != max_tokens and folder is not None:
-                        _store(folder, model_hash, todo, totals, stop, corpus, dtype, name)
-                n = len(keys)
+                        _store(folder, model_hash, todo, SecondMoment(name, stop, corpus.source, totals[name] / stop),
+                               corpus, dtype)
             count += n
             bar.update(n)
     tokenizer.padding_side = side
     seconds = bar.close()
     if count == 0:
         raise ValueError("the corpus gave no tokens to measure")
+    kept = {name: torch.cat(r) for name, r in rows.items()}
+    if folder is not None:
+        for name, r in kept.items():
+            for stop in sorted(c for c in also_at if c < count):
+                _store(folder, model_hash, todo, SecondMoment(name, stop, corpus.source, r[:stop].clone(), True), corpus, dtype)
     for site in todo:
         where = paths[site.name]
-        moment = SecondMoment(site.name, totals[site.name] / count, count, corpus.source, where[1] if where else None)
+        stored = kept[site.name] if site.name in kept else totals[site.name] / count
+        moment = SecondMoment(site.name, count, corpus.source, stored, site.name in kept, where[1] if where else None)
         if where is not None:
             _write_moment(folder, where[0], moment, corpus, dtype)
         out[site.name] = moment
@@ -279,22 +296,24 @@ def second_moments(model, tokenizer, sites: list[Site], corpus: Corpus, max_toke
     return out
 
 
-def _store(folder: Path, model_hash: str, sites: list[Site], totals: dict[str, torch.Tensor], count: int,
-           corpus: Corpus, dtype: torch.dtype, name: str) -> None:
-    """Write the snapshot of site ``name`` after ``count`` tokens as a call with ``max_tokens=count`` would."""
-    site = next(s for s in sites if s.name == name)
-    key = _cache_key(model_hash, site, corpus, count, dtype)
-    _write_moment(folder, key, SecondMoment(name, totals[name] / count, count, corpus.source), corpus, dtype)
-    log.info("covariance %s: snapshot after %d tokens written (%s)", name, count, key)
+def _store(folder: Path, model_hash: str, sites: list[Site], moment: SecondMoment, corpus: Corpus,
+           dtype: torch.dtype) -> None:
+    """Write a snapshot (C0 of site ``moment.site`` after ``moment.count`` tokens) as a call with
+    ``max_tokens=moment.count`` would."""
+    site = next(s for s in sites if s.name == moment.site)
+    key = _cache_key(model_hash, site, corpus, moment.count, dtype)
+    _write_moment(folder, key, moment, corpus, dtype)
+    log.info("covariance %s: snapshot after %d tokens written (%s)", moment.site, moment.count, key)
 
 
 def _write_moment(folder: Path, key: str, moment: SecondMoment, corpus: Corpus, dtype: torch.dtype) -> None:
-    """C0 and its description into the cache folder, the matrix last and by rename (a reader never sees half)."""
+    """C0 and its description into the cache folder, the matrix (or rows) last and by rename (a reader never sees half)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.safetensors"
     tmp = path.with_suffix(".tmp")
-    save_file({"matrix": moment.matrix.contiguous()}, str(tmp))
+    save_file({"rows" if moment.thin else "matrix": moment.stored.contiguous()}, str(tmp))
     (folder / f"{key}.json").write_text(json.dumps({"site": moment.site, "count": moment.count,
                                                     "corpus_source": corpus.source, "corpus_digest": corpus.digest,
-                                                    "dtype": str(dtype)}), encoding="utf-8")
+                                                    "dtype": str(dtype), "form": "rows" if moment.thin else "matrix"}),
+                                        encoding="utf-8")
     tmp.replace(path)

@@ -52,29 +52,76 @@ def preservation_matrix(d_in: int, c0: torch.Tensor | None = None, lam: float = 
     return m
 
 
-class Preservation:
-    """P = F + Kp Kp^T with the fixed part F = lambda C0 + lambda_N I held as its Cholesky factor, made
-    once per model, site and corpus: each solve then costs O(d^2 m) for m new and earlier keys instead
-    of a d x d factorisation per site and edit (on Qwen's 8,960-wide MLP input the one factorisation
-    took 32 s for 5 sites on 2 threads: benchmarks/results/first_edit_qwen_quiet.json)."""
+def _ridge(mean_diagonal: float) -> float:
+    """What keeps a singular lambda C0 (fewer tokens than dimensions, no lambda_N) invertible: 1e-9 of its
+    mean diagonal."""
+    return 1e-9 * mean_diagonal
 
-    def __init__(self, factor: torch.Tensor, previous_keys: torch.Tensor | None = None) -> None:
-        self.factor = factor  # lower triangular L, F = L L^T, float64
-        self.previous_keys = previous_keys if previous_keys is not None and previous_keys.numel() else None
 
-    @staticmethod
-    def factor_of(c0: torch.Tensor, terms: PreservationTerms) -> torch.Tensor:
-        """The Cholesky factor of lambda C0 + lambda_N I. Without lambda_N a C0 measured on fewer tokens
-        than it has dimensions is singular: then a ridge of 1e-9 of its mean diagonal is added."""
-        fixed = preservation_matrix(c0.shape[0], c0, terms.c0_weight, terms.identity_weight)
-        factor, info = torch.linalg.cholesky_ex(fixed)
-        if int(info):
-            fixed.diagonal().add_(1e-9 * float(fixed.diagonal().mean()))
-            factor = torch.linalg.cholesky(fixed)
-        return factor
+class CholeskyPart:
+    """The fixed part F = lambda C0 + lambda_N I held as its Cholesky factor (F = L L^T, float64)."""
+
+    def __init__(self, factor: torch.Tensor) -> None:
+        self.factor = factor
+
+    def solve(self, w: torch.Tensor) -> torch.Tensor:
+        """F^-1 W."""
+        return torch.cholesky_solve(w, self.factor)
 
     def dense(self) -> torch.Tensor:
-        m = self.factor @ self.factor.T
+        return self.factor @ self.factor.T
+
+
+class RowsPart:
+    """F = a X^T X + b I with X the (N, d) rows of a C0 measured on N < d tokens (a = lambda / N), solved
+    through an N x N factor (Woodbury): F^-1 = (I - X^T (b/a I + X X^T)^-1 X) / b. On Qwen's 8,960-wide MLP
+    input and 1,024 tokens that replaces a 32 s factorisation of five 8,960 x 8,960 matrices."""
+
+    def __init__(self, rows: torch.Tensor, a: float, b: float) -> None:
+        self.x, self.a = rows.to(torch.float64), a
+        self.b = b if b > 0 else _ridge(a * float((self.x * self.x).sum()) / self.x.shape[1])
+        inner = self.x @ self.x.T
+        inner.diagonal().add_(self.b / a)
+        self.inner = torch.linalg.cholesky(inner)
+
+    def solve(self, w: torch.Tensor) -> torch.Tensor:
+        return (w - self.x.T @ torch.cholesky_solve(self.x @ w, self.inner)) / self.b
+
+    def dense(self) -> torch.Tensor:
+        m = self.a * (self.x.T @ self.x)
+        m.diagonal().add_(self.b)
+        return m
+
+
+def fixed_part(terms: PreservationTerms, c0: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> CholeskyPart | RowsPart:
+    """F = lambda C0 + lambda_N I, made once per model, site and corpus, from C0 (``c0``, d x d) or from
+    the rows it was measured on (``rows``, N x d, C0 = X^T X / N: see ``SecondMoment.thin``). Without
+    lambda_N a C0 of fewer tokens than dimensions is singular: a ridge of 1e-9 of its mean diagonal is added."""
+    if rows is not None and terms.c0_weight > 0:
+        return RowsPart(rows, terms.c0_weight / rows.shape[0], terms.identity_weight)
+    if rows is not None:
+        c0 = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    fixed = preservation_matrix(c0.shape[0], c0, terms.c0_weight, terms.identity_weight)
+    factor, info = torch.linalg.cholesky_ex(fixed)
+    if int(info):
+        fixed.diagonal().add_(_ridge(float(fixed.diagonal().mean())))
+        factor = torch.linalg.cholesky(fixed)
+    return CholeskyPart(factor)
+
+
+class Preservation:
+    """P = F + Kp Kp^T with the fixed part F = lambda C0 + lambda_N I made once per model, site and corpus
+    (:func:`fixed_part`): each solve then costs O(d^2 m) (O(d N m) from rows) for m new and earlier keys
+    instead of a d x d factorisation per site and edit (on Qwen's 8,960-wide MLP input the one
+    factorisation took 32 s for 5 sites on 2 threads: benchmarks/results/first_edit_qwen_quiet.json)."""
+
+    def __init__(self, fixed: CholeskyPart | RowsPart, previous_keys: torch.Tensor | None = None) -> None:
+        self.fixed = fixed
+        self.previous_keys = previous_keys if previous_keys is not None and previous_keys.numel() else None
+
+    def dense(self) -> torch.Tensor:
+        m = self.fixed.dense()
         if self.previous_keys is not None:
             kp = self.previous_keys.to(torch.float64)
             m += kp @ kp.T
@@ -87,7 +134,7 @@ class Preservation:
         w = k64 if self.previous_keys is None else torch.cat([self.previous_keys.to(torch.float64), k64], 1)
         if w.shape[1] * 2 > w.shape[0]:  # as many keys as dimensions: the dense solve is the cheaper one
             return torch.linalg.solve(self.dense() + k64 @ k64.T, k64)
-        b = torch.cholesky_solve(w, self.factor)
+        b = self.fixed.solve(w)
         b_k = b[:, -k64.shape[1]:]
         s = torch.eye(w.shape[1], dtype=torch.float64) + w.T @ b
         return b_k - b @ torch.linalg.solve(s, w.T @ b_k)

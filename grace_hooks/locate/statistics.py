@@ -42,9 +42,11 @@ class Statistics:
         return self.memo.get(("model_digest",), lambda: model_digest(self.model))
 
     def prefixes(self, n_tokens: int, seed: int = 0) -> list[str]:
-        """``""`` plus the model-written context prefixes (the base model's own writing)."""
+        """``""`` plus the model-written context prefixes (the base model's own writing), kept on disk
+        by the weights' digest (shipped for the embedded models)."""
         with self._packs_off():
-            return context_prefixes(self.model, self.tokenizer, n_tokens, seed, memo=self.memo)
+            return context_prefixes(self.model, self.tokenizer, n_tokens, seed, memo=self.memo,
+                                    model_hash=self.digest())
 
     def corpus(self, spec: CorpusSpec) -> Corpus:
         if spec.path is not None:

@@ -23,7 +23,7 @@ from ...engine.loaded import LoadedSite
 from ...engine.runtime import SiteContribution
 from ...engine.spans import KeyRouting, request_spans
 from ...locate.covariance import SecondMoment
-from ...locate.linalg import LowRank, Preservation, PreservationTerms, closed_form_update
+from ...locate.linalg import LowRank, Preservation, PreservationTerms, closed_form_update, fixed_part
 from ...locate.statistics import Statistics
 from ...locate.subject_keys import activations_at_subject
 from ...locate.target_vectors import target_vectors
@@ -125,10 +125,11 @@ class DeltaMethod(EditMethod):
                     loaded = ctx.loaded.site(site.name)
                     with clock("solve"):
                         terms = self.preservation(keys.shape[1], loaded, cfg)
-                        factor = ctx.memo.get(("preservation", n, cfg.corpus_spec(), cfg.max_tokens, terms.c0_weight,
-                                               terms.identity_weight),
-                                              lambda: Preservation.factor_of(moments[n].matrix, terms))
-                        update = closed_form_update(residual.T, keys.T, Preservation(factor, terms.previous_keys),
+                        fixed = ctx.memo.get(("preservation", n, cfg.corpus_spec(), cfg.max_tokens, terms.c0_weight,
+                                              terms.identity_weight),
+                                             lambda: fixed_part(terms, None if moments[n].thin else moments[n].matrix,
+                                                                moments[n].rows))
+                        update = closed_form_update(residual.T, keys.T, Preservation(fixed, terms.previous_keys),
                                                     self.constraint(loaded, cfg))
                     # solved in float64 (closed_form_update), stored in float32 whatever the model's dtype
                     tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
