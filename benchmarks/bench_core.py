@@ -14,8 +14,9 @@ c. the extra load time of an adapters folder holding all the packs over a plain 
 d. greedy success (the generation starts with the new target) on every edited prompt with all
    edits loaded, and the share of unrelated prompts whose logits are bit-identical to the base's.
 
-Writes ``<out>/results.json``, prints markdown tables and puts them into ``benchmarks/RESULTS.md``
-under "## Core (issue 2): GRACE on SmolLM2-135M" (replacing an earlier version of that section).
+Writes ``<out>/results.json``, prints markdown tables and puts them into
+``benchmarks/results-pages/methods.md`` under "## Core (issue 2): GRACE on SmolLM2-135M" (replacing an
+earlier version of that section).
 
 Example (from the repository root)::
 
@@ -82,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch and FAISS threads; 1 by default because on a shared 2-core machine 2 OpenMP threads "
                         "stall whenever another process holds a core")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "core", help="results folder")
-    p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md",
+    p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "results-pages" / "methods.md",
                    help="markdown file whose core section is written")
     p.add_argument("--no-results-md", action="store_true", help="do not touch --results-md (development runs)")
     return p.parse_args(argv)

@@ -7,7 +7,7 @@
 #   benchmarks/full_scale_runs.sh b > lane_b.log 2>&1 &
 #
 # Raw results go to benchmarks/results/{comeba,delta}/cf1000-* (not in git);
-# benchmarks/summarize_lifelong.py turns them into the RESULTS.md tables.
+# benchmarks/summarize_lifelong.py turns them into the tables of benchmarks/results-pages/methods.md.
 set -u
 cd "$(dirname "$0")/.."
 G=${GRACE_HOOKS:-grace-hooks}

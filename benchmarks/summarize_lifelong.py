@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Gather lifelong-benchmark result folders into benchmarks/RESULTS.md and benchmarks/results/lifelong/.
+"""Gather lifelong-benchmark result folders into benchmarks/results-pages/methods.md and benchmarks/results/lifelong/.
 
 Each row of the table is one method spec of one run, with a note of the command that made it;
 runs on the same data and batch size share plots (metric vs edits, seconds per edit, tokens/s).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,9 +26,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="result folders written by grace-hooks eval")
     p.add_argument("--dest", type=Path, default=REPO / "benchmarks" / "results" / "lifelong")
-    p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "results-pages" / "methods.md")
     p.add_argument("--intro", default="", help="text placed above the tables")
-    p.add_argument("--section", default=SECTION, help="the RESULTS.md heading (whole line) whose section is replaced")
+    p.add_argument("--section", default=SECTION, help="the heading (whole line) of --results-md whose section is replaced")
     args = p.parse_args(argv)
 
     groups: dict[tuple[str, int], dict] = {}
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
             cells = [fmt(r["last"].get(k), kind) for _, k, kind in COLUMNS]
             lines.append(f"| {r['label']} | {r['last']['edits']} | " + " | ".join(cells)
                          + f" | {r['wall_minutes']:.0f} | ({r['cmd']}) |")
-        rel = (args.dest / slug).relative_to(args.results_md.parent)
+        rel = Path(os.path.relpath(args.dest / slug, args.results_md.parent)).as_posix()  # ../results/... from results-pages/
         lines += ["", f"Plots: [metrics vs edits]({rel}/metrics.png), [seconds per edit]({rel}/seconds_per_edit.png), "
                   f"[tokens/s]({rel}/tokens_per_s.png).", ""]
     copies = args.dest.resolve().relative_to(REPO) if args.dest.resolve().is_relative_to(REPO) else args.dest

@@ -11,7 +11,7 @@ from .errors import ConfigError
 C = TypeVar("C")
 
 # What a user gets without naming a method: edits that reach paraphrases and questions (routed, so
-# unrelated text stays bit-identical), chosen from the measurements in benchmarks/RESULTS.md (issue 17).
+# unrelated text stays bit-identical), chosen from the measurements in benchmarks/results-pages/speed.md (issue 17).
 DEFAULT_METHOD = "encore"
 
 

@@ -122,8 +122,11 @@ def test_embedded_short_names_resolve_to_their_converted_folder(tmp_path, monkey
 
 def test_readme_shows_the_peft_round_trip_and_adapters_flags():
     text = README.read_text(encoding="utf-8")
-    assert "AutoPeftModelForCausalLM.from_pretrained" in text and "grace-hooks model-path" in text
-    cli = text[text.index("## Command line"):text.index("## Measuring edits")]
+    peft = (README.parent / "docs" / "peft.md").read_text(encoding="utf-8")
+    assert "AutoPeftModelForCausalLM.from_pretrained" in peft and "grace-hooks model-path" in peft
+    assert "docs/peft.md" in text and "grace-hooks model-path" in text
+    start = text.index("## Command line")
+    cli = text[start:text.index("\n## ", start)]
     for command in ("export", "rm"):
         lines = [line for line in cli.splitlines() if f"grace-hooks {command} " in line]
         assert lines and all("--adapters" in line.split(f"grace-hooks {command} ")[1].split("|")[0] for line in lines)

@@ -103,7 +103,7 @@ def test_routed_delta_edit_reaches_targets(delta_edit):
     """Gemma 3 normalises the MLP output before the residual add (gains in the hundreds): the default
     method's update is added after that norm (architectures: written_at) and spread over 3 blocks.
     A solve aimed through the norm landed 1 to 2 of these 3 (6 of 20 in one call), the update
-    written after it 20 of 20 (benchmarks/RESULTS.md)."""
+    written after it 20 of 20 (benchmarks/results-pages/models.md)."""
     hits = [reaches(a, r.target_new) for a, r in zip(delta_edit["answers"], delta_edit["reqs"])]
     assert all(hits), delta_edit["answers"]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The unedited model's chat answers to a few records' questions (the base column of the example
-tables in RESULTS.md; lifelong runs now record it themselves).
+tables in benchmarks/results-pages/; lifelong runs now record it themselves).
 
     python benchmarks/studies/chat_examples.py --model gemma3-270m --data ../shared/data/zsre-train-1k.json --records 0,2,4
 """

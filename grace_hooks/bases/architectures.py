@@ -27,7 +27,7 @@ class ArchSpec:
     # residual stream (gains up to ~740 on Gemma 3 270M): an effect keyed on the MLP's hidden
     # activations is added after that norm, so what it writes reaches the residual stream as is (a
     # solve aimed through the norm landed 6 of 20 edits, one written after it 20 of 20:
-    # benchmarks/RESULTS.md). Its global deltas then have no LoRA form on the point's weight.
+    # benchmarks/results-pages/models.md). Its global deltas then have no LoRA form on the point's weight.
     written_at: dict[str, str] = field(default_factory=dict)
     written_since: str = ""  # the library version from which written_at holds (older packs acted elsewhere)
     # consecutive blocks a spread (MEMIT-style) update covers by default: on Gemma 3 an update spread

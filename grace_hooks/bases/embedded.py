@@ -123,7 +123,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         weights_digest="5676cd702266e996bf49ad4b42fd46ff",
         # C0 over the corpus's first 1,024 tokens, not all 30,888: its MLP input is 8,960 wide, so the whole
         # corpus took 16 min on 2 cores; on 24 train edits the edits kept ES/PS 100, NS at the base and
-        # answered 83% of the questions (benchmarks/RESULTS.md, issue 39)
+        # answered 83% of the questions (benchmarks/results-pages/speed.md, issue 39)
         edit_options=(("max_tokens", 1024),)),
 }
 DEFAULT_MODEL = "smollm2-135m"

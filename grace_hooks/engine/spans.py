@@ -2,7 +2,7 @@
 
 A router key alone says "this activation looks like the edited subject's". At thousands of edits
 that is not enough: the last token of "Giurgiu County" looks like the last token of any "...
-County", and first tokens of a text all look alike (benchmarks/RESULTS.md, issue 16). A key with
+County", and first tokens of a text all look alike (benchmarks/results-pages/routing.md, issue 16). A key with
 a span is in scope only where the token ids of its subject occur in the text as well:
 
 - ``end`` anchor (keys at the last subject token: routed deltas, COMEBA-HK's router gate): the span

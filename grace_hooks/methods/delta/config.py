@@ -11,7 +11,7 @@ from ...locate.statistics import CorpusSpec
 from ...locate.target_vectors import TargetVectorConfig
 
 MODES = ("global", "routed")
-# tuned on CounterFact train (1,000 edits), checked on val (benchmarks/RESULTS.md, issue 16)
+# tuned on CounterFact train (1,000 edits), checked on val (benchmarks/results-pages/routing.md, issue 16)
 SPAN_RADIUS_SCALE, KEY_RADIUS_SCALE = 3.0, 1.1
 LLAMA3_MOM2_WEIGHT, LLAMA3_D_IN = 15000.0, 14336  # ENCORE's hparams/ENCORE/llama3-8b.json, down_proj input width
 
@@ -113,7 +113,7 @@ class EncoreConfig(DeltaConfig):
 
     stop: str = option("most_probable", "target vectors: 'most_probable' (ENCORE: stop once the target is the argmax "
                                         "on every rewrite prompt) or 'loss' (MEMIT)", ("loss", "most_probable"))
-    # Tuned for routed edits on CounterFact train (benchmarks/RESULTS.md, issue 17); the paper's
+    # Tuned for routed edits on CounterFact train (benchmarks/results-pages/speed.md, issue 17); the paper's
     # values (lr 0.5, stop_prob 0, target_prefixes 5, batch_size 8, routed_c0_fraction 1) remain options.
     lr: float = option(1.0, "Adam learning rate of delta (ENCORE/MEMIT: 0.5; 1.0 stops in fewer steps)")
     stop_prob: float = option(0.8, "a margin on the most-probable stop: every rewrite prompt must also give each target "
@@ -123,7 +123,7 @@ class EncoreConfig(DeltaConfig):
                                             "(each costs as much as the bare prompt; the router keys still use n_prefixes); "
                                             "None = n_prefixes, as the paper")
     batch_size: int = option(64, "requests whose target vectors are optimised together")
-    # issue 35's lever table (benchmarks/RESULTS.md): on 200 CounterFact train edits the question row
+    # issue 35's lever table (benchmarks/results-pages/questions.md): on 200 CounterFact train edits the question row
     # raised question success 52% -> 60.5% at 2.7x the seconds per edit (71.5% at 4.2x with
     # question_stop); on 50 val edits 42% -> 58%
     question_form: bool = option(True, "also optimise each target vector on its relation's edit question asked in "
@@ -136,13 +136,13 @@ class EncoreConfig(DeltaConfig):
                                             "reach z (1 = the paper's weight)")
     passes: int = option(2, "sweeps over the edited blocks; the second writes what the first left between the update's "
                             "output and z (100 CounterFact edits, SmolLM2: z reached 0.70 -> 0.90, landed 93% -> 100%, "
-                            "about 4% more time; benchmarks/RESULTS.md) (1 = the paper)")
+                            "about 4% more time; benchmarks/results-pages/speed.md) (1 = the paper)")
     norm_lambda: float = option(20.0, "lambda_N on |dW|^2 (ENCORE's update_norm_lambda for Llama3-8B)")
     previous_edits: bool | None = option(None, "add sum K_p K_p^T of the keys of every loaded delta pack at the site "
                                                "(the paper); None = in global mode only: a routed delta acts only on "
                                                "its own subjects, and with 5,000 edits loaded the term held a new batch "
                                                "to 53% landed against 100% without it, earlier edits holding alike "
-                                               "(benchmarks/RESULTS.md)")
+                                               "(benchmarks/results-pages/scale.md)")
 
     def c0_weight(self, d_in: int) -> float:
         return super().c0_weight(d_in) * (self.routed_c0_fraction if self.mode == "routed" else 1.0)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 MIN_RELATIVE_RADIUS = 0.05
 # requests per forward when keys are read, the ones of like length together: 42% fewer token
-# columns than one padded forward of 100 CounterFact prompts (benchmarks/RESULTS.md, issue 17)
+# columns than one padded forward of 100 CounterFact prompts (benchmarks/results-pages/speed.md, issue 17)
 KEY_FORWARD_ROWS = 25
 
 
