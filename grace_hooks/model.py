@@ -18,6 +18,7 @@ from .engine.loaded import LoadedView
 from .engine.memo import WeightMemo
 from .engine.runtime import EditRuntime
 from .errors import ArchitectureError, EditError, PackError
+from .explain import MAX_LEFT_OUT, Explanation, explain
 from .methods import EditContext, get_method
 from .requests import EditRequest, as_requests
 from .store.packs import (BaseInfo, EditPack, base_fingerprint, check_base, delete_pack_dir, load_pack, reading,
@@ -247,6 +248,44 @@ class EditableModel:
         with self._runtime.tracing() as hits:
             yield out
         out.extend((site, row, pos, names.get(pid, pid), key) for site, row, pos, pid, key in hits)
+
+    @contextlib.contextmanager
+    def without(self, name: str) -> Iterator["EditableModel"]:
+        """Inside the block the stack acts as if pack ``name`` had never been loaded (every later pack
+        is re-applied over the earlier ones without it, shrinks of earlier keys included); after the
+        block the stack is as before. Other threads wait until the block ends (it holds the lock)."""
+        with self._runtime.lock:
+            order = list(self._packs.values())
+            start = next((i for i, p in enumerate(order) if p.name == name), None)
+            if start is None:
+                raise PackError(f"no pack named {name!r} is loaded; loaded: {list(self._packs)}")
+            tail = order[start:]
+            for p in tail:
+                self._runtime.remove_pack(p.pack_id)
+            try:
+                self._restack(tail[1:])
+                yield self
+            finally:
+                for p in tail[1:]:
+                    self._runtime.remove_pack(p.pack_id)
+                self._restack(tail)
+
+    def _restack(self, packs: list[EditPack]) -> None:
+        """Apply packs that were applied before (already validated), above every pack applied now."""
+        for p in packs:
+            self._rank += 1
+            self._runtime.add_pack(p.pack_id, self._rank, get_method(p.method).contributions(p))
+
+    def explain(self, prompt: str, max_new_tokens: int = 20, stop_ids: tuple[int, ...] = (),
+                add_special_tokens: bool = True, max_left_out: int = MAX_LEFT_OUT) -> Explanation:
+        """Why the greedy answer to ``prompt`` is what it is: per generated token, the packs that acted
+        (site, input position, key, the requests it serves), and the answer with each acting pack left
+        out (at most ``max_left_out`` generations). See :mod:`grace_hooks.explain`."""
+        ids = {p.pack_id: p.name for p in self._packs.values()}
+        with self._runtime.lock:
+            keyless = tuple(dict.fromkeys(ids[pid] for rt in self._runtime.sites.values()
+                                          for pid in sorted(rt.packs - set(rt.ids)) if pid in ids))
+        return explain(self, prompt, max_new_tokens, stop_ids, add_special_tokens, keyless, max_left_out)
 
     def __call__(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

@@ -176,6 +176,21 @@ def test_ask_with_and_without_edits(made_packs, tiny_model):
     assert "pack(s)" not in base.stderr
 
 
+def test_why_names_the_pack_and_request_behind_the_answer(made_packs, tiny_model):
+    prompt = "The Eiffel Tower is located in the city of"
+    res = run("why", prompt, "--model", tiny_model, "--adapters", made_packs, "--max-new-tokens", "2")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("answer: 'Rome") or lines[0].startswith("answer: ' Rome")
+    assert any("facts key" in line and "'Rome'" in line for line in lines)
+    assert any(line.startswith("without facts:") and "Rome" not in line for line in lines)
+    as_json = json.loads(run("why", prompt, "--model", tiny_model, "--adapters", made_packs, "--max-new-tokens", "2",
+                             "--json").stdout)
+    assert as_json["acting"] == ["facts"]
+    quiet = run("why", "Paris is", "--model", tiny_model, "--adapters", made_packs, "--max-new-tokens", "2")
+    assert "no loaded pack acted" in quiet.stdout
+
+
 def test_ask_missing_default_adapters_uses_base(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no ./adapters here
     res = run("ask", "The capital of Japan is", "--model", tiny_model, "--max-new-tokens", "2")

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("store",),    # packs on disk
     ("locate",),   # the locate-then-edit toolkit
     ("methods",),  # the method contract, the registry and every family
-    ("model", "method_kit", "__init__"),  # the facade: EditableModel, the method author's kit, the public API
+    ("model", "explain", "method_kit", "__init__"),  # the facade: EditableModel, the method author's kit, the public API
     ("eval",),     # the benchmark harness
     ("serve",),    # the server (uses eval's chat helpers)
     ("cli",),      # the command line (runs eval and serve)

@@ -107,6 +107,23 @@ def test_an_edit_goes_live_over_http_and_its_deletion_brings_the_base_back(serve
     assert server.call("GET", "/v1/packs")[1]["data"] == []
 
 
+def test_explain_names_the_pack_that_changed_the_answer(server):
+    import urllib.parse
+
+    quiet = server.call("GET", "/v1/explain?" + urllib.parse.urlencode({"prompt": QUESTION, "max_tokens": 2}), key=None)
+    assert quiet[0] == 200 and quiet[1]["acting"] == [] and quiet[1]["without"] == {}
+    assert server.add("narnia")[0] == 201
+    for chat in ("false", "true"):
+        status, why = server.call("GET", "/v1/explain?" + urllib.parse.urlencode(
+            {"prompt": QUESTION, "max_tokens": 2, "chat": chat}), key=None)
+        assert status == 200, why
+        assert why["answer"].split()[0] == "tokyo" and why["acting"] == ["narnia"]
+        assert why["without"]["narnia"].split()[:1] != ["tokyo"]
+        firing = why["steps"][0]["firings"][0]
+        assert firing["pack"] == "narnia" and firing["requests"][0]["target_new"] == "tokyo"
+    assert server.call("GET", "/v1/explain?prompt=x&max_tokens=0", key=None)[0] == 400
+
+
 @pytest.mark.parametrize("stop", [None, "violin", " located e"])
 def test_streaming_gives_the_same_text_as_one_answer(server, stop):
     """With and without a pack, chat and completions; a stop string may span tokens."""

@@ -1,5 +1,5 @@
 """The commands that edit and ask: ``demo``, ``edit`` (and whether each edit took), ``methods``,
-``ask`` and ``model-path``."""
+``ask``, ``why`` and ``model-path``."""
 from __future__ import annotations
 
 import logging
@@ -169,21 +169,52 @@ def ask(ctx: click.Context, prompt: str, model: str, adapters: Path, no_edits: b
     """Greedy continuation of PROMPT (with the packs of ADAPTERS unless --no-edits)."""
     from .demo import greedy
 
-    use = None
-    if not no_edits:
-        if adapters.is_dir():
-            use = adapters
-        elif ctx.get_parameter_source("adapters") is not click.core.ParameterSource.DEFAULT:
-            # A folder the user named but that is not there is a typo, not a wish for the bare base model.
-            raise PackError(f"adapters folder {str(adapters)!r} does not exist; check the path, or pass --no-edits "
-                            "to ask the base model")
-        else:
-            busy(f"note: {adapters} does not exist; answering with the base model")
-    em = load_model(model, use)
+    em = load_model(model, None if no_edits else _adapters_to_use(ctx, adapters, "answering with the base model"))
     try:
         click.echo(greedy(em, prompt, max_new_tokens))
     finally:
         em.close()
+
+
+def _adapters_to_use(ctx: click.Context, adapters: Path, without: str) -> Path | None:
+    """``adapters`` when it is a folder; None (with a note saying ``without``) for the default folder
+    missing; an error for a folder the user named that is not there (a typo, not a wish for the base)."""
+    if adapters.is_dir():
+        return adapters
+    if ctx.get_parameter_source("adapters") is not click.core.ParameterSource.DEFAULT:
+        raise PackError(f"adapters folder {str(adapters)!r} does not exist; check the path, or pass --no-edits "
+                        "to ask the base model")
+    busy(f"note: {adapters} does not exist; {without}")
+    return None
+
+
+# ---------------------------------------------------------------------------- why
+@main.command()
+@click.argument("prompt")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
+@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of packs to apply; a folder given here must exist.")
+@click.option("--chat", is_flag=True, help="Ask PROMPT as one user turn of the chat template (as a chat user asks).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
+@click.pass_context
+def why(ctx: click.Context, prompt: str, model: str, adapters: Path, chat: bool, max_new_tokens: int,
+        as_json: bool) -> None:
+    """Why the answer to PROMPT is what it is: per generated token, the packs that acted (site, input
+    position, router key, the requests it serves), and the answer with each acting pack left out."""
+    import json
+
+    from ..eval.chat import explain_asked
+
+    em = load_model(model, _adapters_to_use(ctx, adapters, "no pack can act"))
+    try:
+        explanation = explain_asked(em, prompt, chat, max_new_tokens)
+    finally:
+        em.close()
+    if as_json:
+        click.echo(json.dumps(explanation.to_dict(), indent=1))
+    else:
+        click.echo("\n".join(explanation.lines()))
 
 
 @main.command("model-path")

@@ -78,6 +78,18 @@ def chat_answers(model, questions: Sequence[str], max_new_tokens: int = CHAT_MAX
     return [natural_answer(a) for a in raw]
 
 
+def explain_asked(model, text: str, chat: bool, max_new_tokens: int, max_left_out: int | None = None):
+    """``model.explain`` of ``text`` asked as a user asks it: with ``chat``, as one user turn of the
+    chat template (the answer stops at an end of turn), else as plain text continued (``grace-hooks why``
+    and ``GET /v1/explain``)."""
+    kwargs = {} if max_left_out is None else {"max_left_out": max_left_out}
+    if not chat:
+        return model.explain(text, max_new_tokens, **kwargs)
+    rendered, own_specials = chat_input(model.tokenizer, text)
+    return model.explain(rendered, max_new_tokens, stop_ids=tuple(end_of_turn_ids(model.tokenizer)),
+                         add_special_tokens=not own_specials, **kwargs)
+
+
 def chat_success(answers: Sequence[str], targets: Sequence[str]) -> list[bool]:
     """Whether each answer contains its new target (whole words, case ignored)."""
     return [mentions(a, t) for a, t in zip(answers, targets, strict=True)]

@@ -16,6 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import ConfigError, PackError
+from ..eval.chat import explain_asked
 from ..model import EditableModel
 from .admission import Admission, Gate
 from .body_limit import BodyLimit
@@ -104,6 +105,17 @@ def delete_pack(name: str, request: Request) -> dict[str, Any]:
     return request.app.state.grace.live.delete(name)
 
 
+@packs_router.get("/v1/explain")
+def explain(request: Request, prompt: str, max_tokens: int = 20, chat: bool = False) -> dict[str, Any]:
+    """Why the greedy answer to ``prompt`` is what it is (``EditableModel.explain``), asked as plain text
+    or, with ``chat=true``, as one user turn of the chat template."""
+    state = request.app.state.grace
+    if not 1 <= max_tokens <= state.config.max_tokens:
+        raise ApiError(400, f"max_tokens must be between 1 and {state.config.max_tokens}, not {max_tokens}",
+                       param="max_tokens")
+    return explain_asked(state.model, prompt, chat, max_tokens).to_dict()
+
+
 def _needs_key(request: Request) -> bool:
     return request.method in ("POST", "PUT", "PATCH", "DELETE") and request.url.path.startswith("/v1/packs")
 
@@ -111,7 +123,7 @@ def _needs_key(request: Request) -> bool:
 def _gate_for(gates: dict[str, Gate]):
     """Which gate a request passes: generations, or changes of the packs (reads pass freely)."""
     def choose(method: str, path: str) -> Gate | None:
-        if method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+        if method == "POST" and path in ("/v1/chat/completions", "/v1/completions") or path == "/v1/explain":
             return gates["generate"]
         if method == "POST" and path.rstrip("/") == "/v1/packs" or method == "DELETE" and path.startswith("/v1/packs/"):
             return gates["packs"]
