@@ -157,13 +157,23 @@ def methods() -> None:
 
 
 # ---------------------------------------------------------------------------- ask
+def asking(command):
+    """The arguments ``ask`` and ``why`` share: the prompt, the model, the adapters folder, the answer's length."""
+    for option in reversed((click.argument("prompt"),
+                            click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                                         help="Base model: hub id, folder, .gguf or embedded name."),
+                            click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True,
+                                         type=click.Path(file_okay=False, path_type=Path),
+                                         help="Folder of packs to apply; a folder given here must exist (the default "
+                                              "one is skipped with a note)."),
+                            click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True))):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.argument("prompt")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
-@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of packs to apply; a folder given here must exist (the default one is skipped with a note).")
+@asking
 @click.option("--no-edits", is_flag=True, help="Answer with the base model only (no packs).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
 @click.pass_context
 def ask(ctx: click.Context, prompt: str, model: str, adapters: Path, no_edits: bool, max_new_tokens: int) -> None:
     """Greedy continuation of PROMPT (with the packs of ADAPTERS unless --no-edits)."""
@@ -190,12 +200,8 @@ def _adapters_to_use(ctx: click.Context, adapters: Path, without: str) -> Path |
 
 # ---------------------------------------------------------------------------- why
 @main.command()
-@click.argument("prompt")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id, folder, .gguf or embedded name.")
-@click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of packs to apply; a folder given here must exist.")
+@asking
 @click.option("--chat", is_flag=True, help="Ask PROMPT as one user turn of the chat template (as a chat user asks).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
 @click.pass_context
 def why(ctx: click.Context, prompt: str, model: str, adapters: Path, chat: bool, max_new_tokens: int,
