@@ -430,3 +430,56 @@ def test_edit_defaults_to_the_default_method():
 
     res = run("edit", "--help")
     assert res.exit_code == 0 and f"[default: {DEFAULT_METHOD}]" in " ".join(res.stdout.split())
+
+
+# ---------------------------------------------------------------------------- rebase
+def fine_tuned_copy(folder: Path, dest: Path) -> Path:
+    """The tiny model after a few steps of fine-tuning on its sentences: a new version of the base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batch = tok(SENTENCES[:2], return_tensors="pt", padding=True)
+    for _ in range(3):
+        opt.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def test_rebase_recomputes_every_pack_on_the_new_base_and_keeps_the_old_folder(adapters, tiny_model, tmp_path):
+    new = str(fine_tuned_copy(Path(tiny_model), tmp_path / "tiny-v2"))
+    prompt = "The Eiffel Tower is located in the city of"
+    refused = CliRunner().invoke(main, ["ask", prompt, "--model", new, "--adapters", str(adapters)])
+    assert refused.exit_code != 0 and "fingerprint" in str(refused.output + str(refused.exception)).lower()
+    before = {p.name: read_header(p) for p in adapters.iterdir() if p.is_dir()}
+
+    res = run("rebase", "--adapters", adapters, "--model", new)
+    assert res.exit_code == 0, res.output
+    assert "facts" in res.stdout and "2/2" in res.stdout
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith("adapters.before-rebase-")]
+    assert {p.name: read_header(p) for p in old.iterdir() if p.is_dir()} == before  # the old packs, untouched
+    after = read_header(adapters / "facts")
+    assert after["requests"] == before["facts"]["requests"] and after["method"] == before["facts"]["method"]
+    assert after["base_model"]["fingerprint"] != before["facts"]["base_model"]["fingerprint"]
+    assert not [p for p in tmp_path.iterdir() if ".rebase-" in p.name]  # no staging folder left
+    answered = run("ask", prompt, "--model", new, "--adapters", adapters, "--max-new-tokens", "3")
+    assert answered.exit_code == 0 and answered.stdout.strip().startswith("Rome")
+
+
+def test_a_failed_rebase_leaves_the_folder_as_it_was(adapters, tiny_model, tmp_path, monkeypatch):
+    import grace_hooks.cli.rebase as rebase_module
+
+    new = str(fine_tuned_copy(Path(tiny_model), tmp_path / "tiny-v2"))
+    files = {p.relative_to(adapters): p.read_bytes() for p in adapters.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the check failed half way")
+
+    monkeypatch.setattr(rebase_module, "check_took", broken)
+    res = CliRunner().invoke(main, ["rebase", "--adapters", str(adapters), "--model", new])
+    assert res.exit_code != 0
+    assert {p.relative_to(adapters): p.read_bytes() for p in adapters.rglob("*") if p.is_file()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters", "tiny-v2"]

@@ -1,5 +1,5 @@
 """The commands that edit and ask: ``demo``, ``edit`` (and whether each edit took), ``methods``,
-``ask``, ``why`` and ``model-path``."""
+``ask``, ``why``, ``rebase`` and ``model-path``."""
 from __future__ import annotations
 
 import logging
@@ -154,6 +154,32 @@ def methods() -> None:
         click.echo(f"{name}:")
         for line in option_lines(get_method(name).config_class):
             click.echo(f"  {line}")
+
+
+# ---------------------------------------------------------------------------- rebase
+@main.command()
+@click.option("--adapters", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="The adapters folder whose packs are recomputed.")
+@click.option("--model", required=True, help="The new base: hub id, folder, .gguf or embedded name.")
+def rebase(adapters: Path, model: str) -> None:
+    """Recompute every pack of ADAPTERS on a new base MODEL from its stored requests and options, oldest
+    first; switch the folder over only when all are done (the old one is kept beside it)."""
+    from .rebase import rebase_adapters
+
+    em = load_model(model)
+    try:
+        rows, old = rebase_adapters(adapters, em, progress=lambda r: busy(
+            f"{r.name}: {r.landed}/{r.requests} requests landed ({r.method}, {r.seconds:.1f} s)"))
+    finally:
+        em.close()
+    print_table([["pack", "method", "landed", "seconds"]]
+                + [[r.name, r.method, f"{r.landed}/{r.requests}", f"{r.seconds:.1f}"] for r in rows])
+    click.echo(f"{adapters} now holds the rebased packs; the old ones are in {old} (remove it when you no longer "
+               "need it).")
+    missed = sum(r.requests - r.landed for r in rows)
+    if missed:
+        click.echo(f"{missed} request(s) did not land on the new base: check them with grace-hooks ask, or edit "
+                   "them again with other options.")
 
 
 # ---------------------------------------------------------------------------- ask
