@@ -103,7 +103,7 @@ def greedy_traced(em, prompt: str, max_new_tokens: int, stop_ids: tuple[int, ...
     traces: list[list[tuple]] = []
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            with em.routes() as hits:
+            with em.routes(every=True) as hits:
                 out = em(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_kwarg: past})
             traces.append([(site, row, offset + pos, pack, key) for site, row, pos, pack, key in hits])
             nxt = int(out.logits[0, -1].argmax())

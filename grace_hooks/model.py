@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -13,6 +14,7 @@ from .bases.embedded import edit_defaults
 from .bases.hooks import HookOwner
 from .bases.loading import load_base
 from .config import DEFAULT_METHOD, make_config
+from .conflicts import Conflict, find_conflicts
 from .engine.health import site_health
 from .engine.loaded import LoadedView
 from .engine.memo import WeightMemo
@@ -36,6 +38,7 @@ class PackInfo:
     nbytes: int
     sites: tuple[str, ...]
     created_at: str
+    conflicts: tuple[Conflict, ...] = ()  # from edit(): requests about the same fact as a loaded request
 
 
 class EditableModel:
@@ -114,6 +117,9 @@ class EditableModel:
         other threads wait while it is computed (they never see it half done)."""
         reqs = as_requests(requests)
         impl = get_method(method)
+        conflicts = tuple(find_conflicts(reqs, [(p.name, p.requests) for p in list(self._packs.values())]))
+        for c in conflicts:
+            log.warning("edit: %s; both act where both fire (see docs/usage.md#conflicting-edits)", c.describe())
         cfg = self.method_config(impl.config_class, config_overrides)
         name = validate_pack_name(pack if pack is not None else f"{method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}")
         with self._runtime.lock:
@@ -132,7 +138,7 @@ class EditableModel:
             except PackError as exc:
                 raise EditError(f"the {method} edit was computed but is not usable, so it was not applied: {exc}. "
                                 "Try other options (e.g. a lower learning rate or fewer requests per call)") from None
-        return self._info(new)
+        return dataclasses.replace(self._info(new), conflicts=conflicts)
 
     @contextlib.contextmanager
     def edit_context(self) -> Iterator[EditContext]:
@@ -240,12 +246,13 @@ class EditableModel:
             yield self
 
     @contextlib.contextmanager
-    def routes(self) -> Iterator[list[tuple[str, int, int, str, int]]]:
+    def routes(self, every: bool = False) -> Iterator[list[tuple[str, int, int, str, int]]]:
         """Record the router hits of the forwards inside the block: (site, batch row, position,
-        pack name, key index in that pack), one per in-scope position. Filled when the block exits."""
+        pack name, key index in that pack), one per in-scope position (its winning key), or with
+        ``every`` one per key that acts there. Filled when the block exits."""
         names = {p.pack_id: p.name for p in self._packs.values()}
         out: list[tuple[str, int, int, str, int]] = []
-        with self._runtime.tracing() as hits:
+        with self._runtime.tracing(every) as hits:
             yield out
         out.extend((site, row, pos, names.get(pid, pid), key) for site, row, pos, pid, key in hits)
 

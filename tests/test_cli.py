@@ -483,3 +483,16 @@ def test_a_failed_rebase_leaves_the_folder_as_it_was(adapters, tiny_model, tmp_p
     assert res.exit_code != 0
     assert {p.relative_to(adapters): p.read_bytes() for p in adapters.rglob("*") if p.is_file()} == files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters", "tiny-v2"]
+
+
+def test_edit_and_ls_name_conflicting_requests(adapters, tiny_model, tmp_path):
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps([{"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
+                                  "target_new": "Berlin"}]))
+    res = run("edit", "--method", "grace", "--requests", clash, "--adapters", adapters, "--pack", "newer",
+              "--model", tiny_model, "--set", "n_iter=5")
+    assert res.exit_code == 0, res.output
+    assert "CONFLICTS WITH" in res.stdout and "facts#0 (Rome)" in res.stdout
+    listed = run("ls", "--adapters", adapters)
+    assert "1 conflicting request(s)" in listed.stdout
+    assert "newer#0 'The Eiffel Tower' -> 'Berlin'  vs  facts#0 -> 'Rome' (same prompt)" in listed.stdout

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "grace_hooks"
 
 # Lowest first; a part may import from its own layer and the layers below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "version", "progress", "timing", "config", "requests", "tokens", "questions"),  # foundation
+    ("errors", "version", "progress", "timing", "config", "requests", "tokens", "questions", "conflicts"),  # foundation
     ("bases",),    # base models: architectures, torch hooks, embedded models, loading
     ("engine",),   # effects, router, spans, runtime, forward context, loaded view, memo, health
     ("store",),    # packs on disk

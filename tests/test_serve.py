@@ -96,6 +96,7 @@ def test_an_edit_goes_live_over_http_and_its_deletion_brings_the_base_back(serve
     status, info = server.add("narnia")
     assert status == 201, info
     assert (info["name"], info["method"], info["edits"]) == ("narnia", "grace", 1)
+    assert info["conflicts"] == []
     assert (server.adapters / "narnia" / "edit_pack.json").is_file()
     assert server.chat().split()[0] == "tokyo" and server.complete().split()[0] == "tokyo"
     assert [p["name"] for p in server.call("GET", "/v1/packs", key=None)[1]["data"]] == ["narnia"]
@@ -105,6 +106,14 @@ def test_an_edit_goes_live_over_http_and_its_deletion_brings_the_base_back(serve
     assert not (server.adapters / "narnia").exists()
     assert server.chat() == base_chat and server.complete() == base_text  # token for token
     assert server.call("GET", "/v1/packs")[1]["data"] == []
+
+
+def test_a_new_pack_answers_with_its_conflicts(server):
+    assert server.add("narnia")[0] == 201
+    status, info = server.add("narnia-again", requests=[{**NARNIA, "target_new": "paris"}])
+    assert status == 201, info
+    (c,) = info["conflicts"]
+    assert (c["request"], c["pack"], c["earlier"], c["why"], c["earlier_target"]) == (0, "narnia", 0, "same prompt", "tokyo")
 
 
 def test_explain_names_the_pack_that_changed_the_answer(server):

@@ -92,7 +92,7 @@ def edit(requests_file: Path, method: str, adapters: Path, pack_name: str | None
     click.echo("metrics:")
     for line in _flatten(metrics):
         click.echo(f"  {line}")
-    _show_took(took, method, cfg, info.name, adapters)
+    _show_took(took, method, cfg, info.name, adapters, info.conflicts)
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
@@ -110,13 +110,20 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def _show_took(took, method: str, cfg, pack: str, adapters: Path) -> None:
-    """Per request: did the new target become the greedy answer? Then, if some did not, what to try."""
-    rows = [["TOOK", "PROMPT", "TARGET", "ANSWER NOW"]]
+def _show_took(took, method: str, cfg, pack: str, adapters: Path, conflicts=()) -> None:
+    """Per request: did the new target become the greedy answer, and which loaded request it conflicts
+    with? Then, if some did not take, what to try."""
+    clash: dict[int, list[str]] = {}
+    for c in conflicts:
+        clash.setdefault(c.request, []).append(f"{c.pack}#{c.earlier} ({_cut(c.earlier_target, 16)})")
+    rows = [["TOOK", "PROMPT", "TARGET", "ANSWER NOW"] + (["CONFLICTS WITH"] if clash else [])]
     rows += [["yes" if t.took else "no", _cut(t.prompt, 60), _cut(t.target, 24), _cut(t.answer.strip(), 24) or "(nothing)"]
-             for t in took]
+             + ([", ".join(clash.get(i, [])) or "-"] if clash else []) for i, t in enumerate(took)]
     click.echo("\ndid each edit take? (the greedy answer of its prompt, now)")
     print_table(rows, indent="  ")
+    if clash:
+        click.echo(f"{len(clash)} request(s) ask the same as a request already loaded (same subject, and the same prompt "
+                   "or relation): both edits now act on those inputs (docs/usage.md#conflicting-edits).")
     missed = [t for t in took if not t.took]
     if not missed:
         click.echo(f"all {len(took)} edit(s) took.")

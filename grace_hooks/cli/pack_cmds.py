@@ -57,6 +57,7 @@ def ls_cmd(adapters: Path) -> None:
         print_table([["NAME", "METHOD", "EDITS", "SITES", "CREATED (UTC)", "BASE MODEL"]] + rows)
     else:
         click.echo(f"no packs in {adapters}")
+    _show_conflicts(paths)
     bad = sum(r[1] == "!corrupt" for r in rows)
     if bad:
         click.echo(f"{bad} pack(s) could not be read; loading this folder fails until they are mended or removed.",
@@ -65,6 +66,29 @@ def ls_cmd(adapters: Path) -> None:
         shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
         click.echo(f"not packs (no {PACK_JSON}): {shown}. Loading the packs of {adapters} fails while these are "
                    "there: keep only packs in an adapters folder.", err=True)
+
+
+def _show_conflicts(paths: list[Path]) -> None:
+    """The requests of later packs that ask the same as a request of an earlier one (or of the same pack)."""
+    from ..conflicts import folder_conflicts
+    from ..store.packs import read_header
+
+    packs = []
+    for p in paths:
+        try:
+            packs.append((p.name, read_header(p)["requests"]))
+        except (GraceHooksError, KeyError, TypeError, OSError):
+            continue  # listed above as corrupt
+    try:
+        found = folder_conflicts(packs)
+    except GraceHooksError as exc:  # a request that is not one: the pack is refused on load anyway
+        click.echo(f"conflicts not checked: {exc}", err=True)
+        return
+    if found:
+        click.echo(f"\n{len(found)} conflicting request(s) (same subject, and the same prompt or relation; both act):")
+        for newer, c in found:
+            click.echo(f"  {newer}#{c.request} {c.subject!r} -> {c.target!r}  vs  {c.pack}#{c.earlier} -> "
+                       f"{c.earlier_target!r} ({c.why})")
 
 
 def _looks_like_pack(path: Path) -> bool:

@@ -107,6 +107,17 @@ class Hits:
         mine = torch.from_numpy(np.array([o in packs for o in self.hit_owner], dtype=bool))
         return self.hit_rows[mine.to(self.hit_rows.device)], self.hit_ids[mine]
 
+    def acting(self) -> tuple[np.ndarray, np.ndarray]:
+        """(flat positions, router ids) of every key that acts: each winner, and each other key in scope
+        of a position its winner does not claim whole (routed deltas all add their update there)."""
+        claimed = np.zeros(len(self.winners), dtype=bool)
+        won = self.winners != NO_KEY
+        claimed[won] = self.exclusive[self.winners[won]]
+        extra = (self.pair_k != self.winners[self.pair_q]) & ~self.exclusive[self.pair_k] & ~claimed[self.pair_q]
+        rows = self.rows.cpu().numpy()
+        return (np.concatenate([rows[won], rows[self.pair_q[extra]]]),
+                np.concatenate([self.winners[won], self.pair_k[extra]]))
+
     def in_scope_of(self, packs: Collection[str]) -> list[tuple[str, torch.Tensor]]:
         """(pack, flat positions) for each of ``packs`` (in their order) with a key in scope of some
         position, once per position, except where the winning key claims the position whole."""

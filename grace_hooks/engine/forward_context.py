@@ -32,6 +32,7 @@ class ForwardContext:
     enabled: bool = True  # False inside ``EditRuntime.disabled()``: the pure base model
     options: dict[str, Any] = field(default_factory=dict)  # effect layers' switches (``EditRuntime.option``)
     trace: list | None = None  # router hits are recorded here inside ``EditRuntime.tracing()``
+    trace_every: bool = False  # record every key that acts, not only each position's winner
     state: dict[Any, Any] = field(default_factory=dict)  # what effect layers keep between this thread's forwards
     tokens: np.ndarray | None = None  # (batch, history + width) token ids for subject spans; None: not known
     seen: dict[str, list[set]] = field(default_factory=dict)  # site -> per row, 'seen'-anchored keys already met

@@ -151,7 +151,10 @@ class SiteRuntime:
             hit = ids != NO_KEY
             if hit.any():
                 hits = Hits(rows, ids, pair_q, pair_k, self.owner, self.exclusive)
-                if trace is not None:  # (site, flat positions of the hits, width, router id of each hit, None)
+                if trace is not None and ctx.trace_every:  # every key that acts (explain)
+                    acting_rows, acting_ids = hits.acting()
+                    trace.append((self.site.name, acting_rows, width, acting_ids, None))
+                elif trace is not None:  # (site, flat positions of the hits, width, router id of each hit, None)
                     trace.append((self.site.name, hits.hit_rows.cpu().numpy(), width, ids[hit].copy(), None))
         plans = [plan for i, layer in enumerate(layers) if (plan := layer.plan(flat_x, hits, gates.get(i))) is not None]
         if not plans:
@@ -336,15 +339,16 @@ class EditRuntime:
         return self._setting("enabled", False)
 
     @contextlib.contextmanager
-    def tracing(self) -> Iterator[list[tuple[str, int, int, str, int]]]:
+    def tracing(self, every: bool = False) -> Iterator[list[tuple[str, int, int, str, int]]]:
         """Record which keys fire inside the block: a list of (site, batch row, position, pack id,
-        key index), one per in-scope position (evaluation: router recall and false-fire rate). Where
+        key index), one per in-scope position (evaluation: router recall and false-fire rate), or with
+        ``every`` one per key that acts there (routed deltas in scope beside the winner add too). Where
         a family's own gate fired (no key behind it, e.g. the z-score gate), the pack is the gate's
         label (``effects.gate_label``) and the key index -1."""
         raw: list = []
         resolved: list[tuple[str, int, int, str, int]] = []
         try:
-            with self._setting("trace", raw):
+            with self._setting("trace", raw), self._setting("trace_every", every):
                 yield resolved
         finally:
             for site, flat, width, ids, label in raw:

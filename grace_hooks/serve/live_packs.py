@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -162,7 +163,8 @@ class LivePacks:
         log.info("pack %s is live: %s", spec.name, clock.report())
         pack = (self.workshop or self.model).pack(spec.name)
         metrics = json.loads(json.dumps(pack.metrics, default=str))  # as the pack file holds them
-        return self.describe(info) | {"metrics": metrics, "timings_s": clock.report()}
+        conflicts = [dataclasses.asdict(c) for c in info.conflicts]  # same subject and prompt/relation as a loaded request
+        return self.describe(info) | {"metrics": metrics, "timings_s": clock.report(), "conflicts": conflicts}
 
     def _refuse_taken(self, name: str, computed: bool = False) -> None:
         """A name already loaded or present in the folder is refused (409), before or after computing."""
