@@ -49,7 +49,7 @@ def copy_packs(source: Path, dest: Path, edits: int) -> int:
             if total >= edits:
                 break
             shutil.copytree(path, dest / path.name)
-            total += int(read_header(path).get("n_edits", 0))
+            total += len(read_header(path).requests)
     return total
 
 

@@ -3,8 +3,11 @@ pack schema, and the helpers a method's compute step uses.
 
     from grace_hooks.method_kit import EditMethod, ComputedEdit, Effect, EffectLayer, register, ...
 
-A method is a class deriving from :class:`EditMethod` (``name``, a dataclass ``config_class``,
-``compute``, ``site_layouts``, ``contributions``); its effect at a site is an :class:`Effect` whose
+A method is a class deriving from :class:`EditMethod` (``name``, a dataclass ``config_class``, a
+dataclass ``state_class`` when its packs keep data of their own (default :class:`NoState`),
+``compute``, ``site_layouts``, ``contributions``); its packs' tensors are named by :func:`tensor_name`
+(:func:`named` names a whole
+site -> part -> tensor mapping); its effect at a site is an :class:`Effect` whose
 :class:`EffectLayer` composes every loaded pack of that kind. Register it in-process with
 :func:`register`, or ship it as its own distribution that declares it in the entry point group
 ``grace_hooks.methods`` (:data:`ENTRY_POINT_GROUP`) so the CLI, the server and ``from_pretrained``
@@ -19,9 +22,11 @@ from .errors import ConfigError, PackError
 from .methods.base import ComputedEdit, EditContext, EditMethod
 from .methods.registry import ENTRY_POINT_GROUP, register, unregister
 from .requests import EditRequest
+from .store.header import NoState
 from .store.packs import EditPack
-from .store.schema import TensorSpec
+from .store.schema import TensorSpec, named, split_tensor_name, tensor_name
 
 __all__ = ["ComputedEdit", "ConfigError", "ENTRY_POINT_GROUP", "EditContext", "EditMethod", "EditPack", "EditRequest",
-           "Effect", "EffectLayer", "Gate", "Hits", "KeyRouting", "PackError", "Plan", "Site", "SiteContribution",
-           "TensorSpec", "num_layers", "option", "register", "stored", "unregister"]
+           "Effect", "EffectLayer", "Gate", "Hits", "KeyRouting", "NoState", "PackError", "Plan", "Site", "SiteContribution",
+           "TensorSpec", "named", "num_layers", "option", "register", "split_tensor_name", "stored", "tensor_name",
+           "unregister"]

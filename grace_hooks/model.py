@@ -128,9 +128,10 @@ class EditableModel:
             with self.edit_context() as ctx:
                 computed = impl.compute(ctx, reqs, cfg)
             new = EditPack(
-                name=name, method=method, config=vars(cfg), sites=computed.sites,
+                name=name, method=method, config=cfg, sites=computed.sites,
                 base=BaseInfo(self.name, self.base_model.config.model_type, self._fingerprint(computed.sites)),
-                requests=[r.to_dict() for r in reqs], tensors=computed.tensors, state=computed.state, routing=computed.routing,
+                requests=[r.to_dict() for r in reqs], tensors=computed.tensors, routing=computed.routing,
+                state=impl.state_class() if computed.state is None else computed.state,
                 metrics=computed.metrics, library_version=__version__,
             )
             try:

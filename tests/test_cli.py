@@ -99,8 +99,8 @@ def test_edit_prints_pack_summary_and_writes_pack(tiny_model, requests_file, tmp
     assert "teacher_forced_success" in out and "codebook.entries" in out
     assert "loading model" in res.stderr and "editing 2 request(s)" in res.stderr
     header = read_header(adapters / "p1")
-    assert header["method"] == "grace" and header["n_edits"] == 2
-    assert header["method_config"]["n_iter"] == 50 and header["method_config"]["eps_init"] == 2.5
+    assert header.method == "grace" and header.n_edits == 2
+    assert header.method_config["n_iter"] == 50 and header.method_config["eps_init"] == 2.5
 
 
 def test_edit_loads_existing_packs_and_limit(adapters, tiny_model, requests_file):
@@ -112,7 +112,7 @@ def test_edit_loads_existing_packs_and_limit(adapters, tiny_model, requests_file
 
 
 def test_edit_refuses_existing_name_then_overwrites(adapters, tiny_model, requests_file):
-    before = read_header(adapters / "facts")["pack_id"]
+    before = read_header(adapters / "facts").pack_id
     res = run("edit", "--method", "grace", "--requests", requests_file, "--adapters", adapters, "--pack", "facts", "--model", tiny_model)
     assert res.exit_code == 2
     assert res.stderr.startswith("error: ") and "--overwrite" in res.stderr
@@ -121,7 +121,7 @@ def test_edit_refuses_existing_name_then_overwrites(adapters, tiny_model, reques
               "--limit", "1", "--overwrite")
     assert res.exit_code == 0, res.output
     header = read_header(adapters / "facts")
-    assert header["pack_id"] != before and header["n_edits"] == 1
+    assert header.pack_id != before and header.n_edits == 1
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -159,7 +159,7 @@ def test_edit_reads_other_layouts(tmp_path, tiny_model):
     assert res.exit_code == 0, res.output
     (name,) = [p.name for p in (tmp_path / "ad").iterdir() if p.name != LOCK_NAME]
     assert name.startswith("grace-")
-    assert read_header(tmp_path / "ad" / name)["requests"][0]["target_new"] == "Rome"
+    assert read_header(tmp_path / "ad" / name).requests[0]["target_new"] == "Rome"
 
 
 # ---------------------------------------------------------------------------- ask
@@ -167,7 +167,7 @@ def test_ask_with_and_without_edits(made_packs, tiny_model):
     edited = run("ask", "The Eiffel Tower is located in the city of", "--model", tiny_model, "--adapters", made_packs,
                  "--max-new-tokens", "3")
     assert edited.exit_code == 0, edited.output
-    assert read_header(made_packs / "facts")["metrics"]["teacher_forced_success"] == 1.0
+    assert read_header(made_packs / "facts").metrics["teacher_forced_success"] == 1.0
     assert edited.stdout.strip().startswith("Rome")
     base = run("ask", "The Eiffel Tower is located in the city of", "--model", tiny_model, "--adapters", made_packs,
                "--no-edits", "--max-new-tokens", "3")
@@ -270,7 +270,7 @@ def test_export_native_puts_the_pack_inside_dest(made_packs, tmp_path):
     (tmp_path / "shelf").mkdir()
     res = run("export", "facts", tmp_path / "shelf", "--adapters", made_packs, "--format", "native")
     assert res.exit_code == 0, res.output
-    assert read_header(tmp_path / "shelf" / "facts")["n_edits"] == 2
+    assert read_header(tmp_path / "shelf" / "facts").n_edits == 2
     again = run("export", "facts", tmp_path / "shelf", "--adapters", made_packs)
     assert again.exit_code == 2 and "already exists" in again.stderr
     assert not [p for p in (tmp_path / "shelf").iterdir() if p.name.startswith(".")]  # no temporary left behind

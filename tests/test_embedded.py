@@ -181,5 +181,5 @@ def test_an_embedded_model_changes_the_defaults_of_the_methods_that_have_the_opt
     assert EditableModel(make_model("llama"), tokenizer, name="tiny").method_config(encore).max_tokens == 100_000
     options = {k: v for k, v in DELTA_TINY.items() if k != "n_prefixes"}
     em.edit(DELTA_REQUESTS[:1], method="encore", pack="p", **options)
-    assert em.pack("p").config["max_tokens"] == 77 and em.pack("p").config["n_prefixes"] == 0  # the pack says what ran
+    assert em.pack("p").config.max_tokens == 77 and em.pack("p").config.n_prefixes == 0  # the pack says what ran
     em.close()

@@ -175,25 +175,27 @@ def test_fingerprint_is_hashed_once_per_site_until_the_weight_changes(saved, mak
 
 def test_the_committed_demo_pack_reads_with_typed_fields_and_writes_back_the_same_header():
     """A pack written before the routing fields were pack fields (adapters/demo-facts) reads into them,
-    its config reads back through its method's config class, and its header is written as it was."""
+    its config and state read as its method's classes, and its header is written as it was, except that
+    its config now names the options it predates, with the defaults it runs with."""
     from pathlib import Path
 
     from grace_hooks.methods import get_method
-    from grace_hooks.methods.delta.config import EncoreConfig
+    from grace_hooks.methods.delta.config import DeltaState, EncoreConfig
 
     path = Path(__file__).resolve().parents[1] / "adapters" / "demo-facts"
     pack = load_pack(path)
     stored = json.loads((path / PACK_JSON).read_text())
     assert pack.routing.key_requests == stored["state"]["key_requests"]
     assert pack.routing.subject_spans == stored["state"]["subject_spans"] and pack.routing.answer_spans is None
-    assert "key_requests" not in pack.state and "subject_spans" not in pack.state
+    assert pack.state == DeltaState(mode="routed", corpus=stored["state"]["corpus"])
     config = get_method(pack.method).config_of(pack)
     assert isinstance(config, EncoreConfig) and config.mode == "routed"
     read, kept = vars(config), stored["method_config"]
     assert {k: read[k] for k in kept} == kept  # what it stored reads back as stored
     assert all(read[k] == getattr(EncoreConfig(), k) for k in set(read) - set(kept))  # options it predates: defaults
-    header = pack.header()
-    assert header["state"] == stored["state"] and header["method_config"] == stored["method_config"]
+    header = pack.header(stored["tensors_sha256"])
+    assert header["state"] == stored["state"] and header["method_config"] == read
+    assert {k: v for k, v in header.items() if k != "method_config"} == {k: v for k, v in stored.items() if k != "method_config"}
 
 
 @pytest.mark.parametrize("config, message", [({"replacement": "sideways"}, "'replacement' must be one of"),

@@ -7,9 +7,11 @@ from conftest import UNRELATED, last_logits
 from grace_hooks.bases.architectures import Site
 from grace_hooks.engine.router import NO_KEY, KeyRouter
 from grace_hooks.engine.runtime import EditRuntime, SiteContribution
-from grace_hooks.engine.spans import NO_TOKEN, KeyRouting, SpanIndex, subject_spans
+from grace_hooks.engine.spans import NO_TOKEN, SpanIndex, subject_spans
 from grace_hooks.locate.replay import cache_argument
 from grace_hooks.methods.delta.effect import LowRankDelta
+from grace_hooks.store.header import NoState, read_state
+from grace_hooks.store.typed import Invalid
 
 SUBJECT = [7, 8]  # token ids of a two-token subject
 
@@ -121,9 +123,12 @@ def test_subject_spans_give_both_tokenisations(tokenizer):
     ({"answer_spans": [[[5]]], "key_requests": {"L1.mlp_out": [[0]]}}, "subject_spans"),
 ])
 def test_span_state_is_checked(state, problem):
-    routing, rest = KeyRouting.split_state(state)
-    assert rest == {}
-    problems = routing.problems(1, {"L1.mlp_out": 1})
+    """Types are checked as the header's state is read; counts and ranges against the pack after."""
+    try:
+        rest, routing = read_state(NoState, state)
+        problems = routing.problems(1, {"L1.mlp_out": 1})
+    except Invalid as exc:
+        problems = [str(exc)]
     assert (problems == []) if problem is None else (len(problems) == 1 and problem in problems[0])
 
 

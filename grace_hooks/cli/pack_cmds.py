@@ -25,13 +25,10 @@ def _pack_row(path: Path, known: list[str]) -> list[str]:
 
     try:
         h = read_header(path)
-        base = h["base_model"] if isinstance(h["base_model"], dict) else {}
-        n_edits = h.get("n_edits", len(h["requests"]) if isinstance(h["requests"], list) else "?")
         # a method from another distribution that is not installed here: listed, but it will not load
-        method = str(h["method"]) + ("" if h["method"] in known else " (not installed)")
-        return [path.name, method, str(n_edits), ",".join(h["sites"]), _short_time(h.get("created_at", "")),
-                str(base.get("name", "?"))]
-    except (GraceHooksError, KeyError, TypeError, AttributeError, OSError) as exc:
+        method = h.method + ("" if h.method in known else " (not installed)")
+        return [path.name, method, str(len(h.requests)), ",".join(h.sites), _short_time(h.created_at), h.base_model.name]
+    except (GraceHooksError, OSError) as exc:
         return [path.name, "!corrupt", "-", "-", "-", f"error: {exc}"]
 
 

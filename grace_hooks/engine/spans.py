@@ -22,7 +22,6 @@ radius test then runs on those candidates only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
@@ -177,23 +176,12 @@ def request_answer_spans(tokenizer, requests) -> list[list[list[int]]]:
 class KeyRouting:
     """What a pack's router keys stand for, read by the core for every routed method: the requests
     each key serves (recall; the spans a key inherits) and the token spans of each request's subject
-    and answer (scope 'span'). Format v1 keeps these fields in the header's ``state`` object."""
+    and answer (scope 'span'). A pack's own field; format v1 keeps these fields in the header's
+    ``state`` object (grace_hooks.store.header merges and splits them)."""
 
     key_requests: dict[str, list[list[int]]] | None = None  # site -> per router key, the requests it serves
     subject_spans: list[list[list[int]]] | None = None  # per request, its subject's token spans (scope 'span')
     answer_spans: list[list[list[int]]] | None = None  # per request, its new target's spans (a key closes there)
-
-    FIELDS: ClassVar[tuple[str, ...]] = ("key_requests", "subject_spans", "answer_spans")
-
-    @classmethod
-    def split_state(cls, state: dict) -> tuple["KeyRouting", dict]:
-        """(these fields of a v1 header's ``state``, the method's own rest of it)."""
-        return (cls(**{f: state[f] for f in cls.FIELDS if f in state}),
-                {k: v for k, v in state.items() if k not in cls.FIELDS})
-
-    def as_state(self) -> dict:
-        """The fields present, as a v1 header's ``state`` holds them."""
-        return {f: getattr(self, f) for f in self.FIELDS if getattr(self, f) is not None}
 
     def spans(self, site: str, field: str = "subject_spans") -> list[list[list[int]]] | None:
         """Per router key at ``site``, the spans (``field``: subject or answer spans) of the requests it
@@ -206,22 +194,20 @@ class KeyRouting:
 
     def problems(self, n_requests: int, keys_per_site: dict[str, int]) -> list[str]:
         """What is wrong with the spans and the ``key_requests`` they are read through (``keys_per_site``:
-        how many router keys the pack has at each site). A token id the model does not have never
-        matches, so ids are only checked to be ints >= 0."""
+        how many router keys the pack has at each site), given fields of the declared types (a header's
+        are checked as it is read). A token id the model does not have never matches, so ids are only
+        checked to be >= 0."""
         if self.subject_spans is None:
             return ["state.answer_spans needs state.subject_spans (an answer closes a key its subject opened)"] \
                 if self.answer_spans is not None else []
         for field in ("subject_spans", "answer_spans"):
             spans = getattr(self, field)
-            ok = spans is None or isinstance(spans, list) and len(spans) == n_requests and all(
-                isinstance(per, list) and all(isinstance(s, list) and 0 < len(s) <= MAX_SPAN and all(
-                    type(t) is int and 0 <= t < 2**31 for t in s) for s in per) for per in spans)
-            if not ok:
+            if spans is not None and (len(spans) != n_requests or not all(
+                    0 < len(s) <= MAX_SPAN and all(0 <= t < 2**31 for t in s) for per in spans for s in per)):
                 return [f"state.{field} must list, for each of the {n_requests} requests, lists of 1 to {MAX_SPAN} token ids"]
         owners = self.key_requests
-        if not isinstance(owners, dict) or not all(
-                isinstance(owners.get(site), list) and len(owners[site]) == n
-                and all(isinstance(o, list) and all(type(r) is int and 0 <= r < n_requests for r in o) for o in owners[site])
+        if owners is None or not all(
+                site in owners and len(owners[site]) == n and all(0 <= r < n_requests for o in owners[site] for r in o)
                 for site, n in keys_per_site.items()):
             return [f"state.key_requests must map each site to one list per router key of request indices "
                     f"(0..{n_requests - 1}); keys per site: {keys_per_site}"]

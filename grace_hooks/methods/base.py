@@ -12,14 +12,13 @@ from torch import nn
 
 from ..bases.architectures import Site
 from ..bases.hooks import HookOwner, frozen_parameters
-from ..config import make_config
 from ..engine.loaded import LoadedView
 from ..engine.memo import WeightMemo
 from ..engine.runtime import EditRuntime, SiteContribution
 from ..engine.spans import KeyRouting
 from ..errors import ConfigError, PackError
 from ..requests import EditRequest
-from ..store.packs import EditPack
+from ..store.packs import EditPack, NoState
 from ..store.schema import TensorSpec, site_problems
 
 
@@ -78,18 +77,20 @@ class EditContext:
 
 @dataclass
 class ComputedEdit:
-    """A method's result, not yet applied: tensors keyed ``<site>/<name>`` plus small state."""
+    """A method's result, not yet applied: tensors named ``tensor_name(site, part)`` plus small state
+    (an instance of the method's ``state_class``; None: the class's defaults)."""
 
     sites: list[str]
     tensors: dict[str, torch.Tensor]
-    state: dict[str, Any] = field(default_factory=dict)
+    state: Any = None
     routing: KeyRouting = field(default_factory=KeyRouting)  # what its router keys stand for (requests, spans)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
 class EditMethod(ABC):
     name: ClassVar[str]
-    config_class: ClassVar[type]
+    config_class: ClassVar[type]  # a dataclass of the method's options (a pack's ``config``)
+    state_class: ClassVar[type] = NoState  # a dataclass of its packs' own small data (a pack's ``state``)
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
@@ -105,25 +106,25 @@ class EditMethod(ABC):
         """The tensors a pack made with ``config`` holds at each site: one or more alternative layouts."""
 
     def check_state(self, pack: EditPack, config: Any) -> list[str]:
-        """Problems with the method's own entries in ``pack.state`` (what ``contributions`` reads)."""
+        """Problems with ``pack.state`` beyond its types (e.g. one label per key; what ``contributions`` reads)."""
         return []
 
     def config_of(self, pack: EditPack) -> Any:
-        """The pack's ``method_config`` read back through this method's typed config class (an option
-        an older pack did not store takes the class's default, never a default of its own here);
-        :class:`PackError` saying which option is wrong when it is not a valid config."""
+        """The pack's config, checked to be this method's typed config (a pack read from disk has its
+        stored ``method_config`` read through ``config_class``: options it predates take the class's
+        defaults)."""
         if pack.method != self.name:
             raise PackError(f"pack {pack.name!r} was made with {pack.method!r}, not {self.name!r}")
-        try:
-            return make_config(self.config_class, base=pack.config)
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise PackError(f"pack {pack.name!r}: its method_config is not a valid {self.name} config ({exc}). "
-                            "The pack is corrupt or was made by another version; re-create it from its requests "
-                            "(grace-hooks edit)") from None
+        for part, cls in (("config", self.config_class), ("state", self.state_class)):
+            if type(getattr(pack, part)) is not cls:
+                raise PackError(f"pack {pack.name!r}: its {part} is a {type(getattr(pack, part)).__name__}, not the "
+                                f"{cls.__name__} of method {self.name!r} (its {part}_class: what its compute gives "
+                                "and what load_pack reads a stored pack's into)")
+        return pack.config
 
     def validate(self, pack: EditPack, dims: dict[str, tuple[int, int]]) -> Any:
-        """Check a pack against this method's schema before anything of it is applied: its config
-        as this method's typed config, each site's tensors (names, shapes against the site's
+        """Check a pack against this method's schema before anything of it is applied: its config and
+        state as this method's classes, each site's tensors (names, shapes against the site's
         ``(d_in, d_out)`` in ``dims``, finite values, sane radii) and its state. Returns the config;
         raises :class:`PackError` listing every problem found."""
         config = self.config_of(pack)

@@ -19,6 +19,8 @@ from importlib.metadata import entry_points
 from types import ModuleType
 
 from ..errors import ConfigError
+from ..store.header import ROUTING_FIELDS
+from ..store.packs import use_method_types
 from .base import EditMethod
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,10 @@ class MethodRegistry:
             raise ConfigError(f"{_where(cls)}.name must be a short identifier (letters, digits, _), got {name!r}")
         if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
             raise ConfigError(f"{_where(cls)}.config_class must be a dataclass of the method's options")
+        state = getattr(cls, "state_class", None)
+        if not dataclasses.is_dataclass(state) or ROUTING_FIELDS & {f.name for f in dataclasses.fields(state)}:
+            raise ConfigError(f"{_where(cls)}.state_class must be a dataclass of its packs' own data, with no field "
+                              f"named {sorted(ROUTING_FIELDS)} (the pack's routing keeps those)")
         taken = self._classes.get(name)
         # the same class imported again (a reloaded module) keeps its name; another class may not take it
         if taken is not None and _where(taken) != _where(cls):
@@ -119,6 +125,15 @@ def method_class(name: str) -> type[EditMethod]:
 
 def get_method(name: str) -> EditMethod:
     return method_class(name)()
+
+
+def pack_types(name: str) -> tuple[type, type]:
+    """(config class, state class) of method ``name``: how a pack of it is read from disk."""
+    cls = method_class(name)
+    return cls.config_class, cls.state_class
+
+
+use_method_types(pack_types)  # the store names no method: it asks the registry
 
 
 def method_names() -> list[str]:

@@ -246,7 +246,7 @@ class LivePacks:
         fresh: dict[str, EditPack] = {}
         failed: dict[str, str] = {}
         with reading(self.adapters) as paths:  # no writer swaps a pack while it is read
-            on_disk = [(p, read_header(p).get("pack_id") or "") for p in paths]
+            on_disk = [(p, read_header(p).pack_id) for p in paths]
             disk_ids = {p.name: pid for p, pid in on_disk}
             self._failed = {n: v for n, v in self._failed.items() if n in disk_ids}
             for path, pid in on_disk:

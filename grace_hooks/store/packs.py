@@ -1,7 +1,9 @@
 """Edit packs on disk (format v1): ``edit_pack.json`` + ``edit_pack.safetensors`` + ``README.md``.
 
 Writes are atomic (a temporary directory renamed into place); reads validate everything and
-never unpickle anything (JSON and safetensors only).
+never unpickle anything (JSON and safetensors only). In memory a pack's config and state are its
+method's dataclasses; :mod:`.header` turns them into the header's JSON and back, with the classes
+the method registry gives for the pack's method name (:func:`use_method_types`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -24,20 +26,25 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..bases.architectures import ARCHITECTURES, Site
+from ..bases.architectures import Site
 from ..engine.spans import KeyRouting
-from ..errors import ArchitectureError, FingerprintMismatch, PackError, PackNameError
+from ..errors import FingerprintMismatch, GraceHooksError, PackError, PackNameError
 from .adapters_dir import aside, delete_dir, locked, recover, replace_dir
+from .header import (FORMAT_VERSION, BaseInfo, NoState, PackHeader, check_header, corrupt, read_config, read_state,
+                     state_json)
 from .io import MAX_JSON_BYTES, MAX_TENSOR_BYTES, check_safetensors, parse_json, read_bounded
+from .schema import site_tensors, split_tensor_name
+from .typed import Invalid, to_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 PACK_JSON = "edit_pack.json"
 PACK_TENSORS = "edit_pack.safetensors"
 PACK_CARD = "README.md"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+C = TypeVar("C")  # the method's config class
+S = TypeVar("S")  # the method's state class
+MethodTypes = Callable[[str], "tuple[type, type]"]  # method name -> (its config class, its state class)
 _CONFIG_ESSENTIALS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "intermediate_size")
 
 
@@ -61,24 +68,17 @@ def base_fingerprint(model: nn.Module, sites: list[str]) -> str:
 
 
 @dataclass
-class BaseInfo:
-    name: str
-    model_type: str
-    fingerprint: str
-
-
-@dataclass
-class EditPack:
+class EditPack(Generic[C, S]):
     """The output of one ``edit()`` call with one method. Immutable once written."""
 
     name: str
     method: str
-    config: dict[str, Any]
+    config: C  # the method's typed config (an instance of its ``config_class``)
     sites: list[str]
     base: BaseInfo
     requests: list[dict[str, Any]]
-    tensors: dict[str, torch.Tensor]
-    state: dict[str, Any] = field(default_factory=dict)  # the method's own small data (labels, radius shrinks)
+    tensors: dict[str, torch.Tensor]  # keyed tensor_name(site, part)
+    state: S = field(default_factory=NoState)  # the method's own small data (its ``state_class``: labels, shrinks)
     routing: KeyRouting = field(default_factory=KeyRouting)  # what its router keys stand for (requests, spans)
     metrics: dict[str, Any] = field(default_factory=dict)
     pack_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -94,16 +94,17 @@ class EditPack:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def site_tensors(self, site: str) -> dict[str, torch.Tensor]:
-        prefix = f"{site}/"
-        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        """The tensors at ``site``, by their part names ('keys', 'U', ...)."""
+        return site_tensors(self.tensors, site)
 
-    def header(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION, "name": self.name, "pack_id": self.pack_id, "method": self.method,
-            "method_config": self.config, "sites": self.sites, "base_model": vars(self.base),
-            "created_at": self.created_at, "library_version": self.library_version, "n_edits": self.n_edits,
-            "requests": self.requests, "state": {**self.state, **self.routing.as_state()}, "metrics": self.metrics,
-        }
+    def header(self, tensors_sha256: str = "") -> dict[str, Any]:
+        """``edit_pack.json`` for this pack (format v1), as JSON values."""
+        return to_json(PackHeader(
+            format_version=FORMAT_VERSION, name=self.name, pack_id=self.pack_id, method=self.method,
+            method_config=to_json(self.config), sites=self.sites, base_model=self.base, created_at=self.created_at,
+            library_version=self.library_version, n_edits=self.n_edits, requests=self.requests,
+            state=state_json(self.state, self.routing), metrics=self.metrics, tensors_sha256=tensors_sha256,
+        ))
 
 
 def _card(pack: EditPack) -> str:
@@ -150,7 +151,7 @@ def save_pack(pack: EditPack, directory: str | Path, name: str | None = None, ov
     directory = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in pack.tensors.items()}
     blob = st_save(tensors, metadata={"format": "grace_hooks.edit_pack", "format_version": str(FORMAT_VERSION), "method": pack.method})
-    header = pack.header() | {"tensors_sha256": hashlib.sha256(blob).hexdigest()}
+    header = pack.header(hashlib.sha256(blob).hexdigest())
     with locked(directory, create=True):
         recover(directory, is_complete_pack)
         final = directory / name
@@ -170,60 +171,7 @@ def save_pack(pack: EditPack, directory: str | Path, name: str | None = None, ov
     return final
 
 
-def _require(cond: bool, where: Path, what: str) -> None:
-    if not cond:
-        raise PackError(f"{where}: {what}; the pack is corrupt or was not written by grace_hooks")
-
-
-def check_header(header: Any, jpath: Path) -> dict[str, Any]:
-    """The fields of ``edit_pack.json`` with their types checked (methods check their own parts)."""
-    _require(isinstance(header, dict), jpath, "must hold a JSON object")
-    version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise PackError(
-            f"{jpath.parent.name}: unknown pack format_version {version!r}; this grace_hooks reads version {FORMAT_VERSION}. "
-            "Upgrade grace_hooks or re-export the pack."
-        )
-    missing = [k for k in ("method", "method_config", "sites", "base_model", "requests", "tensors_sha256") if k not in header]
-    _require(not missing, jpath, f"lacks required fields {missing}")
-    _require(isinstance(header["method"], str), jpath, "'method' must be a method name (a string)")
-    _require(isinstance(header["method_config"], dict), jpath, "'method_config' must be an object of options")
-    sites = header["sites"]
-    _require(isinstance(sites, list) and sites and all(isinstance(s, str) for s in sites) and len(set(sites)) == len(sites),
-             jpath, "'sites' must be a non-empty list of distinct site names")
-    for s in sites:
-        try:
-            Site.parse(s)
-        except ArchitectureError as exc:
-            raise PackError(f"{jpath}: {exc}") from None
-    base = header["base_model"]
-    _require(isinstance(base, dict) and all(isinstance(base.get(k), str) for k in ("name", "model_type", "fingerprint")),
-             jpath, "'base_model' must give name, model_type and fingerprint as strings")
-    requests = header["requests"]
-    _require(isinstance(requests, list) and all(isinstance(r, dict) for r in requests), jpath,
-             "'requests' must be a list of edit-request objects")
-    _require(isinstance(header["tensors_sha256"], str), jpath, "'tensors_sha256' must be a hex string")
-    for key in ("state", "metrics"):
-        _require(isinstance(header.get(key, {}), dict), jpath, f"'{key}' must be an object")
-    for key in ("pack_id", "created_at", "library_version"):
-        _require(isinstance(header.get(key, ""), str), jpath, f"'{key}' must be a string")
-    _require(_ID_RE.fullmatch(header.get("pack_id") or "0") is not None, jpath, "'pack_id' must be 1-64 letters, digits or '-'")
-    spec = ARCHITECTURES.get(base["model_type"])
-    made = header.get("library_version", "")
-    if spec is not None and spec.written_since and _version(made) < _version(spec.written_since):
-        raise PackError(f"{jpath}: made with grace_hooks {made or '(version unknown)'}, when effects on "
-                        f"{base['model_type']!r} were added before {sorted(set(spec.written_at.values()))}; since "
-                        f"{spec.written_since} they are added after it, so this pack would act otherwise. Compute it "
-                        "again from its requests (`grace-hooks edit`)")
-    return header
-
-
-def _version(text: str) -> tuple[int, ...]:
-    """'0.2.0' -> (0, 2, 0); text without numbers -> () (older than any release)."""
-    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
-
-
-def read_header(path: str | Path) -> dict[str, Any]:
+def read_header(path: str | Path) -> PackHeader:
     """Parse and check ``edit_pack.json`` (no tensors read)."""
     path = Path(path)
     jpath = path / PACK_JSON
@@ -235,12 +183,12 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return check_header(parse_json(read_bounded(jpath, MAX_JSON_BYTES, "pack header"), jpath), jpath)
 
 
-def read_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_files(path: Path) -> tuple[PackHeader, dict[str, torch.Tensor]]:
     """A pack folder's header and tensors, every size, checksum and dtype checked before use."""
     header = read_header(path)
     tpath = path / PACK_TENSORS
     blob = read_bounded(tpath, MAX_TENSOR_BYTES, "pack's tensors")
-    if hashlib.sha256(blob).hexdigest() != header["tensors_sha256"]:
+    if hashlib.sha256(blob).hexdigest() != header.tensors_sha256:
         raise PackError(f"pack {path.name!r}: {PACK_TENSORS} does not match its checksum (truncated or modified)")
     check_safetensors(blob, tpath)
     try:
@@ -250,24 +198,44 @@ def read_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return header, tensors
 
 
+_METHOD_TYPES: list[MethodTypes] = []
+
+
+def use_method_types(lookup: MethodTypes) -> None:
+    """How :func:`load_pack` finds the config and state classes of a pack's method by its name. The
+    method registry (a layer above the store, which names no method) sets it when it is imported."""
+    _METHOD_TYPES[:] = [lookup]
+
+
+def _method_types(method: str, where: Path) -> tuple[type, type]:
+    if not _METHOD_TYPES:
+        raise PackError(f"{where}: no edit methods are known here; import grace_hooks (or grace_hooks.methods) first")
+    try:
+        return _METHOD_TYPES[0](method)
+    except GraceHooksError as exc:  # e.g. a method from a distribution that is not installed here
+        raise PackError(f"{where}: {exc}") from None
+
+
 def load_pack(path: str | Path) -> EditPack:
-    """Read and validate a pack folder (its files; the method checks its own schema when the pack
-    is applied). The folder name is the pack's name."""
+    """Read and validate a pack folder: its files, and its config and state as its method's classes
+    (the method checks its tensors when the pack is applied). The folder name is the pack's name."""
     path = Path(path)
     name = validate_pack_name(path.name)
     header, tensors = read_files(path)
-    sites = set(header["sites"])
-    stray = [k for k in tensors if k.split("/", 1)[0] not in sites]
+    sites = set(header.sites)
+    stray = [k for k in tensors if split_tensor_name(k)[0] not in sites]
     if stray:
         raise PackError(f"pack {name!r}: tensors {stray[:3]} do not belong to any of its sites {sorted(sites)}")
-    base = header["base_model"]
-    routing, state = KeyRouting.split_state(header.get("state", {}))
+    config_class, state_class = _method_types(header.method, path / PACK_JSON)
+    config = read_config(config_class, header.method_config, header.method, name)
+    try:
+        state, routing = read_state(state_class, header.state)
+    except Invalid as exc:
+        raise corrupt(path / PACK_JSON, exc) from None
     return EditPack(
-        name=name, method=header["method"], config=header["method_config"], sites=header["sites"],
-        base=BaseInfo(**{k: base[k] for k in ("name", "model_type", "fingerprint")}), requests=header["requests"],
-        tensors=tensors, state=state, routing=routing, metrics=header.get("metrics", {}),
-        pack_id=header.get("pack_id") or uuid.uuid4().hex, created_at=header.get("created_at", ""),
-        library_version=header.get("library_version", ""),
+        name=name, method=header.method, config=config, sites=header.sites, base=header.base_model,
+        requests=header.requests, tensors=tensors, state=state, routing=routing, metrics=header.metrics,
+        pack_id=header.pack_id or uuid.uuid4().hex, created_at=header.created_at, library_version=header.library_version,
     )
 
 
@@ -300,7 +268,7 @@ def pack_dirs(directory: str | Path) -> list[Path]:
             continue
         validate_pack_name(p.name)
         header = read_header(p)  # a symlink or a folder without a readable header is refused here
-        found.append((header.get("created_at", ""), p.name, p))
+        found.append((header.created_at, p.name, p))
     return [p for _, _, p in sorted(found)]
 
 

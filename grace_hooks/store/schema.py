@@ -1,4 +1,6 @@
-"""What a method declares its packs hold at each site, and the check of a pack against it.
+"""What a method declares its packs hold at each site, the check of a pack against it, and the
+names of a pack's tensors (:func:`tensor_name`, :func:`split_tensor_name`: every method, squash,
+loading and the pack mutations name them through these).
 
 A method gives one or more alternative layouts (name -> :class:`TensorSpec`). A layout names every
 tensor a site may hold, with its shape in dimension names: ``d_in`` and ``d_out`` are the site's
@@ -10,12 +12,33 @@ is valid: GRACE's split of two equal keys leaves one, and it never fires.)
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 MAX_ABS = 1e6  # keys, values and factors of real packs are below 1e2
+SEPARATOR = "/"  # a pack's tensors are named '<site>/<part>', e.g. 'L3.mlp_out/U'
+
+
+def tensor_name(site: str, part: str) -> str:
+    """The name in a pack of the tensor ``part`` ('keys', 'U', ...) at ``site``."""
+    return f"{site}{SEPARATOR}{part}"
+
+
+def split_tensor_name(name: str) -> tuple[str, str]:
+    """(site, part) of a pack's tensor name ('' for the part of a name without one)."""
+    site, _, part = name.partition(SEPARATOR)
+    return site, part
+
+
+def site_tensors(tensors: dict[str, torch.Tensor], site: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``site`` among a pack's ``tensors``, by part name."""
+    return {part: t for (at, part), t in ((split_tensor_name(k), t) for k, t in tensors.items()) if at == site}
+
+
+def named(by_site: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Tensors given per site (site -> part name -> tensor) under their names in a pack."""
+    return {tensor_name(site, part): t for site, parts in by_site.items() for part, t in parts.items()}
 
 
 @dataclass(frozen=True)
@@ -68,9 +91,5 @@ def site_problems(tensors: dict[str, torch.Tensor], layouts: list[dict[str, Tens
     return best or []
 
 
-def is_finite_number(value, low: float = -math.inf, high: float = math.inf) -> bool:
-    """A real JSON number (not a bool) within [low, high]."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
-
-
-__all__ = ["MAX_ABS", "TensorSpec", "is_finite_number", "layout_problems", "site_problems"]
+__all__ = ["MAX_ABS", "SEPARATOR", "TensorSpec", "layout_problems", "named", "site_problems",
+           "site_tensors", "split_tensor_name", "tensor_name"]

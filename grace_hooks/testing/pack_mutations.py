@@ -28,6 +28,7 @@ from ..errors import GraceHooksError
 from ..methods import method_names
 from ..model import EditableModel
 from ..store.packs import PACK_JSON, PACK_TENSORS
+from ..store.schema import split_tensor_name, tensor_name
 
 PROBES = ["the capital of narnia is", "the cat sat on the mat", "the mother tongue of alice"]
 OUTCOMES = ("rejected", "accepted", "other")
@@ -120,8 +121,14 @@ def mutate_sites(rng, folder, ctx):
     new = rng.choice(["L0.mlp_out", "L3.mlp_out", "L99.mlp_out", "L-1.mlp_out", "L1.attn", "bogus", old])
     header["sites"] = [new if s == old else s for s in header["sites"]]
     if rng.random() < 0.7:  # carry the tensors along, so that the stray-tensor check does not catch it
-        tensors = {(new + k[len(old):] if k.startswith(old + "/") else k): v for k, v in tensors.items()}
+        tensors = {_moved(k, old, new): v for k, v in tensors.items()}
     write(folder, header, tensors)
+
+
+def _moved(name: str, old: str, new: str) -> str:
+    """A tensor's name with its site ``old`` renamed ``new`` (a tensor of another site keeps its name)."""
+    site, part = split_tensor_name(name)
+    return tensor_name(new, part) if site == old else name
 
 
 def _pick(rng, tensors):
@@ -140,8 +147,8 @@ def rename_tensor(rng, folder, ctx):
     header, tensors = read(folder)
     name, t = _pick(rng, tensors)
     del tensors[name]
-    site = name.split("/", 1)[0]
-    tensors[f"{site}/{rng.choice(['U', 'V', 'keys', 'radii', 'values', 'dense', 'alpha', 'route_keys', 'route_radii', 'x'])}"] = t
+    site, _ = split_tensor_name(name)
+    tensors[tensor_name(site, rng.choice(['U', 'V', 'keys', 'radii', 'values', 'dense', 'alpha', 'route_keys', 'route_radii', 'x']))] = t
     write(folder, header, tensors)
 
 
@@ -202,7 +209,7 @@ def poison_values(rng, folder, ctx):
 def add_tensor(rng, folder, ctx):
     header, tensors = read(folder)
     site = rng.choice(header["sites"])
-    tensors[f"{site}/{rng.choice(['extra', 'U', 'dense', 'alpha', 'route_keys'])}"] = torch.randn(rng.randint(1, 3), 4)
+    tensors[tensor_name(site, rng.choice(['extra', 'U', 'dense', 'alpha', 'route_keys']))] = torch.randn(rng.randint(1, 3), 4)
     write(folder, header, tensors)
 
 

@@ -59,17 +59,17 @@ class ComebaHK(DeltaMethod):
         return hook_layers_everywhere(ctx) if cfg.gate == "zscore" else contextlib.nullcontext()
 
     def finish(self, ctx: EditContext, requests: list[EditRequest], sites: list[Site],
-               staged: dict[str, SiteContribution], tensors: dict[str, torch.Tensor], cfg: ComebaConfig) -> dict:
+               staged: dict[str, SiteContribution], parts: dict[str, dict[str, torch.Tensor]], cfg: ComebaConfig) -> dict:
         for site in sites:  # a batch wider than the break-even rank is stored dense
-            n = site.name
+            t = parts[site.name]
             d_in, d_out = site.dims(ctx.model)
-            if not lowrank_is_smaller(tensors[f"{n}/U"].shape[1], d_out, d_in):
-                tensors[f"{n}/dense"] = (tensors.pop(f"{n}/U").double() @ tensors.pop(f"{n}/V").double().T).float()
+            if not lowrank_is_smaller(t["U"].shape[1], d_out, d_in):
+                t["dense"] = (t.pop("U").double() @ t.pop("V").double().T).float()
         if cfg.gate != "zscore":
             return {}
         alphas = self._lowered_alphas(ctx, sites, staged, requests, cfg)
         for name, alpha in alphas.items():
-            tensors[f"{name}/alpha"] = torch.tensor([alpha], dtype=torch.float32)
+            parts[name]["alpha"] = torch.tensor([alpha], dtype=torch.float32)
         return {"alpha": alphas}
 
     @staticmethod

@@ -9,11 +9,14 @@ router gate keeps every router key.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ...engine.spans import KeyRouting
 from ...errors import PackError
 from ...store.packs import EditPack
+from ...store.schema import named
 from .hook_layer import HookIncrement, lowrank_is_smaller
 
 
@@ -66,9 +69,7 @@ def squash_packs(packs: list[EditPack], name: str) -> EditPack:
     """One pack with the outputs of the chain ``packs`` (oldest first)."""
     _check_chain(packs)
     last = packs[-1]
-    tensors = {}
-    for site in last.sites:
-        tensors.update({f"{site}/{k}": v for k, v in squash_site([p.site_tensors(site) for p in packs]).items()})
+    tensors = named({site: squash_site([p.site_tensors(site) for p in packs]) for site in last.sites})
     routing = KeyRouting()
     if last.routing.key_requests is not None:  # router key -> request, renumbered into the joined request list
         joined: dict[str, list] = {}
@@ -81,8 +82,8 @@ def squash_packs(packs: list[EditPack], name: str) -> EditPack:
     if all(p.routing.subject_spans is not None for p in packs):  # one list per request, in the joined order
         routing.subject_spans = [s for p in packs for s in p.routing.subject_spans]  # (a chain mixing scopes: none)
     return EditPack(
-        name=name, method=last.method, config=dict(last.config), sites=list(last.sites), base=last.base,
-        requests=[r for p in packs for r in p.requests], tensors=tensors, state=dict(last.state), routing=routing,
+        name=name, method=last.method, config=replace(last.config), sites=list(last.sites), base=last.base,
+        requests=[r for p in packs for r in p.requests], tensors=tensors, state=replace(last.state), routing=routing,
         metrics={"squashed": [p.name for p in packs], "pack_metrics": [p.metrics for p in packs]},
         created_at=last.created_at, library_version=last.library_version,
     )

@@ -152,6 +152,15 @@ class EncoreConfig(DeltaConfig):
 
 
 @dataclass
+class DeltaState:
+    """For a person reading the header (the code reads the typed config): the mode the delta acts in,
+    and the corpus of each site's C0."""
+
+    mode: str | None = None  # 'routed' or 'global'
+    corpus: dict[str, str] | None = None  # site -> its C0's corpus source
+
+
+@dataclass
 class OEditConfig(DeltaConfig):
     """O-Edit (Cai & Cao 2024): every update orthogonal to the earlier updates at its site."""
 

@@ -29,11 +29,11 @@ from ...locate.subject_keys import activations_at_subject
 from ...locate.target_vectors import target_vectors
 from ...requests import EditRequest
 from ...store.packs import EditPack
-from ...store.schema import TensorSpec
+from ...store.schema import TensorSpec, named
 from ...timing import PhaseClock
 from ...tokens import build_edit_batch, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod
-from .config import DeltaConfig
+from .config import DeltaConfig, DeltaState
 from .effect import DeltaLayer, LowRankDelta
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class DeltaMethod(EditMethod):
     """A weight-delta method: subclasses give the preservation term P and the update's constraint."""
 
     config_class = DeltaConfig
+    state_class = DeltaState
     capabilities = frozenset({"weight_delta", "routed"})
 
     # ------------------------------------------------------------------ what variants change
@@ -68,8 +69,9 @@ class DeltaMethod(EditMethod):
         return contextlib.nullcontext()
 
     def finish(self, ctx: EditContext, requests: list[EditRequest], sites: list[Site],
-               staged: dict[str, SiteContribution], tensors: dict[str, torch.Tensor], cfg) -> dict:
-        """A last step over the solved update (it may add tensors); returns extra metrics."""
+               staged: dict[str, SiteContribution], parts: dict[str, dict[str, torch.Tensor]], cfg) -> dict:
+        """A last step over the solved update (it may change each site's tensors, ``parts``: site ->
+        part name -> tensor); returns extra metrics."""
         return {}
 
     # ------------------------------------------------------------------ shared parts
@@ -105,7 +107,7 @@ class DeltaMethod(EditMethod):
         top = model.get_submodule(arch_spec(model).layers)[z_layer]
 
         staged: dict[str, SiteContribution] = {}
-        tensors: dict[str, torch.Tensor] = {}
+        parts: dict[str, dict[str, torch.Tensor]] = {}  # site -> its tensors by part name
         layer_metrics = {}
         routed = self.routes(cfg)
         routing = self._routing_of(ctx, requests, sites, cfg, 1 + len(prefixes)) if routed else KeyRouting()
@@ -132,16 +134,14 @@ class DeltaMethod(EditMethod):
                         update = closed_form_update(residual.T, keys.T, Preservation(fixed, terms.previous_keys),
                                                     self.constraint(loaded, cfg))
                     # solved in float64 (closed_form_update), stored in float32 whatever the model's dtype
-                    tensors.update({f"{n}/U": update.U.float().contiguous(), f"{n}/V": update.V.float().contiguous(),
-                                    f"{n}/keys": keys.float().contiguous()})
+                    parts[n] = {"U": update.U.float().contiguous(), "V": update.V.float().contiguous(),
+                                "keys": keys.float().contiguous()}
                     if routed:  # a global pack needs no router keys
                         route_keys, route_radii = self.route_keys_and_radii(ctx, sites, site, samples, keys, cfg)
-                        tensors.update({f"{n}/route_keys": route_keys.float().contiguous(),
-                                        f"{n}/route_radii": route_radii.float().contiguous()})
+                        parts[n].update(route_keys=route_keys.float().contiguous(), route_radii=route_radii.float().contiguous())
                 else:  # V = M^-1 K depends on the keys alone: a later sweep's update R' V^T only adds R' to U
-                    tensors[f"{n}/U"] = (tensors[f"{n}/U"].to(torch.float64) + residual.T).float().contiguous()
-                staged[n] = self._contribution({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}/")},
-                                               routed, routing.spans(n) if routed else None)
+                    parts[n]["U"] = (parts[n]["U"].to(torch.float64) + residual.T).float().contiguous()
+                staged[n] = self._contribution(parts[n], routed, routing.spans(n) if routed else None)
                 sweep_norm = float(residual.norm(dim=1).mean())
                 layer_metrics.setdefault(n, {"residual_norm": sweep_norm})  # what the first sweep had to write
                 layer_metrics[n]["delta_norm"] = float(torch.linalg.matrix_norm(staged[n].effect.dense_update()))
@@ -166,14 +166,13 @@ class DeltaMethod(EditMethod):
                             "from_cache": moments[s.name].from_cache} for s in sites},
         }
         with clock("finish"):
-            metrics.update(self.finish(ctx, requests, sites, staged, tensors, cfg))
+            metrics.update(self.finish(ctx, requests, sites, staged, parts, cfg))
         metrics["seconds"] = clock.report()
         log.info("%s: %d requests over %s, %.1f target steps on average, %.0f%% of the way to z, %d of %d landed",
                  self.name, len(requests), [s.layer for s in sites], metrics["target_steps_mean"],
                  100 * metrics["z_reached_mean"], sum(landed), len(landed))
-        # "mode" repeats the config for a person reading the header (the code reads the typed config)
-        state = {"mode": "routed" if routed else "global", "corpus": {s.name: moments[s.name].corpus_source for s in sites}}
-        return ComputedEdit(sites=[s.name for s in sites], tensors=tensors, state=state, routing=routing, metrics=metrics)
+        state = DeltaState(mode="routed" if routed else "global", corpus={s.name: moments[s.name].corpus_source for s in sites})
+        return ComputedEdit(sites=[s.name for s in sites], tensors=named(parts), state=state, routing=routing, metrics=metrics)
 
     @staticmethod
     def _residual(ctx: EditContext, requests: list[EditRequest], top, z: torch.Tensor, blocks_left: int,
@@ -251,7 +250,7 @@ class DeltaMethod(EditMethod):
         return SiteContribution(delta)
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
-        routed = self.routes(self.config_of(pack))
+        routed = self.routes(pack.config)
         return {site: self._contribution(pack.site_tensors(site), routed, pack.routing.spans(site) if routed else None)
                 for site in pack.sites}
 

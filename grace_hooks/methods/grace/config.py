@@ -1,9 +1,11 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...config import option
 from ...engine.spans import SCOPE_HELP, SCOPES
+from ...store.schema import MAX_ABS
+from ...store.typed import must
 from ...tokens import KEY_POSITIONS
 
 # GRACE edits a late layer: GPT2-XL block 35 of 48 in the paper's code.
@@ -24,3 +26,22 @@ class GraceConfig:
     lr: float = option(1.0, "Adam learning rate for the values (paper: 1.0)")
     n_iter: int = option(100, "most Adam steps (paper: 100); stops once every target token is the argmax")
     seed: int = option(0, "seed of the cold value initialisation")
+
+
+@dataclass
+class Shrink:
+    """A key of an earlier pack whose radius this pack shrinks while it is loaded (a GRACE split)."""
+
+    site: str
+    pack_id: str  # the earlier pack's
+    key: int = must("a key index >= 0", lambda k: None if k >= 0 else "must be a key index >= 0")
+    radius: float = must(f"a number within +-{MAX_ABS:g}", lambda r: None if abs(r) <= MAX_ABS else
+                         f"must be a number within +-{MAX_ABS:g}")
+
+
+@dataclass
+class GraceState:
+    """A GRACE pack's own data: each key's label (its answer), by site, and the shrinks of earlier keys."""
+
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    shrink: list[Shrink] = field(default_factory=list)

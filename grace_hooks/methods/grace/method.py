@@ -14,12 +14,12 @@ from ...engine.spans import KeyRouting, request_answer_spans, request_spans
 from ...locate.replay import LayerReplay
 from ...requests import EditRequest
 from ...store.packs import EditPack
-from ...store.schema import MAX_ABS, TensorSpec, is_finite_number
+from ...store.schema import TensorSpec, named
 from ...tokens import EditBatch, build_edit_batch, chat_form_requests, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod
 from ..registry import register
 from .codebook import Codebook
-from .config import DEFAULT_RELATIVE_DEPTH, GraceConfig
+from .config import DEFAULT_RELATIVE_DEPTH, GraceConfig, GraceState, Shrink
 from .effect import Replacement
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def _scoped_positions(batch: EditBatch, x: torch.Tensor, keys: torch.Tensor, rad
 class Grace(EditMethod):
     name = "grace"
     config_class = GraceConfig
+    state_class = GraceState
     capabilities = frozenset({"routed", "replace_output"})
 
     def site(self, model, cfg: GraceConfig) -> Site:
@@ -76,10 +77,8 @@ class Grace(EditMethod):
         values, iters, correct = self._train_values(ctx, site, batch, replay, x, y, book, keys, radii, cfg)
 
         n = site.name
-        state = {
-            "labels": {n: [e.label for e in book.entries]},
-            "shrink": [{"site": n, "pack_id": p, "key": k, "radius": r} for (p, k), r in book.shrinks.items()],
-        }
+        state = GraceState(labels={n: [e.label for e in book.entries]},
+                           shrink=[Shrink(n, p, k, r) for (p, k), r in book.shrinks.items()])
         served = [sorted({owner[r] for r in e.requests}) for e in book.entries]
         routing = KeyRouting(key_requests={n: served})  # each key's requests
         if cfg.scope == "span":  # a key fires once its subject has occurred, until its answer has been written
@@ -94,7 +93,7 @@ class Grace(EditMethod):
         }
         log.info("grace: %d requests, %d prompts, %d codebook entries, %d steps, %.0f%% teacher-forced success",
                  n_req, len(rows_requests), len(book.entries), iters, 100 * metrics["teacher_forced_success"])
-        tensors = {f"{n}/keys": keys.contiguous(), f"{n}/radii": radii, f"{n}/values": values.contiguous()}
+        tensors = named({n: {"keys": keys.contiguous(), "radii": radii, "values": values.contiguous()}})
         return ComputedEdit(sites=[n], tensors=tensors, state=state, routing=routing, metrics=metrics)
 
     @staticmethod
@@ -183,37 +182,23 @@ class Grace(EditMethod):
         return [{"keys": TensorSpec(("n", "d_in")), "radii": TensorSpec(("n",)),
                  "values": TensorSpec(("n", "d_out"))}]
 
-    def check_state(self, pack: EditPack, config: GraceConfig) -> list[str]:
-        """Labels (one string per key) and radius shrinks of earlier packs' keys, well typed."""
-        state, problems = pack.state, []
-        labels = state.get("labels", {})
-        if not isinstance(labels, dict):
-            return ["state.labels must map each site to its keys' labels"]
-        for site, names in labels.items():
-            n = len(pack.site_tensors(site).get("keys", ()))
-            if site not in pack.sites or not isinstance(names, list) or len(names) != n \
-                    or not all(isinstance(x, str) for x in names):
-                problems.append(f"state.labels[{site!r}] must list one string per key of a site of the pack ({n})")
-        shrink = state.get("shrink", [])
-        if not isinstance(shrink, list):
-            return problems + ["state.shrink must be a list"]
-        for s in shrink:
-            if not (isinstance(s, dict) and s.get("site") in pack.sites and isinstance(s.get("pack_id"), str)
-                    and type(s.get("key")) is int and s["key"] >= 0 and is_finite_number(s.get("radius"), -MAX_ABS, MAX_ABS)):
-                problems.append(f"state.shrink entry {str(s)[:80]} must give a site of the pack, an earlier pack_id, "
-                                "a key index >= 0 and a finite radius")
+    def check_state(self, pack: EditPack[GraceConfig, GraceState], config: GraceConfig) -> list[str]:
+        """Labels (one per key) and radius shrinks at sites of the pack (their types were checked as read)."""
         keys = {site: len(pack.site_tensors(site).get("keys", ())) for site in pack.sites}
+        problems = [f"state.labels[{site!r}] must list one string per key of a site of the pack ({keys.get(site, 0)})"
+                    for site, names in pack.state.labels.items() if len(names) != keys.get(site, -1)]
+        problems += [f"state.shrink entry {s} must give a site of the pack" for s in pack.state.shrink if s.site not in keys]
         return problems + pack.routing.problems(pack.n_edits, keys)
 
-    def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
+    def contributions(self, pack: EditPack[GraceConfig, GraceState]) -> dict[str, SiteContribution]:
         out = {}
-        last_only = self.config_of(pack).replacement == "last"
+        last_only = pack.config.replacement == "last"
         for site in pack.sites:
             t = pack.site_tensors(site)
-            shrink = [(s["pack_id"], int(s["key"]), float(s["radius"])) for s in pack.state.get("shrink", []) if s["site"] == site]
+            shrink = [(s.pack_id, int(s.key), float(s.radius)) for s in pack.state.shrink if s.site == site]
             out[site] = SiteContribution(
                 Replacement(t["values"]), keys=t["keys"], radii=t["radii"],
-                labels=pack.state.get("labels", {}).get(site, []), last_only=last_only, shrink=shrink,
+                labels=pack.state.labels.get(site, []), last_only=last_only, shrink=shrink,
                 spans=pack.routing.spans(site), anchor="seen", closers=pack.routing.spans(site, "answer_spans"),
             )
         return out

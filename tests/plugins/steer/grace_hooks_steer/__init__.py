@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from grace_hooks.method_kit import (ComputedEdit, EditContext, EditMethod, Effect, EffectLayer, Gate, Hits, Plan, Site,
-                                    SiteContribution, TensorSpec, num_layers, option, stored)
+                                    SiteContribution, TensorSpec, named, num_layers, option, stored)
 
 
 # ---------------------------------------------------------------------------- the family's effect
@@ -83,8 +83,8 @@ class Steer(EditMethod):
                     opt.step()
                 vectors.append(v.detach().clone())
         n = site.name
-        tensors = {f"{n}/keys": keys.contiguous(), f"{n}/radii": cfg.radius * keys.norm(dim=1),
-                   f"{n}/vectors": torch.stack(vectors).contiguous()}
+        tensors = named({n: {"keys": keys.contiguous(), "radii": cfg.radius * keys.norm(dim=1),
+                             "vectors": torch.stack(vectors).contiguous()}})
         return ComputedEdit(sites=[n], tensors=tensors)
 
     def site_layouts(self, config: SteerConfig) -> list[dict[str, TensorSpec]]:
