@@ -462,8 +462,8 @@ def test_rebase_recomputes_every_pack_on_the_new_base_and_keeps_the_old_folder(a
     (old,) = [p for p in tmp_path.iterdir() if p.name.startswith("adapters.before-rebase-")]
     assert {p.name: read_header(p) for p in old.iterdir() if p.is_dir()} == before  # the old packs, untouched
     after = read_header(adapters / "facts")
-    assert after["requests"] == before["facts"]["requests"] and after["method"] == before["facts"]["method"]
-    assert after["base_model"]["fingerprint"] != before["facts"]["base_model"]["fingerprint"]
+    assert after.requests == before["facts"].requests and after.method == before["facts"].method
+    assert after.base_model.fingerprint != before["facts"].base_model.fingerprint
     assert not [p for p in tmp_path.iterdir() if ".rebase-" in p.name]  # no staging folder left
     answered = run("ask", prompt, "--model", new, "--adapters", adapters, "--max-new-tokens", "3")
     assert answered.exit_code == 0 and answered.stdout.strip().startswith("Rome")

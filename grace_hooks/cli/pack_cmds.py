@@ -73,7 +73,7 @@ def _show_conflicts(paths: list[Path]) -> None:
     packs = []
     for p in paths:
         try:
-            packs.append((p.name, read_header(p)["requests"]))
+            packs.append((p.name, read_header(p).requests))
         except (GraceHooksError, KeyError, TypeError, OSError):
             continue  # listed above as corrupt
     try:

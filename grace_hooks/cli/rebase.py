@@ -58,7 +58,7 @@ def rebase_adapters(directory: str | Path, model, progress: Callable[[Rebased], 
         for pack in packs:
             start = time.perf_counter()
             # the options as they ran (per-model defaults included): the new pack is the same edit on the new base
-            model.edit(pack.requests, method=pack.method, pack=pack.name, **pack.config)
+            model.edit(pack.requests, method=pack.method, pack=pack.name, **vars(pack.config))
             landed = sum(t.took for t in check_took(model, pack.requests))
             model.save_pack(pack.name, staging)
             rows.append(Rebased(pack.name, pack.method, len(pack.requests), landed, time.perf_counter() - start))
