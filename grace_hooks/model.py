@@ -14,7 +14,7 @@ from .bases.embedded import edit_defaults
 from .bases.hooks import HookOwner
 from .bases.loading import load_base
 from .config import DEFAULT_METHOD, make_config
-from .conflicts import Conflict, find_conflicts
+from .conflicts import THIS_EDIT, Conflict, find_conflicts
 from .engine.health import site_health
 from .engine.loaded import LoadedView
 from .engine.memo import WeightMemo
@@ -23,6 +23,7 @@ from .errors import ArchitectureError, EditError, PackError
 from .explain import MAX_LEFT_OUT, Explanation, explain
 from .methods import EditContext, get_method
 from .requests import EditRequest, as_requests
+from .store.header import Superseded
 from .store.packs import (BaseInfo, EditPack, base_fingerprint, check_base, delete_pack_dir, load_pack, reading,
                           save_pack, validate_pack_name)
 from .version import __version__
@@ -102,9 +103,18 @@ class EditableModel:
         """Validate, then apply at every site or at none (a failure leaves the model as it was)."""
         with self._runtime.lock:
             self._validate(pack)
-            self._runtime.add_pack(pack.pack_id, self._rank + 1, get_method(pack.method).contributions(pack))
-            self._rank += 1
+            self._place(pack)
             self._packs[pack.name] = pack
+
+    def _place(self, pack: EditPack) -> None:
+        """Add ``pack`` to the runtime above every pack there, with the earlier keys it supersedes held off."""
+        self._runtime.add_pack(pack.pack_id, self._rank + 1, get_method(pack.method).contributions(pack))
+        try:
+            self._runtime.suppress(pack.pack_id, [(s.site, s.pack_id, s.key) for s in pack.supersedes])
+        except BaseException:
+            self._runtime.remove_pack(pack.pack_id)
+            raise
+        self._rank += 1
 
     def method_config(self, config_class: type, overrides: dict | None = None):
         """``config_class`` with this model's defaults (an embedded model may change some, see
@@ -112,14 +122,18 @@ class EditableModel:
         return make_config(config_class, overrides, base=edit_defaults(self.name, config_class))
 
     def edit(self, requests: Iterable[EditRequest | dict], method: str = DEFAULT_METHOD, pack: str | None = None,
-             **config_overrides) -> PackInfo:
+             supersede: bool = False, **config_overrides) -> PackInfo:
         """Compute an edit with ``method`` and apply it as a new pack (active at once). Forwards from
-        other threads wait while it is computed (they never see it half done)."""
+        other threads wait while it is computed (they never see it half done). ``supersede``: the loaded
+        requests this edit conflicts with (:attr:`PackInfo.conflicts`) stop acting while the new pack is
+        loaded (their router keys never fire); removing it brings them back."""
         reqs = as_requests(requests)
         impl = get_method(method)
         conflicts = tuple(find_conflicts(reqs, [(p.name, p.requests) for p in list(self._packs.values())]))
+        superseded = self._superseded(conflicts) if supersede else []
         for c in conflicts:
-            log.warning("edit: %s; both act where both fire (see docs/usage.md#conflicting-edits)", c.describe())
+            log.warning("edit: %s; %s (see docs/usage.md#conflicting-edits)", c.describe(),
+                        "the earlier one is superseded" if supersede and c.pack != THIS_EDIT else "both act where both fire")
         cfg = self.method_config(impl.config_class, config_overrides)
         name = validate_pack_name(pack if pack is not None else f"{method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}")
         with self._runtime.lock:
@@ -132,7 +146,7 @@ class EditableModel:
                 base=BaseInfo(self.name, self.base_model.config.model_type, self._fingerprint(computed.sites)),
                 requests=[r.to_dict() for r in reqs], tensors=computed.tensors, routing=computed.routing,
                 state=impl.state_class() if computed.state is None else computed.state,
-                metrics=computed.metrics, library_version=__version__,
+                metrics=computed.metrics, library_version=__version__, supersedes=superseded,
             )
             try:
                 self._apply(new)  # validated like a pack read from disk: a non-finite solve is refused here
@@ -140,6 +154,22 @@ class EditableModel:
                 raise EditError(f"the {method} edit was computed but is not usable, so it was not applied: {exc}. "
                                 "Try other options (e.g. a lower learning rate or fewer requests per call)") from None
         return dataclasses.replace(self._info(new), conflicts=conflicts)
+
+    def _superseded(self, conflicts: tuple[Conflict, ...]) -> list[Superseded]:
+        """The router keys of loaded packs that serve only requests the new edit conflicts with."""
+        gone: dict[str, set[int]] = {}
+        for c in conflicts:
+            if c.pack != THIS_EDIT:
+                gone.setdefault(c.pack, set()).add(c.earlier)
+        out = []
+        for name, requests in gone.items():
+            old = self._packs[name]
+            if not old.routing.key_requests:
+                raise EditError(f"pack {name!r} ({old.method}) has no router keys: it acts everywhere, so a new edit "
+                                "cannot supersede one of its requests. Remove the pack, or edit without supersede")
+            out += [Superseded(old.pack_id, site, k) for site, keys in old.routing.key_requests.items()
+                    for k, served in enumerate(keys) if served and set(served) <= requests]
+        return out
 
     @contextlib.contextmanager
     def edit_context(self) -> Iterator[EditContext]:
@@ -281,8 +311,7 @@ class EditableModel:
     def _restack(self, packs: list[EditPack]) -> None:
         """Apply packs that were applied before (already validated), above every pack applied now."""
         for p in packs:
-            self._rank += 1
-            self._runtime.add_pack(p.pack_id, self._rank, get_method(p.method).contributions(p))
+            self._place(p)
 
     def explain(self, prompt: str, max_new_tokens: int = 20, stop_ids: tuple[int, ...] = (),
                 add_special_tokens: bool = True, max_left_out: int = MAX_LEFT_OUT) -> Explanation:

@@ -74,3 +74,56 @@ def test_two_routed_delta_edits_of_one_fact_both_add_their_update(make_model, to
         base = em(**tokenizer(text, return_tensors="pt")).logits
     both = em(**tokenizer(text, return_tensors="pt")).logits
     assert not torch.equal(both, only_first) and not torch.equal(only_first, base)
+
+
+def _acting(em, text):
+    with em.routes(every=True) as acting, torch.no_grad():
+        logits = em(**em.tokenizer(text, return_tensors="pt")).logits
+    return {pack for _, _, _, pack, _ in acting}, logits
+
+
+def test_a_superseding_edit_stops_the_older_one_until_it_is_removed(make_model, tokenizer, tmp_path):
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    em.edit(DELTA_REQUESTS[:2], method="encore", pack="first", **DELTA_TINY)
+    narnia, alice = DELTA_REQUESTS[0].text, DELTA_REQUESTS[1].text
+    before = {t: _acting(em, t) for t in (narnia, alice)}
+    newer = EditRequest(prompt=DELTA_REQUESTS[0].prompt, subject="narnia", target_new="chess")
+    info = em.edit([newer], method="encore", pack="second", supersede=True, **DELTA_TINY)
+    assert [c.pack for c in info.conflicts] == ["first"]
+    assert em.pack("second").supersedes and {s.pack_id for s in em.pack("second").supersedes} == {em.pack("first").pack_id}
+    assert _acting(em, narnia)[0] == {"second"}  # the older edit no longer acts on its subject...
+    assert _acting(em, alice)[0] == {"first"}  # ...and still acts on its other request
+    em.save_pack("first", tmp_path)
+    em.save_pack("second", tmp_path)
+    em.remove_pack("second")
+    for text, (packs, logits) in before.items():  # rolled back: the older edit acts again, bit for bit
+        again = _acting(em, text)
+        assert again[0] == packs and torch.equal(again[1], logits)
+    em.close()
+    reloaded = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    reloaded.load_adapters(tmp_path)  # the supersession is part of the saved pack
+    assert _acting(reloaded, narnia)[0] == {"second"}
+    with reloaded.without("second"):
+        assert _acting(reloaded, narnia)[0] == {"first"}
+
+
+def test_only_a_superseding_pack_writes_the_field(make_model, tokenizer, tmp_path):
+    from grace_hooks.store.packs import PACK_JSON
+
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    em.edit(TINY_REQUESTS[:1], method="grace", pack="plain", **GRACE_FAST)
+    em.save_pack("plain", tmp_path)
+    assert "supersedes" not in (tmp_path / "plain" / PACK_JSON).read_text()
+
+
+def test_a_global_delta_cannot_be_superseded_request_by_request(make_model, tokenizer):
+    import pytest
+
+    from grace_hooks.errors import EditError
+
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    em.edit(DELTA_REQUESTS[:1], method="encore", pack="global", mode="global", **DELTA_TINY)
+    newer = EditRequest(prompt=DELTA_REQUESTS[0].prompt, subject="narnia", target_new="chess")
+    with pytest.raises(EditError, match="acts everywhere"):
+        em.edit([newer], method="grace", pack="newer", supersede=True, **GRACE_FAST)
+    assert [p.name for p in em.packs] == ["global"]

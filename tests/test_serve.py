@@ -114,6 +114,11 @@ def test_a_new_pack_answers_with_its_conflicts(server):
     assert status == 201, info
     (c,) = info["conflicts"]
     assert (c["request"], c["pack"], c["earlier"], c["why"], c["earlier_target"]) == (0, "narnia", 0, "same prompt", "tokyo")
+    status, info = server.call("POST", "/v1/packs", {"name": "narnia-final", "method": "grace", "supersede": True,
+                                                     "requests": [{**NARNIA, "target_new": "rome"}]})
+    assert status == 201 and len(info["conflicts"]) == 2, info
+    assert json.loads((server.adapters / "narnia-final" / "edit_pack.json").read_text())["supersedes"]
+    assert server.chat().split()[0] == "rome"
 
 
 def test_explain_names_the_pack_that_changed_the_answer(server):

@@ -46,8 +46,11 @@ def demo(model: str, adapters: Path | None, requests_file: Path | None, method: 
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N requests.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Method config override (repeatable), e.g. --set eps_init=2.")
 @click.option("--overwrite", is_flag=True, help="Replace a pack of the same name in the adapters folder.")
+@click.option("--supersede", is_flag=True,
+              help="Loaded requests these conflict with (same subject and prompt or relation) stop acting while the new "
+                   "pack is loaded; removing it brings them back.")
 def edit(requests_file: Path, method: str, adapters: Path, pack_name: str | None, model: str, limit: int | None,
-         sets: tuple[str, ...], overwrite: bool) -> None:
+         sets: tuple[str, ...], overwrite: bool, supersede: bool) -> None:
     """Compute an edit pack from a requests file and save it into ADAPTERS."""
     from ..bases.embedded import edit_defaults
     from ..config import make_config
@@ -75,7 +78,7 @@ def edit(requests_file: Path, method: str, adapters: Path, pack_name: str | None
     try:
         t0 = time.perf_counter()
         busy(f"editing {len(reqs)} request(s) with {method} ...")
-        info = em.edit(reqs, method=method, pack=pack_name, **overrides)
+        info = em.edit(reqs, method=method, pack=pack_name, supersede=supersede, **overrides)
         busy(f"edited in {time.perf_counter() - t0:.1f} s")
         path = em.save_pack(info.name, adapters, overwrite=overwrite)
         metrics = em.pack(info.name).metrics

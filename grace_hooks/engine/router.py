@@ -33,6 +33,9 @@ def _choose(query_idx: np.ndarray, dist2: np.ndarray, ids: np.ndarray, rank: np.
     return out
 
 
+SUPPRESSED = -1.0  # a radius no distance is within: the key never fires (it stays, and comes back with drop_overrides)
+
+
 class KeyRouter:
     """FAISS index of edit keys at one site, with per-key radius, rank and flags."""
 
@@ -93,6 +96,8 @@ class KeyRouter:
 
     # --- radius overrides: a later pack may shrink an earlier key (GRACE split across packs) ---
     def shrink(self, key_id: int, radius: float, owner: object) -> None:
+        """Hold key ``key_id`` to at most ``radius`` while ``owner`` (a later pack) is loaded;
+        :data:`SUPPRESSED` keeps it from ever being in scope (a superseded edit)."""
         if 0 <= key_id < len(self._alive) and self._alive[key_id]:
             self._overrides.setdefault(key_id, {})[owner] = float(radius)
             self._refresh(key_id)
@@ -129,7 +134,7 @@ class KeyRouter:
         empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         if len(self) == 0 or len(queries) == 0:
             return empty
-        r2 = self._radius.astype(np.float64) ** 2
+        r2 = np.where(self._radius < 0, -1.0, self._radius.astype(np.float64) ** 2)  # SUPPRESSED: never
         free = self._alive & ~self._anchored
         query_idx, ids, dist2 = empty
         if free.any():

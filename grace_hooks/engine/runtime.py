@@ -22,7 +22,7 @@ from ..bases.hooks import HookOwner
 from ..errors import PackError
 from .effects import Effect, EffectLayer, Gate, Hits
 from .forward_context import ForwardContext, ThreadContexts, cache_length, forward_ids, forward_mask, positions, track_tokens
-from .router import NO_KEY, KeyRouter
+from .router import NO_KEY, SUPPRESSED, KeyRouter
 
 STAGED_RANK = 2**62  # above any loaded pack's rank
 
@@ -284,8 +284,23 @@ class EditRuntime:
         with self.lock:
             self._remove(pack_id)
 
+    def suppress(self, owner: str, keys: list[tuple[str, str, int]]) -> None:
+        """While pack ``owner`` is loaded, the keys (site, earlier pack id, key index in that pack) never
+        fire (a superseded edit); keys of packs not loaded are skipped. Removing ``owner`` restores them."""
+        with self.lock:
+            for site, target, index in keys:
+                rt = self.sites.get(site)
+                ids = rt.ids.get(target) if rt is not None else None
+                if ids is None:
+                    continue
+                if not 0 <= index < len(ids):
+                    raise PackError(f"a pack supersedes key {index} of an earlier pack at {site}, which has {len(ids)} "
+                                    "keys there; the pack is corrupt or made on another stack")
+                rt.router.shrink(int(ids[index]), SUPPRESSED, owner=owner)
+
     def _remove(self, pack_id: str) -> None:
         for name, rt in list(self.sites.items()):
+            rt.router.drop_overrides(pack_id)  # what it suppressed or shrank, wherever that is
             if pack_id in rt.packs:
                 rt.remove(pack_id)
             if not rt.packs:  # no pack left here: the site's hook goes too

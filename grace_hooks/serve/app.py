@@ -97,7 +97,7 @@ def create_pack(body: PackRequest, request: Request) -> dict[str, Any]:
                             f"stack, so together they edit the same), or start the server with a larger "
                             f"grace-hooks serve --max-edit-requests", param="requests")
     name = body.name or f"{body.method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}"
-    return state.live.create(NewPack(name, body.method, body.requests, body.options))
+    return state.live.create(NewPack(name, body.method, body.requests, body.options, body.supersede))
 
 
 @packs_router.delete("/v1/packs/{name}")

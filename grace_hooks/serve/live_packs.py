@@ -81,6 +81,7 @@ class NewPack:
     method: str
     requests: list[Any]
     options: dict[str, Any]
+    supersede: bool = False
 
 
 def _checked(spec: NewPack) -> list[EditRequest]:
@@ -145,12 +146,14 @@ class LivePacks:
                 with self._stack_lock:  # requests wait while it is computed: it is live as soon as it exists
                     with clock("compute"):
                         with self.changing():
-                            info = self.model.edit(reqs, method=spec.method, pack=spec.name, **spec.options)
+                            info = self.model.edit(reqs, method=spec.method, pack=spec.name, supersede=spec.supersede,
+                                                   **spec.options)
                     self._save_or_undo(self.model, spec.name, clock)
             else:
                 self._mirror()
                 with clock("compute"):
-                    info = self.workshop.edit(reqs, method=spec.method, pack=spec.name, **spec.options)
+                    info = self.workshop.edit(reqs, method=spec.method, pack=spec.name, supersede=spec.supersede,
+                                              **spec.options)
                 with self._stack_lock:
                     self._refuse_taken(spec.name, computed=True)
                     self._save_or_undo(self.workshop, spec.name, clock)

@@ -87,3 +87,4 @@ class PackRequest(BaseModel):
     method: str = DEFAULT_METHOD
     requests: list[Any] = Field(min_length=1)
     options: dict[str, Any] = Field(default_factory=dict)
+    supersede: bool = False  # the loaded requests it conflicts with stop acting while it is loaded

@@ -53,6 +53,16 @@ class BaseInfo:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class Superseded:
+    """A router key of an earlier pack that a later pack supersedes: it never fires while the later
+    pack is loaded (``edit(..., supersede=True)``)."""
+
+    pack_id: str = must("the pack_id of the earlier pack", _pack_id)
+    site: str = must("a site name")
+    key: int = must("a key index >= 0", lambda k: None if k >= 0 else "must be >= 0")
+
+
 @dataclass(kw_only=True)
 class PackHeader:
     """The fields of ``edit_pack.json``, in the order they are written. The method checks its own
@@ -72,6 +82,7 @@ class PackHeader:
     state: dict[str, Any] = must("an object", default_factory=dict)
     metrics: dict[str, Any] = must("an object", default_factory=dict)
     tensors_sha256: str = must("a hex string (the checksum of edit_pack.safetensors)")
+    supersedes: list[Superseded] | None = must("a list of {pack_id, site, key} objects", default=None)  # None: not written
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -132,5 +143,5 @@ class NoState:
     """The state of a method that keeps none of its own."""
 
 
-__all__ = ["BaseInfo", "FIX", "FORMAT_VERSION", "NoState", "PackHeader", "ROUTING_FIELDS", "check_header", "corrupt", "read_config",
+__all__ = ["BaseInfo", "Superseded", "FIX", "FORMAT_VERSION", "NoState", "PackHeader", "ROUTING_FIELDS", "check_header", "corrupt", "read_config",
            "read_state", "state_json"]

@@ -30,8 +30,8 @@ from ..bases.architectures import Site
 from ..engine.spans import KeyRouting
 from ..errors import FingerprintMismatch, GraceHooksError, PackError, PackNameError
 from .adapters_dir import aside, delete_dir, locked, recover, replace_dir
-from .header import (FORMAT_VERSION, BaseInfo, NoState, PackHeader, check_header, corrupt, read_config, read_state,
-                     state_json)
+from .header import (FORMAT_VERSION, BaseInfo, NoState, PackHeader, Superseded, check_header, corrupt, read_config,
+                     read_state, state_json)
 from .io import MAX_JSON_BYTES, MAX_TENSOR_BYTES, check_safetensors, parse_json, read_bounded
 from .schema import site_tensors, split_tensor_name
 from .typed import Invalid, to_json
@@ -84,6 +84,7 @@ class EditPack(Generic[C, S]):
     pack_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="microseconds"))
     library_version: str = ""
+    supersedes: list[Superseded] = field(default_factory=list)  # earlier packs' keys that never fire while it is loaded
 
     @property
     def n_edits(self) -> int:
@@ -99,12 +100,14 @@ class EditPack(Generic[C, S]):
 
     def header(self, tensors_sha256: str = "") -> dict[str, Any]:
         """``edit_pack.json`` for this pack (format v1), as JSON values."""
-        return to_json(PackHeader(
+        out = to_json(PackHeader(
             format_version=FORMAT_VERSION, name=self.name, pack_id=self.pack_id, method=self.method,
             method_config=to_json(self.config), sites=self.sites, base_model=self.base, created_at=self.created_at,
             library_version=self.library_version, n_edits=self.n_edits, requests=self.requests,
             state=state_json(self.state, self.routing), metrics=self.metrics, tensors_sha256=tensors_sha256,
-        ))
+            supersedes=self.supersedes or None,  # a pack that supersedes nothing: the header it had before the field
+        ), drop_none=True)
+        return out
 
 
 def _card(pack: EditPack) -> str:
@@ -236,6 +239,7 @@ def load_pack(path: str | Path) -> EditPack:
         name=name, method=header.method, config=config, sites=header.sites, base=header.base_model,
         requests=header.requests, tensors=tensors, state=state, routing=routing, metrics=header.metrics,
         pack_id=header.pack_id or uuid.uuid4().hex, created_at=header.created_at, library_version=header.library_version,
+        supersedes=header.supersedes or [],
     )
 
 
