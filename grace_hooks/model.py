@@ -157,18 +157,18 @@ class EditableModel:
 
     def _superseded(self, conflicts: tuple[Conflict, ...]) -> list[Superseded]:
         """The router keys of loaded packs that serve only requests the new edit conflicts with."""
-        gone: dict[str, set[int]] = {}
+        gone: dict[str, dict[int, int]] = {}  # pack -> its request -> the new request that supersedes it
         for c in conflicts:
             if c.pack != THIS_EDIT:
-                gone.setdefault(c.pack, set()).add(c.earlier)
+                gone.setdefault(c.pack, {}).setdefault(c.earlier, c.request)
         out = []
         for name, requests in gone.items():
             old = self._packs[name]
             if not old.routing.key_requests:
                 raise EditError(f"pack {name!r} ({old.method}) has no router keys: it acts everywhere, so a new edit "
                                 "cannot supersede one of its requests. Remove the pack, or edit without supersede")
-            out += [Superseded(old.pack_id, site, k) for site, keys in old.routing.key_requests.items()
-                    for k, served in enumerate(keys) if served and set(served) <= requests]
+            out += [Superseded(old.pack_id, site, k, requests[served[0]]) for site, keys in old.routing.key_requests.items()
+                    for k, served in enumerate(keys) if served and set(served) <= set(requests)]
         return out
 
     @contextlib.contextmanager
@@ -232,6 +232,39 @@ class EditableModel:
             pack = self.pack(name)
             self._runtime.remove_pack(pack.pack_id)
             del self._packs[name]
+
+    def remove_request(self, name: str, index: int) -> PackInfo:
+        """Roll back one edit: pack ``name`` without its request ``index``, in its place in the stack
+        (its method takes out what served only that request and keeps the rest as it is; earlier keys it
+        superseded for that request act again). Refused where a method cannot, for the last request
+        (remove the pack), and while later packs shrink or supersede keys of this one."""
+        with self._runtime.lock:
+            pack = self.pack(name)
+            if not 0 <= index < pack.n_edits:
+                raise EditError(f"pack {name!r} has requests 0 to {pack.n_edits - 1}, not {index}")
+            if pack.n_edits == 1:
+                raise EditError(f"{index} is the only request of pack {name!r}: remove the pack instead")
+            holders = [p.name for p in self._packs.values() if p.pack_id in self._runtime.overriders(pack.pack_id)]
+            if holders:
+                raise EditError(f"pack(s) {holders} shrink or supersede keys of {name!r}, by their index, which taking "
+                                f"a request out would shift: remove them first, then the request, then load them again")
+            new = get_method(pack.method).without_request(pack, index)
+            new.supersedes = [dataclasses.replace(s, request=s.request if s.request is None else s.request - (s.request > index))
+                              for s in pack.supersedes if s.request != index]  # what it superseded for that request acts again
+            get_method(new.method).validate(new, {s: Site.parse(s).dims(self.base_model) for s in new.sites})
+            order = list(self._packs.values())
+            tail = order[order.index(pack):]
+            for p in tail:
+                self._runtime.remove_pack(p.pack_id)
+            try:
+                self._restack([new] + tail[1:])
+            except BaseException:
+                for p in [new] + tail[1:]:
+                    self._runtime.remove_pack(p.pack_id)
+                self._restack(tail)
+                raise
+            self._packs[name] = new
+        return self._info(new)
 
     def squash_packs(self, names: list[str], into: str) -> PackInfo:
         """Replace the loaded chain ``names`` (oldest first, in load order) by one pack ``into`` with

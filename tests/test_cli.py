@@ -496,3 +496,15 @@ def test_edit_and_ls_name_conflicting_requests(adapters, tiny_model, tmp_path):
     listed = run("ls", "--adapters", adapters)
     assert "1 conflicting request(s)" in listed.stdout
     assert "newer#0 'The Eiffel Tower' -> 'Berlin'  vs  facts#0 -> 'Rome' (same prompt)" in listed.stdout
+
+
+def test_rm_one_request_writes_a_new_version_of_the_pack(adapters, tiny_model):
+    res = run("rm", "facts", "--request", "1", "--adapters", adapters, "--model", tiny_model)
+    assert res.exit_code == 0, res.output
+    assert "removed request 1" in res.stdout and "1 request(s) left" in res.stdout
+    assert [r["subject"] for r in read_header(adapters / "facts").requests] == ["The Eiffel Tower"]
+    answered = run("ask", "The Eiffel Tower is located in the city of", "--model", tiny_model, "--adapters", adapters,
+                   "--max-new-tokens", "3")
+    assert answered.stdout.strip().startswith("Rome")
+    last = CliRunner().invoke(main, ["rm", "facts", "--request", "0", "--adapters", str(adapters), "--model", tiny_model])
+    assert last.exit_code != 0 and "remove the pack instead" in str(last.output) + str(last.exception)

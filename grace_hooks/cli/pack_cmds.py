@@ -1,4 +1,4 @@
-"""The commands on an adapters folder that load no model: ``ls``, ``rm``, ``export`` and ``squash``."""
+"""The commands on an adapters folder: ``ls``, ``rm``, ``export`` and ``squash`` (only ``rm --request`` loads a model)."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..bases.embedded import DEFAULT_MODEL
 from ..errors import GraceHooksError
 from ..store.packs import PACK_JSON, PACK_TENSORS
 from .folder_ops import EXPORT_FORMATS
@@ -96,12 +97,29 @@ def _looks_like_pack(path: Path) -> bool:
 @main.command("rm")
 @click.argument("name")
 @click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
-def rm_cmd(name: str, adapters: Path) -> None:
-    """Delete pack NAME from ADAPTERS (its folder)."""
+@click.option("--request", "request", type=click.IntRange(min=0), default=None,
+              help="Remove only this request (its index in the pack, 0 first) and keep the rest: loads the model.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="The base the folder's packs were made on (--request).")
+def rm_cmd(name: str, adapters: Path, request: int | None, model: str) -> None:
+    """Delete pack NAME from ADAPTERS (its folder), or with --request one of its requests (a new
+    version of the pack replaces it, saved as safely as any save)."""
     from ..model import EditableModel
 
-    EditableModel.delete_pack(name, adapters)
-    click.echo(f"removed pack {name} from {adapters}")
+    if request is None:
+        EditableModel.delete_pack(name, adapters)
+        click.echo(f"removed pack {name} from {adapters}")
+        return
+    from .group import load_model
+
+    em = load_model(model, adapters)
+    try:
+        target = em.pack(name).requests[request] if request < em.pack(name).n_edits else {}
+        info = em.remove_request(name, request)
+        em.save_pack(name, adapters, overwrite=True)
+    finally:
+        em.close()
+    click.echo(f"removed request {request} ({target.get('prompt', '')!r} about {target.get('subject', '')!r} -> "
+               f"{target.get('target_new', '')!r}) from pack {name}: {info.n_edits} request(s) left")
 
 
 @main.command("export")

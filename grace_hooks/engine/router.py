@@ -102,6 +102,10 @@ class KeyRouter:
             self._overrides.setdefault(key_id, {})[owner] = float(radius)
             self._refresh(key_id)
 
+    def override_owners(self, key_id: int) -> list[object]:
+        """Who holds key ``key_id`` shrunk or suppressed (later packs)."""
+        return list(self._overrides.get(key_id, {}))
+
     def drop_overrides(self, owner: object) -> None:
         for key_id in [k for k, m in self._overrides.items() if owner in m]:
             del self._overrides[key_id][owner]

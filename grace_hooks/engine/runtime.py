@@ -298,6 +298,12 @@ class EditRuntime:
                                     "keys there; the pack is corrupt or made on another stack")
                 rt.router.shrink(int(ids[index]), SUPPRESSED, owner=owner)
 
+    def overriders(self, pack_id: str) -> set[str]:
+        """The packs that hold keys of pack ``pack_id`` shrunk or suppressed."""
+        with self.lock:
+            return {str(o) for rt in self.sites.values() for i in rt.ids.get(pack_id, ())
+                    for o in rt.router.override_owners(int(i))}
+
     def _remove(self, pack_id: str) -> None:
         for name, rt in list(self.sites.items()):
             rt.router.drop_overrides(pack_id)  # what it suppressed or shrank, wherever that is

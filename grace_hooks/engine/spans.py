@@ -183,6 +183,18 @@ class KeyRouting:
     subject_spans: list[list[list[int]]] | None = None  # per request, its subject's token spans (scope 'span')
     answer_spans: list[list[list[int]]] | None = None  # per request, its new target's spans (a key closes there)
 
+    def without_request(self, index: int) -> tuple["KeyRouting", dict[str, list[int]]]:
+        """The routing with request ``index`` gone (later requests renumbered), and per site the router
+        keys kept: every key that serves another request too (it stops serving this one)."""
+        kept: dict[str, list[int]] = {}
+        served: dict[str, list[list[int]]] = {}
+        for site, keys in (self.key_requests or {}).items():
+            kept[site] = [k for k, reqs in enumerate(keys) if any(r != index for r in reqs)]
+            served[site] = [[r - (r > index) for r in keys[k] if r != index] for k in kept[site]]
+        drop = (lambda per: None if per is None else per[:index] + per[index + 1:])
+        return (KeyRouting(served if self.key_requests is not None else None, drop(self.subject_spans),
+                           drop(self.answer_spans)), kept)
+
     def spans(self, site: str, field: str = "subject_spans") -> list[list[list[int]]] | None:
         """Per router key at ``site``, the spans (``field``: subject or answer spans) of the requests it
         serves; None for a pack without them (subject spans: made with scope 'key', or before spans

@@ -3,6 +3,7 @@ a mapping from a stored pack to what it contributes at each site."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
@@ -16,7 +17,7 @@ from ..engine.loaded import LoadedView
 from ..engine.memo import WeightMemo
 from ..engine.runtime import EditRuntime, SiteContribution
 from ..engine.spans import KeyRouting
-from ..errors import ConfigError, PackError
+from ..errors import ConfigError, EditError, PackError
 from ..requests import EditRequest
 from ..store.packs import EditPack, NoState
 from ..store.schema import TensorSpec, site_problems
@@ -138,6 +139,25 @@ class EditMethod(ABC):
                             + ("; ..." if len(problems) > 8 else "") + ". The pack is corrupt, or was relabelled or "
                             "made by another version; re-create it from its requests (grace-hooks edit)")
         return config
+
+    @staticmethod
+    def rebuilt_without(pack: EditPack, index: int, tensors: dict[str, torch.Tensor], routing: KeyRouting,
+                        state: Any = None) -> EditPack:
+        """``pack`` with request ``index`` gone from its requests, and the given tensors, routing (and
+        state): the same name and pack_id, so later packs' references to it stay valid."""
+        return dataclasses.replace(pack, requests=pack.requests[:index] + pack.requests[index + 1:], tensors=tensors,
+                                   routing=routing, state=pack.state if state is None else state)
+
+    def without_request(self, pack: EditPack, index: int) -> EditPack:
+        """``pack`` with request ``index`` removed and everything else kept as it is (same name and
+        pack_id): what ``EditableModel.remove_request`` applies. Methods that can say so in
+        ``capabilities`` ("remove_request"); the others refuse."""
+        from .registry import method_names, method_class  # the registry imports this module
+
+        able = [n for n in method_names() if "remove_request" in method_class(n).capabilities]
+        raise EditError(f"a {self.name!r} pack cannot lose one request and keep the others as they are (its requests "
+                        f"share one solved update); remove the whole pack and edit the rest again. Methods whose packs "
+                        f"can: {able}")
 
     def squash(self, packs: list[EditPack], name: str) -> EditPack:
         """One pack with the same effect as the chain ``packs`` (methods with the "squash" capability)."""

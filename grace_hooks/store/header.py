@@ -61,6 +61,7 @@ class Superseded:
     pack_id: str = must("the pack_id of the earlier pack", _pack_id)
     site: str = must("a site name")
     key: int = must("a key index >= 0", lambda k: None if k >= 0 else "must be >= 0")
+    request: int | None = None  # the request of the superseding pack that conflicts with it
 
 
 @dataclass(kw_only=True)

@@ -27,7 +27,7 @@ from ...locate.subject_keys import lookup_positions
 from ...requests import EditRequest
 from ...store.packs import EditPack
 from ...store.schema import TensorSpec
-from ..base import EditContext
+from ..base import EditContext, EditMethod
 from ..delta.method import DeltaMethod
 from ..registry import register
 from .config import ComebaConfig
@@ -49,6 +49,8 @@ class ComebaHK(DeltaMethod):
         layer = loaded.layer(HookLayer) if loaded is not None else None
         earlier = [i.keys for i in layer.increments.values()] if layer is not None else []
         return PreservationTerms(cfg.c0_weight(d_in), previous_keys=torch.cat(earlier).T if earlier else None)
+
+    without_request = EditMethod.without_request  # hook layers solved together: no request comes out alone
 
     def routes(self, cfg: ComebaConfig) -> bool:
         return cfg.gate == "router"

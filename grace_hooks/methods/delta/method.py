@@ -49,7 +49,7 @@ class DeltaMethod(EditMethod):
 
     config_class = DeltaConfig
     state_class = DeltaState
-    capabilities = frozenset({"weight_delta", "routed"})
+    capabilities = frozenset({"weight_delta", "routed", "remove_request"})
 
     # ------------------------------------------------------------------ what variants change
     @abstractmethod
@@ -77,6 +77,29 @@ class DeltaMethod(EditMethod):
     # ------------------------------------------------------------------ shared parts
     def sites(self, model, cfg: DeltaConfig) -> list[Site]:
         return [Site(layer, cfg.point) for layer in cfg.layer_list(model)]
+
+    def without_request(self, pack: EditPack, index: int) -> EditPack:
+        """Request ``index``'s column of U and V, its solve key and the router keys that serve only it go.
+        The rest is kept, not solved again: where no key of the pack fires nothing changes; where another
+        request's key fires, the pack's update there loses the removed column's share (dW = U V^T acts
+        whole wherever the pack fires). A global delta, solved jointly and acting everywhere, refuses."""
+        n = len(pack.requests)
+        if not self.routes(pack.config):
+            super().without_request(pack, index)
+        routing, kept = pack.routing.without_request(index)
+        columns = torch.tensor([j for j in range(n) if j != index], dtype=torch.long)
+        by_site = {}
+        for site in pack.sites:
+            parts = pack.site_tensors(site)
+            if parts["U"].shape[1] != n or parts["V"].shape[1] != n or parts["keys"].shape[0] != n:
+                super().without_request(pack, index)  # not one column per request: nothing to take out alone
+            rows = torch.tensor(kept.get(site, []), dtype=torch.long)
+            by_site[site] = {"U": parts["U"].index_select(1, columns).contiguous(),
+                             "V": parts["V"].index_select(1, columns).contiguous(),
+                             "keys": parts["keys"].index_select(0, columns).contiguous(),
+                             **{part: parts[part].index_select(0, rows).contiguous()
+                                for part in ("route_keys", "route_radii") if part in parts}}
+        return self.rebuilt_without(pack, index, named(by_site), routing)
 
     @staticmethod
     def statistics(ctx: EditContext) -> Statistics:

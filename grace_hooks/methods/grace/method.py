@@ -46,7 +46,7 @@ class Grace(EditMethod):
     name = "grace"
     config_class = GraceConfig
     state_class = GraceState
-    capabilities = frozenset({"routed", "replace_output"})
+    capabilities = frozenset({"routed", "replace_output", "remove_request"})
 
     def site(self, model, cfg: GraceConfig) -> Site:
         return Site(cfg.layer if cfg.layer is not None else relative_layer(model, DEFAULT_RELATIVE_DEPTH), cfg.point)
@@ -95,6 +95,20 @@ class Grace(EditMethod):
                  n_req, len(rows_requests), len(book.entries), iters, 100 * metrics["teacher_forced_success"])
         tensors = named({n: {"keys": keys.contiguous(), "radii": radii, "values": values.contiguous()}})
         return ComputedEdit(sites=[n], tensors=tensors, state=state, routing=routing, metrics=metrics)
+
+    def without_request(self, pack: EditPack[GraceConfig, GraceState], index: int) -> EditPack:
+        """Each key that serves only request ``index`` goes (its radius, value and label with it); the
+        others stay as they are, so every input that no removed key claimed is answered as before. The
+        shrinks this pack made of earlier keys stay."""
+        routing, kept = pack.routing.without_request(index)
+        tensors, labels = {}, {}
+        for site, keep in kept.items():
+            rows = torch.tensor(keep, dtype=torch.long)
+            tensors.update(named({site: {part: t.index_select(0, rows).contiguous()
+                                         for part, t in pack.site_tensors(site).items()}}))
+            labels[site] = [pack.state.labels[site][k] for k in keep] if site in pack.state.labels else None
+        state = GraceState(labels={k: v for k, v in labels.items() if v is not None}, shrink=list(pack.state.shrink))
+        return self.rebuilt_without(pack, index, tensors, routing, state)
 
     @staticmethod
     def _answer_ends(ctx: EditContext, batch: EditBatch) -> torch.Tensor:
