@@ -16,7 +16,7 @@ from .bases.loading import load_base
 from .config import DEFAULT_METHOD, make_config
 from .conflicts import THIS_EDIT, Conflict, find_conflicts
 from .engine.health import site_health
-from .engine.loaded import LoadedView
+from .engine.loaded import EditControls, LoadedView
 from .engine.memo import WeightMemo
 from .engine.runtime import EditRuntime
 from .errors import ArchitectureError, EditError, PackError
@@ -178,7 +178,7 @@ class EditableModel:
         block; temporary hooks made through it are gone after it. ``edit`` uses it; so may a caller
         that computes an edit without applying it."""
         with self._runtime.lock, HookOwner().scoped() as scope:
-            yield EditContext(self.base_model, self.tokenizer, self._runtime, scope, self.memo)
+            yield EditContext(self.base_model, self.tokenizer, self.loaded, EditControls.of(self._runtime), scope, self.memo)
 
     @property
     def loaded(self) -> LoadedView:

@@ -11,8 +11,8 @@ from grace_hooks.cli import main
 from grace_hooks.cli.folder_ops import squash_in_folder
 from grace_hooks.errors import ConfigError, PackError
 from grace_hooks.methods import get_method
-from grace_hooks.methods.comeba.hook_layer import ZSCORE_GATE, HookIncrement, HookLayer, zscores
-from grace_hooks.methods.comeba.squash import squash_packs
+from grace_hooks.methods.comeba.hook_layer import ZSCORE_GATE, HookIncrement, HookLayer, HookLayerView, zscores
+from grace_hooks.methods.comeba.squash import hook_increment, squash_packs
 from grace_hooks.store.adapters_dir import LOCK_NAME
 from grace_hooks.store.packs import load_pack
 from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY
@@ -80,7 +80,7 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
     # white box: the gate's running statistics, per site (version, batch, positions seen, count, sum, sum of squares)
     running = em._runtime.context.state
     for name in em.loaded.sites:  # every position fed so far entered the statistics (the last token is never fed)
-        assert int(running["zscore", name][3][0]) == out.shape[1] - 1
+        assert int(running[name, HookLayer]["zscore"][3][0]) == out.shape[1] - 1
     with torch.no_grad():
         step = em(input_ids=ids, attention_mask=mask, use_cache=True)
         tokens = []
@@ -91,7 +91,7 @@ def test_cached_generation_matches_stepwise_reference(make_model, tokenizer):
             step = em(input_ids=nxt, attention_mask=mask, past_key_values=step.past_key_values, use_cache=True)
     assert out[0, ids.shape[1]:].tolist() == tokens
     for name in em.loaded.sites:
-        assert int(running["zscore", name][3][0]) == ids.shape[1] + 4
+        assert int(running[name, HookLayer]["zscore"][3][0]) == ids.shape[1] + 4
 
 
 # ---------------------------------------------------------------------------- accumulation
@@ -129,7 +129,7 @@ def test_zscore_alpha_only_falls_and_every_edit_prompt_fires(make_model, tokeniz
                 h.remove()
         at = -1 if alpha_from == "subject" else slice(None)  # the subject's last token ends these prompts
         for n, x in seen.items():
-            layer = em.loaded.site(n).layer(HookLayer)
+            layer = em.loaded.site(n).view(HookLayerView)
             z, _ = zscores(layer.change(x).norm(dim=-1), torch.ones(x.shape[:2], dtype=torch.bool))
             assert (z[0, at] >= layer.alpha).any()
         with em.routes() as hits, torch.no_grad():  # the fires are traced (false-fire rate, recall)
@@ -252,7 +252,7 @@ def test_health_reports_the_hook_layers_norm(make_model, tokenizer):
     report = em.health(UNRELATED)
     for site, figures in report.items():
         w0 = Site.parse(site).weight(em.base_model).detach().double()
-        w_h = w0 + sum(i.matrix() for i in em.loaded.site(site).layer(HookLayer).increments.values())
+        w_h = w0 + sum(hook_increment(em.pack(p).site_tensors(site)).matrix() for p in ("b0", "b1"))
         assert figures["weight_norm_ratio"] == pytest.approx(1.0)  # nothing global
         assert figures["weight_norm_ratio_all"] == pytest.approx(float(w_h.norm() / w0.norm()))
         assert figures["weight_norm_ratio_all"] != pytest.approx(1.0)

@@ -5,7 +5,8 @@
 test installs it with pip into a folder of its own and puts that folder on the path, as an installed
 package is; nothing in ``grace_hooks/`` names it and the tests never register it. It is held to the
 contract (the edit works, unrelated inputs are unchanged, save -> load is bit-identical, rollback is
-exact, no hook is left), and found by the CLI, the server and ``from_pretrained``."""
+exact, no hook is left), and found by the CLI, the server and ``from_pretrained``. A family defined
+in-process holds the kit's gate and view contracts (a typed ``GateContext``, a ``LayerView``)."""
 from __future__ import annotations
 
 import importlib
@@ -13,8 +14,9 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -24,7 +26,8 @@ from grace_hooks import EditableModel
 from grace_hooks.bases.architectures import num_layers
 from grace_hooks.cli.export import export_peft
 from grace_hooks.errors import ConfigError, PackError
-from grace_hooks.method_kit import EditMethod, register, unregister
+from grace_hooks.method_kit import (ComputedEdit, EditMethod, Effect, EffectLayer, Gate, GateContext, LayerView, Plan, Site,
+                                    SiteContribution, TensorSpec, option, register, stored, unregister)
 from grace_hooks.methods import get_method, method_names
 from grace_hooks.testing import TINY_REQUESTS
 
@@ -153,6 +156,117 @@ def test_the_server_serves_and_computes_an_installed_methods_packs(steer, make_m
             assert resp.status == 201  # created
     assert [p.name for p in served.packs] == ["s1", "s2"] and (adapters / "s2").is_dir()
     served.close()
+
+
+# ---------------------------------------------------------------------------- a gate and a view of its own
+NUDGE_ON = "nudge.on"
+gate_calls: list[tuple] = []  # what the gate of the in-process family below saw, call by call
+
+
+class Nudges(EffectLayer):
+    """Every loaded ``nudge`` pack at a site: under the option NUDGE_ON its gate claims every real
+    position (no key), where the sum of the packs' biases is added."""
+
+    def gate(self, x, valid, past, context: GateContext) -> Gate | None:
+        try:
+            context.options["written"] = True  # the thread's options: read only
+            wrote = True
+        except TypeError:
+            wrote = False
+        if not self or not context.options.get(NUDGE_ON):
+            return None
+        context.kept["forwards"] = context.kept.get("forwards", 0) + 1  # a dict of its own, kept between forwards
+        gate_calls.append((type(context), wrote, context.kept["forwards"]))
+        return Gate(valid.reshape(-1), "<nudge gate>")
+
+    def plan(self, flat_x, hits, gate) -> Plan | None:
+        if gate is None or not bool(gate.fire.any()):
+            return None
+        rows, bias = gate.fire.nonzero().squeeze(1), sum(e.bias for e in self.effects.values())
+
+        def add(flat: torch.Tensor) -> None:
+            flat[rows] = flat[rows] + bias.to(flat)
+
+        return add
+
+
+class NudgesView(LayerView):
+    of = Nudges
+
+    def total(self) -> torch.Tensor:
+        """The sum of the loaded biases: a new tensor."""
+        return sum(e.bias for e in self._layer.effects.values()).clone()
+
+
+@dataclass
+class Nudge(Effect):
+    bias: torch.Tensor  # (d_out,)
+    layer: ClassVar[type[EffectLayer]] = Nudges
+
+    def stored(self) -> "Nudge":
+        return Nudge(stored(self.bias))
+
+
+@dataclass
+class NudgeConfig:
+    layer: int = option(1, "block whose MLP output is nudged")
+    total: float = option(1.0, "the sum of the loaded biases after this pack, in every output unit")
+
+
+class NudgeMethod(EditMethod):
+    """Each pack brings the sum of the nudges loaded at its site to ``total``: it reads what is
+    loaded through its view, and tries to spoil what it read (a copy)."""
+
+    name = "nudge"
+    config_class = NudgeConfig
+    read: list[torch.Tensor] = []
+
+    def compute(self, ctx, requests, cfg: NudgeConfig) -> ComputedEdit:
+        site = Site(cfg.layer)
+        loaded = ctx.loaded.site(site.name)
+        view = loaded.view(NudgesView) if loaded is not None else None
+        before = view.total() if view is not None else torch.zeros(site.dims(ctx.model)[1])
+        self.read.append(before.clone())
+        bias = torch.full_like(before, cfg.total) - before
+        before.mul_(-5.0)  # the method's own copy: what is loaded stays as it was
+        return ComputedEdit(sites=[site.name], tensors={f"{site.name}/bias": bias})
+
+    def site_layouts(self, config) -> list[dict[str, TensorSpec]]:
+        return [{"bias": TensorSpec(("d_out",))}]
+
+    def contributions(self, pack) -> dict[str, SiteContribution]:
+        return {s: SiteContribution(Nudge(pack.site_tensors(s)["bias"])) for s in pack.sites}
+
+
+def test_a_familys_gate_sees_a_typed_context_and_its_method_reads_a_view(make_model, tokenizer):
+    """The kit's contracts for a family's own gate (a GateContext: the thread's options read-only, a
+    dict of its own kept between forwards) and for what its method reads of the loaded packs (a
+    LayerView of its own, whose reads are copies)."""
+    register(NudgeMethod)
+    gate_calls.clear()
+    NudgeMethod.read.clear()
+    try:
+        model = make_model("llama")
+        em = EditableModel(model, tokenizer, name="tiny-llama")
+        base = last_logits(model, tokenizer, UNRELATED)
+        em.edit(TINY_REQUESTS[:1], method="nudge", pack="n1", total=1.0)
+        em.edit(TINY_REQUESTS[:1], method="nudge", pack="n2", total=3.0)
+        site = em.pack("n1").sites[0]
+        read = NudgeMethod.read
+        assert torch.equal(read[0], torch.zeros_like(read[0])) and torch.equal(read[1], torch.ones_like(read[1]))
+        total = em.loaded.site(site).view(NudgesView).total()
+        assert torch.equal(total, torch.full_like(total, 3.0))  # n1's bias was not spoilt by n2's compute
+        assert all(torch.equal(a, b) for a, b in zip(last_logits(em, tokenizer, UNRELATED), base))  # the gate is off
+        assert gate_calls == []
+        with em.edit_context() as ctx, ctx.option(NUDGE_ON, True):
+            nudged = last_logits(em, tokenizer, UNRELATED[:2])
+        assert not any(torch.equal(a, b) for a, b in zip(nudged, base))
+        assert gate_calls == [(GateContext, False, 1), (GateContext, False, 2)]  # one forward per prompt
+        with pytest.raises(FrozenInstanceError):
+            em.loaded.site(site).view(NudgesView).extra = 1
+        em.close()
+    finally:
+        unregister("nudge")
 
 
 # ---------------------------------------------------------------------------- names are taken once

@@ -7,7 +7,7 @@ from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.engine.memo import WeightMemo
 from grace_hooks.locate.subject_keys import context_prefixes, lookup_positions, subject_keys
 from grace_hooks.locate.target_vectors import TargetVectorConfig, target_vector
-from grace_hooks.methods.comeba.hook_layer import HookLayer
+from grace_hooks.methods.comeba.hook_layer import HookLayerView
 from grace_hooks.testing import TINY_REQUESTS
 
 
@@ -145,7 +145,7 @@ def test_cached_prefix_is_exact_under_a_z_score_gate_below(make_model, tokenizer
 
     em = EditableModel(make_model("llama"), tokenizer, name="tiny")
     em.edit(DELTA_REQUESTS[:2], method="comeba_hk", gate="zscore", layers="0", **DELTA_TINY)
-    assert em.loaded.site("L0.mlp_out").layer(HookLayer).alpha is not None
+    assert em.loaded.site("L0.mlp_out").view(HookLayerView).alpha is not None
     cfg = TargetVectorConfig(steps=12, stop="most_probable", lr=1.0, clamp=4.0, batch_size=3)
     prefixes = ["", "the sun . ", "a dog ran in the park . "]
     with em.edit_context() as ctx:

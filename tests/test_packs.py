@@ -174,7 +174,7 @@ def test_fingerprint_is_hashed_once_per_site_until_the_weight_changes(saved, mak
 
 
 def test_the_committed_demo_pack_reads_with_typed_fields_and_writes_back_the_same_header():
-    """A pack written before the routing fields were pack fields (adapters/demo-facts) reads into them,
+    """A pack written before the routing fields were pack fields (tests/fixtures/demo-facts) reads into them,
     its config and state read as its method's classes, and its header is written as it was, except that
     its config now names the options it predates, with the defaults it runs with."""
     from pathlib import Path
@@ -182,7 +182,7 @@ def test_the_committed_demo_pack_reads_with_typed_fields_and_writes_back_the_sam
     from grace_hooks.methods import get_method
     from grace_hooks.methods.delta.config import DeltaState, EncoreConfig
 
-    path = Path(__file__).resolve().parents[1] / "adapters" / "demo-facts"
+    path = Path(__file__).resolve().parent / "fixtures" / "demo-facts"
     pack = load_pack(path)
     stored = json.loads((path / PACK_JSON).read_text())
     assert pack.routing.key_requests == stored["state"]["key_requests"]

@@ -7,8 +7,9 @@ fresh model with that folder, shows the new answers, removes the pack in memory 
 on disk for the user to inspect) and checks that the answers are the base answers again.
 
 The demo's folder is a per-user one outside any checkout (:func:`demo_adapters`), never the working
-directory's ``adapters/``: a demo run in a clone of this repository must leave ``git status`` clean
-(the repository's ``adapters/`` is tracked, and every run writes a new pack id and date).
+directory's ``adapters/``: a demo run in a clone of this repository must leave ``git status`` clean and
+the user's own packs alone (the repository's ``adapters/`` is the user's folder, tracked with only
+its README; the old-format pack the tests read lives in ``tests/fixtures/``).
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ A pack contributes an effect plus, optionally, router keys (``runtime.SiteContri
 forward the runtime asks every layer at the site, in ``order`` (then the order they were made):
 
 1. ``everywhere(x, y)``: the output after the changes that act at every position (a global delta);
-2. ``gate(...)``: positions the family claims without a key (a gate of its own, e.g. a z-score);
+2. ``gate(x, valid, past, context)``: positions the family claims without a key (a gate of its own,
+   e.g. a z-score); ``context`` (:class:`GateContext`) is all it sees of the forward beyond its input;
 3. the shared router finds the keys in scope (:class:`Hits`), then ``plan(...)`` returns what the
    family does at the positions in scope (a function that changes the flat output in place), or
    None. A layer with ``exclusive = True`` claims a position whole where one of its keys wins it:
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Collection
+from typing import Any, Callable, ClassVar, Collection, Mapping
 
 import numpy as np
 import torch
@@ -78,6 +79,17 @@ class Effect(ABC):
         raises :class:`NoLoraForm` saying why there is none."""
         raise NoLoraForm("it stores no weight delta; peft export applies to weight-delta packs (memit, encore, "
                          "oedit in mode=global)")
+
+
+@dataclass(frozen=True)
+class GateContext:
+    """What a layer's gate reads of the forward it runs in, beyond the site input: the calling
+    thread's options (``EditRuntime.option``, e.g. COMEBA-HK's hook layers acting everywhere;
+    read-only) and what this layer keeps at this site between the thread's forwards (``kept``: a
+    dict of its own, empty on the thread's first forward; e.g. the z-score gate's running statistics)."""
+
+    options: Mapping[str, Any]
+    kept: dict[str, Any]
 
 
 @dataclass
@@ -196,9 +208,10 @@ class EffectLayer:
         """The site output ``y`` with the changes that act at every position, or None (none)."""
         return None
 
-    def gate(self, x: torch.Tensor, valid: torch.Tensor, past: int, ctx) -> Gate | None:
+    def gate(self, x: torch.Tensor, valid: torch.Tensor, past: int, context: GateContext) -> Gate | None:
         """Positions it claims without a key (``valid``: the real positions, shaped like x without
-        its last axis; ``past``: positions earlier calls fed; ``ctx``: the thread's ForwardContext)."""
+        its last axis; ``past``: positions earlier calls fed; ``context``: the thread's options and
+        what the layer keeps between the thread's forwards, :class:`GateContext`)."""
         return None
 
     def plan(self, flat_x: torch.Tensor, hits: Hits | None, gate: Gate | None) -> Plan | None:
@@ -207,4 +220,4 @@ class EffectLayer:
         return None
 
 
-__all__ = ["Effect", "EffectLayer", "Gate", "Hits", "NoLoraForm", "Plan", "gate_label", "is_gate_label", "stored"]
+__all__ = ["Effect", "EffectLayer", "Gate", "GateContext", "Hits", "NoLoraForm", "Plan", "gate_label", "is_gate_label", "stored"]

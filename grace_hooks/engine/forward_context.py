@@ -33,7 +33,8 @@ class ForwardContext:
     options: dict[str, Any] = field(default_factory=dict)  # effect layers' switches (``EditRuntime.option``)
     trace: list | None = None  # router hits are recorded here inside ``EditRuntime.tracing()``
     trace_every: bool = False  # record every key that acts, not only each position's winner
-    state: dict[Any, Any] = field(default_factory=dict)  # what effect layers keep between this thread's forwards
+    state: dict[tuple[str, type], dict[str, Any]] = field(default_factory=dict)  # (site, layer class) -> what
+    # that effect layer keeps between this thread's forwards (its gate's ``GateContext.kept``)
     tokens: np.ndarray | None = None  # (batch, history + width) token ids for subject spans; None: not known
     seen: dict[str, list[set]] = field(default_factory=dict)  # site -> per row, 'seen'-anchored keys already met
     site_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # a site's input, kept for the module it writes

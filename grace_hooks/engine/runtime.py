@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Iterator
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import nn
 from ..bases.architectures import Site
 from ..bases.hooks import HookOwner
 from ..errors import PackError
-from .effects import Effect, EffectLayer, Gate, Hits
+from .effects import Effect, EffectLayer, Gate, GateContext, Hits
 from .forward_context import ForwardContext, ThreadContexts, cache_length, forward_ids, forward_mask, positions, track_tokens
 from .router import NO_KEY, SUPPRESSED, KeyRouter
 
@@ -134,8 +135,9 @@ class SiteRuntime:
         width = x.shape[-2] if x.dim() > 1 else 1
         flat_x = x.reshape(-1, x.shape[-1])
         gates: dict[int, Gate] = {}
+        options = MappingProxyType(ctx.options)
         for i, layer in enumerate(layers):
-            gate = layer.gate(x, valid, past, ctx)
+            gate = layer.gate(x, valid, past, GateContext(options, ctx.state.setdefault((self.site.name, type(layer)), {})))
             if gate is None:
                 continue
             gates[i] = gate

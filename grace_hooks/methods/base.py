@@ -13,9 +13,9 @@ from torch import nn
 
 from ..bases.architectures import Site
 from ..bases.hooks import HookOwner, frozen_parameters
-from ..engine.loaded import LoadedView
+from ..engine.loaded import EditControls, LoadedView
 from ..engine.memo import WeightMemo
-from ..engine.runtime import EditRuntime, SiteContribution
+from ..engine.runtime import SiteContribution
 from ..engine.spans import KeyRouting
 from ..errors import ConfigError, EditError, PackError
 from ..requests import EditRequest
@@ -25,16 +25,19 @@ from ..store.schema import TensorSpec, site_problems
 
 class EditContext:
     """What a method may use while computing an edit: the model with every loaded pack active
-    (read-only), its tokenizer, a read-only view of what is loaded (``loaded``), a hook owner for
-    temporary hooks, the model's cache of what derives from its weights (``memo``), and explicit calls for what it may change for a while: an edit staged above the
-    loaded packs, the loaded packs off, the real positions of a replay, an effect layer's option.
-    Made by :meth:`EditableModel.edit_context`; a method never sees the runtime itself."""
+    (read-only), its tokenizer, read-only views of what is loaded (``loaded``), a hook owner for
+    temporary hooks, the model's cache of what derives from its weights (``memo``), and explicit
+    calls for what it may change for a while: an edit staged above the loaded packs, the loaded
+    packs off, the real positions of a replay, an effect layer's option. Made by
+    :meth:`EditableModel.edit_context`; it holds no runtime, site runtime or effect layer, only the
+    views and the four calls (:mod:`grace_hooks.engine.loaded`)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, runtime: EditRuntime, hooks: HookOwner, memo: WeightMemo) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, loaded: LoadedView, controls: EditControls, hooks: HookOwner,
+                 memo: WeightMemo) -> None:
         self.model, self.tokenizer, self.hooks = model, tokenizer, hooks
-        self.loaded = LoadedView(runtime)
+        self.loaded = loaded
         self.memo = memo  # the model's results derived from its weights (prefixes, C0, ...): ``memo.get(key, make)``
-        self._runtime = runtime
+        self._controls = controls
 
     @property
     def device(self) -> torch.device:
@@ -43,22 +46,22 @@ class EditContext:
     def staged(self, contributions: dict[str, SiteContribution]) -> contextlib.AbstractContextManager:
         """``contributions`` (site -> what an edit being computed places there) act inside the block,
         above every loaded pack, then are gone (measure a layer with the earlier layers applied)."""
-        return self._runtime.staged(contributions)
+        return self._controls.staged(contributions)
 
     def disabled(self) -> contextlib.AbstractContextManager:
         """The base model inside the block: no loaded pack acts (for this thread)."""
-        return self._runtime.disabled()
+        return self._controls.disabled()
 
     def attention_mask(self, mask: torch.Tensor | None, input_ids: torch.Tensor | None = None
                        ) -> contextlib.AbstractContextManager:
         """Which positions are real (and which tokens they hold) for blocks run directly rather than
         through the model's forward, e.g. by a layer replay."""
-        return self._runtime.attention_mask(mask, input_ids)
+        return self._controls.attention_mask(mask, input_ids)
 
     def option(self, name: str, value: Any) -> contextlib.AbstractContextManager:
         """This thread's forwards see option ``name`` = ``value`` inside the block (an effect layer's
         switch, e.g. COMEBA-HK's hook layers acting everywhere while it solves)."""
-        return self._runtime.option(name, value)
+        return self._controls.option(name, value)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:

@@ -19,7 +19,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ...engine.effects import Effect, EffectLayer, Gate, Hits, Plan, gate_label, stored
+from ...engine.effects import Effect, EffectLayer, Gate, GateContext, Hits, Plan, gate_label, stored
+from ...engine.loaded import LayerView
 from ...locate.precision import add_to, dense_change, lowrank_change
 
 ZSCORE_GATE = gate_label("z-score")  # the 'pack' of a traced hit where the z-score gate, not a key, fired
@@ -119,20 +120,20 @@ class HookLayer(EffectLayer):
         return z >= self.alpha, (self.version, batch, past + width, *stats)
 
     # --- a forward
-    def gate(self, x: torch.Tensor, valid: torch.Tensor, past: int, ctx) -> Gate | None:
+    def gate(self, x: torch.Tensor, valid: torch.Tensor, past: int, context: GateContext) -> Gate | None:
         """Where the z-score gate fires (with its change at every position), or every real position
-        under the EVERYWHERE option; None for the router gate alone."""
+        under the EVERYWHERE option; None for the router gate alone. The running statistics are
+        kept in ``context.kept["zscore"]``."""
         if not self:
             return None
-        if ctx.options.get(EVERYWHERE):
+        if context.options.get(EVERYWHERE):
             return Gate(valid.reshape(-1))
         if self.alpha is None:
             return None
         width = x.shape[-2] if x.dim() > 1 else 1
         change = self.change(x)
-        key = ("zscore", self.site)
-        fire, ctx.state[key] = self.zscore_gate(change.reshape(-1, width, change.shape[-1]), valid.reshape(-1, width),
-                                                past, ctx.state.get(key))
+        fire, context.kept["zscore"] = self.zscore_gate(change.reshape(-1, width, change.shape[-1]),
+                                                        valid.reshape(-1, width), past, context.kept.get("zscore"))
         return Gate(fire.reshape(-1), ZSCORE_GATE, change)
 
     def plan(self, flat_x: torch.Tensor, hits: Hits | None, gate: Gate | None) -> Plan | None:
@@ -155,6 +156,28 @@ class HookLayer(EffectLayer):
             flat[sel] = add_to(flat[sel], add)
 
         return hook
+
+
+class HookLayerView(LayerView):
+    """What COMEBA-HK reads of the hook layer loaded at a site (``LoadedSite.view(HookLayerView)``)."""
+
+    of = HookLayer
+    _layer: HookLayer
+
+    @property
+    def alpha(self) -> float | None:
+        """The z-score threshold in force (the lowest of the loaded packs'), None for the router gate."""
+        return self._layer.alpha
+
+    def absorbed_keys(self) -> torch.Tensor | None:
+        """The keys every loaded increment absorbed, oldest first, as rows (total, d_in): a new
+        tensor; None when there are none."""
+        earlier = [i.keys for i in self._layer.increments.values()]
+        return torch.cat(earlier) if earlier else None
+
+    def change(self, x: torch.Tensor) -> torch.Tensor:
+        """W_h x - W0 x at every row of ``x`` (..., d_in), as the gate scores it: a new tensor."""
+        return self._layer.change(x)
 
 
 @dataclass
@@ -193,5 +216,5 @@ def hook_layers_everywhere(ctx) -> contextlib.AbstractContextManager:
     return ctx.option(EVERYWHERE, True)
 
 
-__all__ = ["EVERYWHERE", "HookIncrement", "HookLayer", "ZSCORE_GATE", "hook_layers_everywhere", "lowrank_is_smaller",
+__all__ = ["EVERYWHERE", "HookIncrement", "HookLayer", "HookLayerView", "ZSCORE_GATE", "hook_layers_everywhere", "lowrank_is_smaller",
            "zscores"]

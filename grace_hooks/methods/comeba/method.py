@@ -31,7 +31,7 @@ from ..base import EditContext, EditMethod
 from ..delta.method import DeltaMethod
 from ..registry import register
 from .config import ComebaConfig
-from .hook_layer import HookLayer, hook_layers_everywhere, lowrank_is_smaller, zscores
+from .hook_layer import HookLayerView, hook_layers_everywhere, lowrank_is_smaller, zscores
 from .squash import hook_increment, squash_packs
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ class ComebaHK(DeltaMethod):
     capabilities = frozenset({"hook_layer", "routed", "squash"})
 
     def preservation(self, d_in: int, loaded: LoadedSite | None, cfg: ComebaConfig) -> PreservationTerms:
-        layer = loaded.layer(HookLayer) if loaded is not None else None
-        earlier = [i.keys for i in layer.increments.values()] if layer is not None else []
-        return PreservationTerms(cfg.c0_weight(d_in), previous_keys=torch.cat(earlier).T if earlier else None)
+        layer = loaded.view(HookLayerView) if loaded is not None else None
+        earlier = layer.absorbed_keys() if layer is not None else None
+        return PreservationTerms(cfg.c0_weight(d_in), previous_keys=earlier.T if earlier is not None else None)
 
     without_request = EditMethod.without_request  # hook layers solved together: no request comes out alone
 
@@ -93,13 +93,13 @@ class ComebaHK(DeltaMethod):
         alphas: dict[str, float] = {}
         for site in sites:
             loaded = ctx.loaded.site(site.name)
-            layer = loaded.layer(HookLayer) if loaded is not None else None
+            layer = loaded.view(HookLayerView) if loaded is not None else None
             before = layer.alpha if layer is not None and layer.alpha is not None else cfg.alpha
             captured = []
             with ctx.staged(pending), ctx.hooks.scoped() as scope, torch.no_grad():
                 scope.forward(site.module(ctx.model), lambda m, a, o: captured.append(a[0].detach()))
                 forward_until(ctx.model, site.module(ctx.model), **enc)
-                change = ctx.loaded.site(site.name).layer(HookLayer).change(captured[0])
+                change = ctx.loaded.site(site.name).view(HookLayerView).change(captured[0])
             z = zscores(change.norm(dim=-1), enc.attention_mask.bool().to(change.device))[0]  # a split model: the site's device
             z = z.max(dim=1).values if cfg.alpha_from == "prompt_max" else z[rows, cols.to(z.device)]
             finite = z[torch.isfinite(z)]

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from ...engine.effects import Effect, EffectLayer, Gate, Hits, NoLoraForm, Plan, stored
+from ...engine.loaded import LayerView
 from ...locate.precision import add_to, lowrank_change
 
 
@@ -43,6 +44,18 @@ class DeltaLayer(EffectLayer):
         return torch.cat(cols, dim=1).to(torch.float64) if cols else None
 
 
+class DeltaLayerView(LayerView):
+    """What the weight-delta methods read of the deltas loaded at a site (``LoadedSite.view(DeltaLayerView)``)."""
+
+    of = DeltaLayer
+    _layer: DeltaLayer
+
+    def factors(self, part: str) -> torch.Tensor | None:
+        """The ``part`` ('V' or 'keys') of every loaded delta, as columns (d_in, total), float64: a
+        new tensor; None when there are none."""
+        return self._layer.factors(part)
+
+
 @dataclass
 class LowRankDelta(Effect):
     """A weight update dW = U V^T at a site: the site output gains dW x."""
@@ -71,4 +84,4 @@ class LowRankDelta(Effect):
         return self.V.T.float().contiguous(), self.U.float().contiguous()
 
 
-__all__ = ["DeltaLayer", "LowRankDelta"]
+__all__ = ["DeltaLayer", "DeltaLayerView", "LowRankDelta"]

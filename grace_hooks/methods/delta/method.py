@@ -34,7 +34,7 @@ from ...timing import PhaseClock
 from ...tokens import build_edit_batch, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod
 from .config import DeltaConfig, DeltaState
-from .effect import DeltaLayer, LowRankDelta
+from .effect import DeltaLayerView, LowRankDelta
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class DeltaMethod(EditMethod):
 
 def loaded_factors(loaded: LoadedSite | None, part: str) -> torch.Tensor | None:
     """The ``part`` ('V' or 'keys') of every delta loaded at a site, as columns (d_in, total)."""
-    layer = loaded.layer(DeltaLayer) if loaded is not None else None
+    layer = loaded.view(DeltaLayerView) if loaded is not None else None
     return layer.factors(part) if layer is not None else None
 
 

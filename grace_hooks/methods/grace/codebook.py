@@ -19,18 +19,18 @@ import torch
 
 from ...engine.loaded import LoadedSite
 from ...engine.router import NO_KEY
-from .effect import Replacements
+from .effect import ReplacementsView
 
 SPLIT_MARGIN = 1e-5  # the paper's code keeps the nearest key just inside d/2
 
 
 def _value(loaded: LoadedSite, key_id: int) -> torch.Tensor:
     """The replacement value of a loaded key (zeros for a key of another family)."""
-    layer = loaded.layer(Replacements)
+    layer = loaded.view(ReplacementsView)
     where = loaded.key_pack(key_id)
     if layer is None or where is None:
         return torch.zeros(loaded.dims[1], dtype=torch.float32)  # as the stored values
-    return layer.value(key_id, where[0]).clone()
+    return layer.value(key_id, where[0])
 
 
 @dataclass

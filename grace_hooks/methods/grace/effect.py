@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from ...engine.effects import Effect, EffectLayer, Gate, Hits, Plan, stored
+from ...engine.loaded import LayerView
 
 
 class Replacements(EffectLayer):
@@ -34,6 +35,18 @@ class Replacements(EffectLayer):
         return self.keyed("values", torch.tensor([key_id]))[0]
 
 
+class ReplacementsView(LayerView):
+    """What GRACE reads of the codebooks loaded at a site (``LoadedSite.view(ReplacementsView)``)."""
+
+    of = Replacements
+    _layer: Replacements
+
+    def value(self, key_id: int, pack_id: str | None) -> torch.Tensor:
+        """The value of router key ``key_id`` (of pack ``pack_id``), a new tensor; zeros for a key of
+        another family (a warm start for a new key that takes over its label)."""
+        return self._layer.value(key_id, pack_id).clone()
+
+
 @dataclass
 class Replacement(Effect):
     """One pack's values at a site: row i replaces the output where key i wins."""
@@ -46,4 +59,4 @@ class Replacement(Effect):
         return Replacement(stored(self.values))
 
 
-__all__ = ["Replacement", "Replacements"]
+__all__ = ["Replacement", "Replacements", "ReplacementsView"]
