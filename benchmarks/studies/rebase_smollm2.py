@@ -51,7 +51,12 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "counterfact-val.json")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "rebase_smollm2.json")
     args = p.parse_args(argv)
+    import logging
+
     import torch
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logging.getLogger("grace_hooks").setLevel(logging.INFO)  # what the rebase does, as it goes
 
     torch.set_num_threads(args.threads)
     from grace_hooks import EditableModel
