@@ -20,7 +20,7 @@ from grace_hooks.store.packs import PACK_JSON, EditPack, load_pack, save_pack
 from grace_hooks.store.schema import named, site_tensors, split_tensor_name, tensor_name
 from grace_hooks.store.typed import Invalid, from_json, to_json
 
-DEMO = Path(__file__).resolve().parents[1] / "adapters" / "demo-facts"
+DEMO = Path(__file__).resolve().parent / "fixtures" / "demo-facts"
 WHERE = Path("/adapters/p") / PACK_JSON
 
 
