@@ -40,25 +40,38 @@ def _fact(req: EditRequest, table: RelationTable) -> tuple[str, str, str]:
     return req.subject.strip().casefold(), " ".join(req.prompt.split()).casefold(), relation.id if relation else ""
 
 
-def find_conflicts(new: Sequence[EditRequest | dict], loaded: Iterable[tuple[str, Sequence[EditRequest | dict]]],
+class FactIndex:
+    """The requests of one pack by subject, each with its prompt template and relation: read once per
+    pack (an edit checks its requests against every loaded pack's index, not against their requests)."""
+
+    def __init__(self, requests: Sequence[EditRequest | dict], table: RelationTable | None = None) -> None:
+        table = table or counterfact_table()
+        self.by_subject: dict[str, list[tuple[int, EditRequest, tuple[str, str, str]]]] = {}
+        for j, r in enumerate(as_requests(requests) if requests else ()):
+            fact = _fact(r, table)
+            self.by_subject.setdefault(fact[0], []).append((j, r, fact))
+
+
+def find_conflicts(new: Sequence[EditRequest | dict],
+                   loaded: Iterable[tuple[str, Sequence[EditRequest | dict] | FactIndex]],
                    table: RelationTable | None = None) -> list[Conflict]:
     """Every conflict of the ``new`` requests with the requests of the ``loaded`` packs ((name,
-    requests), oldest first) and between the new requests themselves (pack :data:`THIS_EDIT`)."""
+    requests or their :class:`FactIndex`), oldest first) and between the new requests themselves
+    (pack :data:`THIS_EDIT`)."""
     table = table or counterfact_table()
+    indexes = [(name, x if isinstance(x, FactIndex) else FactIndex(x, table)) for name, x in loaded]
     reqs = as_requests(new)
-    earlier: dict[str, list[tuple[str, int, EditRequest, tuple[str, str, str]]]] = {}
-    for name, requests in loaded:
-        for j, r in enumerate(as_requests(requests)):
-            fact = _fact(r, table)
-            earlier.setdefault(fact[0], []).append((name, j, r, fact))
+    this = FactIndex([], table)
     out = []
     for i, r in enumerate(reqs):
         fact = _fact(r, table)
-        for name, j, other, seen in earlier.get(fact[0], []):
-            why = "same prompt" if seen[1] == fact[1] else f"same relation {fact[2]}" if fact[2] and seen[2] == fact[2] else ""
-            if why:
-                out.append(Conflict(i, name, j, r.subject, why, other.target_new, r.target_new))
-        earlier.setdefault(fact[0], []).append((THIS_EDIT, i, r, fact))
+        for name, index in indexes + [(THIS_EDIT, this)]:
+            for j, other, seen in index.by_subject.get(fact[0], ()):
+                why = ("same prompt" if seen[1] == fact[1] else
+                       f"same relation {fact[2]}" if fact[2] and seen[2] == fact[2] else "")
+                if why:
+                    out.append(Conflict(i, name, j, r.subject, why, other.target_new, r.target_new))
+        this.by_subject.setdefault(fact[0], []).append((i, r, fact))
     return out
 
 
@@ -76,4 +89,4 @@ def folder_conflicts(packs: Iterable[tuple[str, Sequence[EditRequest | dict]]],
     return out
 
 
-__all__ = ["Conflict", "THIS_EDIT", "find_conflicts", "folder_conflicts"]
+__all__ = ["Conflict", "FactIndex", "THIS_EDIT", "find_conflicts", "folder_conflicts"]

@@ -14,7 +14,7 @@ from .bases.embedded import edit_defaults
 from .bases.hooks import HookOwner
 from .bases.loading import load_base
 from .config import DEFAULT_METHOD, make_config
-from .conflicts import THIS_EDIT, Conflict, find_conflicts
+from .conflicts import THIS_EDIT, Conflict, FactIndex, find_conflicts
 from .engine.health import site_health
 from .engine.loaded import EditControls, LoadedView
 from .engine.memo import WeightMemo
@@ -52,6 +52,7 @@ class EditableModel:
         self._runtime = EditRuntime(model)
         self._packs: dict[str, EditPack] = {}
         self._rank = 0  # grows with every pack applied: newer packs win where keys overlap
+        self._fact_index: dict[str, tuple[EditPack, FactIndex]] = {}  # pack id -> (pack, its requests by subject)
         self.memo = WeightMemo(model)  # what derives from the base weights (fingerprints, prefixes, C0), per weight version
 
     # ------------------------------------------------------------------ construction
@@ -129,7 +130,7 @@ class EditableModel:
         loaded (their router keys never fire); removing it brings them back."""
         reqs = as_requests(requests)
         impl = get_method(method)
-        conflicts = tuple(find_conflicts(reqs, [(p.name, p.requests) for p in list(self._packs.values())]))
+        conflicts = tuple(find_conflicts(reqs, [(p.name, self._facts(p)) for p in list(self._packs.values())]))
         superseded = self._superseded(conflicts) if supersede else []
         for c in conflicts:
             log.warning("edit: %s; %s (see docs/usage.md#conflicting-edits)", c.describe(),
@@ -154,6 +155,14 @@ class EditableModel:
                 raise EditError(f"the {method} edit was computed but is not usable, so it was not applied: {exc}. "
                                 "Try other options (e.g. a lower learning rate or fewer requests per call)") from None
         return dataclasses.replace(self._info(new), conflicts=conflicts)
+
+    def _facts(self, pack: EditPack) -> FactIndex:
+        """``pack``'s requests indexed by subject, made once per pack object (a new version of a pack is
+        another object): at 10,000 loaded edits reading them all again took 0.12 s an edit."""
+        held = self._fact_index.get(pack.pack_id)
+        if held is None or held[0] is not pack:
+            held = self._fact_index[pack.pack_id] = (pack, FactIndex(pack.requests))
+        return held[1]
 
     def _superseded(self, conflicts: tuple[Conflict, ...]) -> list[Superseded]:
         """The router keys of loaded packs that serve only requests the new edit conflicts with."""
@@ -232,6 +241,7 @@ class EditableModel:
             pack = self.pack(name)
             self._runtime.remove_pack(pack.pack_id)
             del self._packs[name]
+            self._fact_index.pop(pack.pack_id, None)
 
     def remove_request(self, name: str, index: int) -> PackInfo:
         """Roll back one edit: pack ``name`` without its request ``index``, in its place in the stack
@@ -375,6 +385,7 @@ class EditableModel:
         """Remove every hook; the base model is left exactly as it was loaded."""
         self._runtime.close()
         self._packs.clear()
+        self._fact_index.clear()
 
     def __enter__(self) -> "EditableModel":
         return self

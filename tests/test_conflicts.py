@@ -127,3 +127,15 @@ def test_a_global_delta_cannot_be_superseded_request_by_request(make_model, toke
     with pytest.raises(EditError, match="acts everywhere"):
         em.edit([newer], method="grace", pack="newer", supersede=True, **GRACE_FAST)
     assert [p.name for p in em.packs] == ["global"]
+
+
+def test_conflicts_follow_a_new_version_of_a_pack(make_model, tokenizer):
+    """The requests of loaded packs are indexed once per pack: a pack that lost a request no longer
+    conflicts through it."""
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    em.edit(TINY_REQUESTS, method="grace", pack="facts", **GRACE_FAST)
+    newer = EditRequest(prompt=TINY_REQUESTS[1].prompt, subject="alice", target_new="chess")
+    assert [c.earlier for c in em.edit([newer], method="grace", pack="a", **GRACE_FAST).conflicts] == [1]
+    em.remove_pack("a")
+    em.remove_request("facts", 1)
+    assert em.edit([newer], method="grace", pack="b", **GRACE_FAST).conflicts == ()
