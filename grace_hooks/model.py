@@ -262,17 +262,8 @@ class EditableModel:
             new.supersedes = [dataclasses.replace(s, request=s.request if s.request is None else s.request - (s.request > index))
                               for s in pack.supersedes if s.request != index]  # what it superseded for that request acts again
             get_method(new.method).validate(new, {s: Site.parse(s).dims(self.base_model) for s in new.sites})
-            order = list(self._packs.values())
-            tail = order[order.index(pack):]
-            for p in tail:
-                self._runtime.remove_pack(p.pack_id)
-            try:
-                self._restack([new] + tail[1:])
-            except BaseException:
-                for p in [new] + tail[1:]:
-                    self._runtime.remove_pack(p.pack_id)
-                self._restack(tail)
-                raise
+            tail = self._from(pack)
+            self._swap(tail, [new] + tail[1:])
             self._packs[name] = new
         return self._info(new)
 
@@ -336,25 +327,32 @@ class EditableModel:
         is re-applied over the earlier ones without it, shrinks of earlier keys included); after the
         block the stack is as before. Other threads wait until the block ends (it holds the lock)."""
         with self._runtime.lock:
-            order = list(self._packs.values())
-            start = next((i for i, p in enumerate(order) if p.name == name), None)
-            if start is None:
-                raise PackError(f"no pack named {name!r} is loaded; loaded: {list(self._packs)}")
-            tail = order[start:]
-            for p in tail:
-                self._runtime.remove_pack(p.pack_id)
+            tail = self._from(self.pack(name))
+            self._swap(tail, tail[1:])
             try:
-                self._restack(tail[1:])
                 yield self
             finally:
-                for p in tail[1:]:
-                    self._runtime.remove_pack(p.pack_id)
-                self._restack(tail)
+                self._swap(tail[1:], tail)
 
-    def _restack(self, packs: list[EditPack]) -> None:
-        """Apply packs that were applied before (already validated), above every pack applied now."""
-        for p in packs:
-            self._place(p)
+    def _from(self, pack: EditPack) -> list[EditPack]:
+        """``pack`` and every pack loaded after it, in load order."""
+        order = list(self._packs.values())
+        return order[order.index(pack):]
+
+    def _swap(self, applied: list[EditPack], instead: list[EditPack]) -> None:
+        """Take the top of the stack ``applied`` out of the runtime and apply ``instead`` (packs already
+        validated) in its place; if that fails, ``applied`` is put back and the error raised."""
+        for p in applied:
+            self._runtime.remove_pack(p.pack_id)
+        try:
+            for p in instead:
+                self._place(p)
+        except BaseException:
+            for p in instead:
+                self._runtime.remove_pack(p.pack_id)
+            for p in applied:
+                self._place(p)
+            raise
 
     def explain(self, prompt: str, max_new_tokens: int = 20, stop_ids: tuple[int, ...] = (),
                 add_special_tokens: bool = True, max_left_out: int = MAX_LEFT_OUT) -> Explanation:

@@ -119,13 +119,19 @@ class Hits:
         mine = torch.from_numpy(np.array([o in packs for o in self.hit_owner], dtype=bool))
         return self.hit_rows[mine.to(self.hit_rows.device)], self.hit_ids[mine]
 
-    def acting(self) -> tuple[np.ndarray, np.ndarray]:
-        """(flat positions, router ids) of every key that acts: each winner, and each other key in scope
-        of a position its winner does not claim whole (routed deltas all add their update there)."""
+    def _adds(self) -> np.ndarray:
+        """Per in-scope (position, key) pair: whether the key adds its effect there (it does not claim
+        positions whole, and the position's winner does not claim it whole)."""
         claimed = np.zeros(len(self.winners), dtype=bool)
         won = self.winners != NO_KEY
         claimed[won] = self.exclusive[self.winners[won]]
-        extra = (self.pair_k != self.winners[self.pair_q]) & ~self.exclusive[self.pair_k] & ~claimed[self.pair_q]
+        return ~self.exclusive[self.pair_k] & ~claimed[self.pair_q]
+
+    def acting(self) -> tuple[np.ndarray, np.ndarray]:
+        """(flat positions, router ids) of every key that acts: each winner, and each other key in scope
+        of a position its winner does not claim whole (routed deltas all add their update there)."""
+        won = self.winners != NO_KEY
+        extra = (self.pair_k != self.winners[self.pair_q]) & self._adds()
         rows = self.rows.cpu().numpy()
         return (np.concatenate([rows[won], rows[self.pair_q[extra]]]),
                 np.concatenate([self.winners[won], self.pair_k[extra]]))
@@ -133,11 +139,7 @@ class Hits:
     def in_scope_of(self, packs: Collection[str]) -> list[tuple[str, torch.Tensor]]:
         """(pack, flat positions) for each of ``packs`` (in their order) with a key in scope of some
         position, once per position, except where the winning key claims the position whole."""
-        winners, exclusive = self.winners, self.exclusive
-        claimed = np.zeros(len(winners), dtype=bool)
-        won = winners != NO_KEY
-        claimed[won] = exclusive[winners[won]]
-        keep = ~exclusive[self.pair_k] & ~claimed[self.pair_q]
+        keep = self._adds()
         pairs = sorted({(int(q), self.owner[k]) for q, k in zip(self.pair_q[keep].tolist(), self.pair_k[keep].tolist())
                         if self.owner[k] in packs})
         q = np.array([q for q, _ in pairs], dtype=np.int64)

@@ -100,9 +100,8 @@ def fixed_part(terms: PreservationTerms, c0: torch.Tensor | None = None,
     lambda_N a C0 of fewer tokens than dimensions is singular: a ridge of 1e-9 of its mean diagonal is added."""
     if rows is not None and terms.c0_weight > 0:
         return RowsPart(rows, terms.c0_weight / rows.shape[0], terms.identity_weight)
-    if rows is not None:
-        c0 = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
-    fixed = preservation_matrix(c0.shape[0], c0, terms.c0_weight, terms.identity_weight)
+    d_in = rows.shape[1] if rows is not None else c0.shape[0]  # rows with no C0 weight: C0 plays no part
+    fixed = preservation_matrix(d_in, c0 if rows is None else None, terms.c0_weight, terms.identity_weight)
     factor, info = torch.linalg.cholesky_ex(fixed)
     if int(info):
         fixed.diagonal().add_(_ridge(float(fixed.diagonal().mean())))
