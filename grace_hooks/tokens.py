@@ -27,7 +27,8 @@ _PLACEHOLDER = "\x1fuser-text\x1f"
 def chat_wrapping(tokenizer) -> tuple[str, str] | None:
     """(before, after): what the tokenizer's chat template writes around one user turn's text, with the
     assistant's turn opened, so ``before + text + after`` is the text asked in chat form; None without
-    a template (or one that does not keep the text verbatim)."""
+    a template (or one that does not keep the text verbatim). ``tokenizer`` may be a :class:`TextTokens`."""
+    tokenizer = tokenizer.tokenizer if isinstance(tokenizer, TextTokens) else tokenizer
     if not getattr(tokenizer, "chat_template", None):
         return None
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
@@ -46,15 +47,82 @@ def chat_form_requests(tokenizer, requests: Sequence[EditRequest]) -> list[EditR
     return [replace(r, prompt=before + r.text + after) for r in requests]
 
 
-def subject_last_index(tokenizer, text: str, span: tuple[int, int]) -> int:
-    """Index of the last token overlapping the subject span in ``tokenizer(text)``."""
-    enc = tokenizer(text, return_offsets_mapping=True)
-    end = span[1]
-    idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > a]
-    if idx:
-        return max(i for i in idx if enc["offset_mapping"][i][0] < end)
-    # Tokenizers without offsets: the prefix ending at the subject has the same tokens (ROME's way).
-    return len(tokenizer(text[:end])["input_ids"]) - 1
+class TextTokens:
+    """The token ids of the texts one edit reads, each text tokenised once (with character offsets, for
+    subject positions) and each target once per prompt ending, then shared by every step that reads it:
+    keys, target vectors, residuals, the landing check. Any function here that takes a tokenizer also
+    takes one of these (:func:`text_tokens`); pass the same object along to tokenise once."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[str, tuple[list[int], list[tuple[int, int]] | None]] = {}
+        self._targets: dict[str, list[int]] = {}
+        self.tokenised = 0  # tokenizer calls made so far: each distinct text and target once
+
+    def _encoded(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+        if text not in self._texts:
+            self.tokenised += 1
+            try:
+                enc = self.tokenizer(text, return_offsets_mapping=True)
+                self._texts[text] = (list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]])
+            except NotImplementedError:  # a tokenizer without offsets (Python tokenizers)
+                self._texts[text] = (list(self.tokenizer(text)["input_ids"]), None)
+        return self._texts[text]
+
+    def ids(self, text: str) -> list[int]:
+        """``tokenizer(text)["input_ids"]`` (special tokens added as the tokenizer adds them)."""
+        return self._encoded(text)[0]
+
+    def subject_last(self, text: str, span: tuple[int, int]) -> int:
+        """Index of the last token overlapping the character span ``span`` of ``text``."""
+        ids, offsets = self._encoded(text)
+        end = span[1]
+        idx = [i for i, (a, b) in enumerate(offsets or ()) if a < end and b > a]
+        if idx:
+            return max(i for i in idx if offsets[i][0] < end)
+        # Tokenizers without offsets: the prefix ending at the subject has the same tokens (ROME's way).
+        return len(self.ids(text[:end])) - 1
+
+    def target_ids(self, prompt: str, target: str) -> list[int]:
+        """The target's ids as it continues ``prompt`` (:func:`target_text`), no special tokens."""
+        text = target_text(prompt, target)
+        if text not in self._targets:
+            self.tokenised += 1
+            self._targets[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._targets[text]
+
+    def key_positions(self, requests: Sequence[EditRequest], before: str = "") -> list[int]:
+        """Index of the last subject token in ``before + request.text`` for each request."""
+        out = []
+        for r in requests:
+            start, end = r.subject_span()
+            out.append(self.subject_last(before + r.text, (start + len(before), end + len(before))))
+        return out
+
+    def padded(self, texts: Sequence[str], device=None) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids`` and ``attention_mask`` of ``texts`` (a padded tokenizer call's)."""
+        seqs = [self.ids(t) for t in texts]
+        ids, mask = _right_padded(seqs, self.pad_id)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+
+def text_tokens(tokenizer_or_tokens) -> TextTokens:
+    """The :class:`TextTokens` passed in, or a new one over a tokenizer."""
+    return tokenizer_or_tokens if isinstance(tokenizer_or_tokens, TextTokens) else TextTokens(tokenizer_or_tokens)
+
+
+def _right_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = 1
+    return ids, mask
 
 
 @dataclass
@@ -128,24 +196,20 @@ class EditBatch:
 
 def build_pair_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], key_pos: Sequence[int] | None = None,
                      device=None) -> EditBatch:
-    """Right-padded ``prompt + target`` sequences; the key defaults to the last prompt token."""
+    """Right-padded ``prompt + target`` sequences; the key defaults to the last prompt token.
+    ``tokenizer``: a tokenizer or a :class:`TextTokens` (then nothing it has seen is tokenised again)."""
+    tokens = text_tokens(tokenizer)
     seqs, p_lens, t_lens = [], [], []
     for prompt, target in zip(prompts, targets, strict=True):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        tgt_ids = tokenizer(target_text(prompt, target), add_special_tokens=False)["input_ids"]
+        prompt_ids = tokens.ids(prompt)
+        tgt_ids = tokens.target_ids(prompt, target)
         if not tgt_ids:
             raise ValueError(f"target {target!r} tokenises to nothing")
         seqs.append(prompt_ids + tgt_ids)
         p_lens.append(len(prompt_ids))
         t_lens.append(len(tgt_ids))
     keys = list(key_pos) if key_pos is not None else [n - 1 for n in p_lens]
-    width = max(map(len, seqs))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
+    ids, mask = _right_padded(seqs, tokens.pad_id)
     as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
     return EditBatch(ids.to(device), mask.to(device), as_t(p_lens), as_t(t_lens), as_t(keys))
 
@@ -153,9 +217,10 @@ def build_pair_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], 
 def build_edit_batch(tokenizer, requests: Sequence[EditRequest], key: str = "prompt_last", device=None) -> EditBatch:
     if key not in KEY_POSITIONS:
         raise ValueError(f"key must be one of {KEY_POSITIONS}, got {key!r}")
+    tokens = text_tokens(tokenizer)
     prompts = [r.text for r in requests]
-    keys = None if key == "prompt_last" else [subject_last_index(tokenizer, r.text, r.subject_span()) for r in requests]
-    return build_pair_batch(tokenizer, prompts, [r.target_new for r in requests], keys, device)
+    keys = None if key == "prompt_last" else tokens.key_positions(requests)
+    return build_pair_batch(tokens, prompts, [r.target_new for r in requests], keys, device)
 
 
 def scored_positions(batch: EditBatch) -> tuple[tuple[torch.Tensor, torch.Tensor], EditBatch]:

@@ -5,10 +5,11 @@ from conftest import CHAT_TEMPLATE, param_hash
 from grace_hooks.bases.architectures import Site
 from grace_hooks.bases.hooks import count_hooks
 from grace_hooks.engine.memo import WeightMemo
-from grace_hooks.locate.subject_keys import context_prefixes, lookup_positions, subject_keys
+from grace_hooks.locate.subject_keys import context_prefixes, subject_keys
 from grace_hooks.locate.target_vectors import TargetVectorConfig, target_vector
 from grace_hooks.methods.comeba.hook_layer import HookLayerView
 from grace_hooks.testing import TINY_REQUESTS
+from grace_hooks.tokens import TextTokens
 
 
 def test_prefixes_are_made_once_per_weight_version(make_model, tokenizer):
@@ -57,7 +58,7 @@ def test_subject_keys_average_the_site_input_at_the_subject(make_model, tokenize
     for i, req in enumerate(TINY_REQUESTS):
         want = []
         for p in prefixes:
-            pos = lookup_positions(tokenizer, [req], p)[0]
+            pos = TextTokens(tokenizer).key_positions([req], p)[0]
             assert tokenizer.convert_ids_to_tokens(tokenizer(p + req.text)["input_ids"][pos]) == req.subject
             grabbed = []
             h = site.module(model).register_forward_hook(lambda m, a, o: grabbed.append(a[0][0, pos]))
@@ -306,7 +307,7 @@ def test_chat_form_target_vector_makes_the_target_the_answer_in_chat_form(make_m
     tv = target_vector(model, tok, 0, req, [""], cfg)
     assert tv.steps < 80
     text = "who does " + req.text + " ? "
-    pos = lookup_positions(tok, [req], "who does ")[0]
+    pos = TextTokens(tok).key_positions([req], "who does ")[0]
     assert tok.convert_ids_to_tokens(tok(text)["input_ids"][pos]) == req.subject
 
     def add_delta(module, args, output):
@@ -370,3 +371,25 @@ def test_question_stop_off_lets_the_prompts_decide_when_to_stop(make_model, toke
     assert free.steps <= waits.steps and free.steps < 80
     assert not torch.equal(free.z, target_vector(model, tokenizer, 0, TINY_REQUESTS[1], [""],
                                                  TargetVectorConfig(**{**cfg, "question_form": False})).z)
+
+
+def test_one_edit_tokenises_each_text_once(make_model, tokenizer, monkeypatch):
+    """Keys, target vectors (with the question row), residuals and the landing check read each text
+    through the edit's TextTokens: no text reaches the tokenizer twice in one edit."""
+    from grace_hooks import EditableModel
+    from grace_hooks.testing import DELTA_TINY
+
+    em = EditableModel(make_model("llama"), tokenizer, name="tiny")
+    em.edit(TINY_REQUESTS[:1], method="encore", pack="warm", **DELTA_TINY)  # the corpus and prefixes, made once
+    seen = []
+    plain_call = type(tokenizer).__call__
+
+    def counted(self, text=None, *args, **kwargs):
+        seen.append((repr(text), kwargs.get("add_special_tokens", True)))
+        return plain_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counted)
+    em.edit(TINY_REQUESTS[1:3], method="encore", pack="counted", question_form=True, n_prefixes=2, **{
+        k: v for k, v in DELTA_TINY.items() if k != "n_prefixes"})
+    repeated = {t for t in seen if seen.count(t) > 1}
+    assert seen and not repeated, repeated

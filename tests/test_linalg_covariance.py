@@ -244,3 +244,18 @@ def test_long_statistics_say_what_they_do_and_how_far_they_are_without_a_termina
     for quarter in ("25%", "50%", "75%"):
         assert f"C0 corpus: sampling texts from the model: {quarter}" in text and f"C0 at 1 site(s): {quarter}" in text
     assert "once per model and corpus" in text and re.search(r"covariance at \['L1.mlp_out'\]: \d+ keys each .* in \d+ s", text)
+
+
+def test_a_c0_singular_beyond_the_first_ridge_still_factors():
+    """A C0 of fewer tokens than dimensions, summed in float32, can have eigenvalues below -1e-9 of its
+    diagonal: the ridge grows until the factor exists, and a C0 that is positive stays as it was."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    eig = torch.cat([torch.rand(8, dtype=torch.float64) + 1, torch.full((8,), -1e-6, dtype=torch.float64)])
+    c0 = q @ torch.diag(eig) @ q.T
+    assert int(torch.linalg.cholesky_ex(c0 + 1e-9 * c0.diagonal().mean() * torch.eye(16, dtype=torch.float64))[1])
+    part = fixed_part(PreservationTerms(c0_weight=1.0), c0)
+    k, r = torch.randn(16, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    assert torch.isfinite(closed_form_update(r, k, Preservation(part, None)).V).all()
+    healthy = c0 + torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(fixed_part(PreservationTerms(c0_weight=1.0), healthy).factor, torch.linalg.cholesky(healthy))

@@ -52,6 +52,9 @@ def preservation_matrix(d_in: int, c0: torch.Tensor | None = None, lam: float = 
     return m
 
 
+RIDGE_SCALES = (1.0, 1e2, 1e4, 1e6)  # the ridge's steps, times _ridge's
+
+
 def _ridge(mean_diagonal: float) -> float:
     """What keeps a singular lambda C0 (fewer tokens than dimensions, no lambda_N) invertible: 1e-9 of its
     mean diagonal."""
@@ -103,9 +106,15 @@ def fixed_part(terms: PreservationTerms, c0: torch.Tensor | None = None,
     d_in = rows.shape[1] if rows is not None else c0.shape[0]  # rows with no C0 weight: C0 plays no part
     fixed = preservation_matrix(d_in, c0 if rows is None else None, terms.c0_weight, terms.identity_weight)
     factor, info = torch.linalg.cholesky_ex(fixed)
+    mean_diagonal = float(fixed.diagonal().mean())
+    for scale in RIDGE_SCALES:
+        if not int(info):
+            break
+        # a C0 summed in float32 can be singular by more than 1e-9 of its diagonal: a larger ridge, step by step
+        factor, info = torch.linalg.cholesky_ex(fixed + _ridge(mean_diagonal) * scale * torch.eye(d_in, dtype=fixed.dtype))
     if int(info):
-        fixed.diagonal().add_(_ridge(float(fixed.diagonal().mean())))
-        factor = torch.linalg.cholesky(fixed)
+        raise torch.linalg.LinAlgError(f"the preservation matrix stays singular after a ridge of "
+                                       f"{_ridge(mean_diagonal) * RIDGE_SCALES[-1]:.3g}; give C0 more tokens")
     return CholeskyPart(factor)
 
 

@@ -17,7 +17,7 @@ from ..bases.architectures import Site
 from ..bases.hooks import HookOwner, forward_until
 from ..engine.memo import WeightMemo
 from ..requests import EditRequest
-from ..tokens import subject_last_index
+from ..tokens import text_tokens
 from .kept import cache_folder, kept_or_made, read_json
 from .replay import continue_shared_prefix
 
@@ -79,15 +79,6 @@ def _read_prefixes(text: str) -> list[str] | None:
     return prefixes
 
 
-def lookup_positions(tokenizer, requests: Sequence[EditRequest], prefix: str) -> list[int]:
-    """Index of the last subject token in ``prefix + request.text`` for each request."""
-    out = []
-    for r in requests:
-        start, end = r.subject_span()
-        out.append(subject_last_index(tokenizer, prefix + r.text, (start + len(prefix), end + len(prefix))))
-    return out
-
-
 def activations_at_subject(model, tokenizer, module, requests: Sequence[EditRequest], prefixes: Sequence[str],
                            which: str = "input", share_prefix: bool = False, batch_size: int | None = None) -> torch.Tensor:
     """(n_prefixes, n_requests, d): ``module``'s input (or output hidden states) at the last subject
@@ -103,8 +94,9 @@ def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequenc
     forward (None: all at once), the ones of like length together. ``share_prefix``: the leading tokens that every row of a forward
     shares (a context prefix) run once and the rows continue their cache (the same activations:
     causal attention; a prefix is most of a prefixed prompt's tokens). Only where every hook on the
-    model is causal too (``EditRuntime.causal``)."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # positions must not shift
+    model is causal too (``EditRuntime.causal``). ``tokenizer``: a tokenizer or the edit's
+    :class:`~grace_hooks.tokens.TextTokens`."""
+    tokens = text_tokens(tokenizer)
     device = next(model.parameters()).device
     order = {m: i for i, m in enumerate(model.modules())}
     deepest = max(modules.values(), key=lambda m: order[m])
@@ -120,15 +112,14 @@ def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequenc
     bar = tqdm(total=len(prefixes) * -(-len(requests) // step), desc="subject keys", leave=False, disable=None)
     try:
         for prefix in prefixes:
-            positions = torch.tensor(lookup_positions(tokenizer, requests, prefix))
+            positions = torch.tensor(tokens.key_positions(requests, prefix))
             rows_by_length = positions.argsort(stable=True)  # rows of like length share a forward: less padding
             parts: dict = {name: torch.empty(0) for name in modules}
             for lo in range(0, len(requests), step):
                 bar.update()
                 rows = rows_by_length[lo:lo + step]
                 idx = positions[rows]
-                enc = tokenizer([prefix + requests[i].text for i in rows.tolist()], return_tensors="pt",
-                                padding=True).to(device)
+                enc = tokens.padded([prefix + requests[i].text for i in rows.tolist()], device)  # right-padded: positions stay
                 enc = {k: v[:, : int(idx.max()) + 1] for k, v in enc.items()}  # causal: later tokens change nothing here
                 grabbed: dict = {}
                 with torch.inference_mode():
@@ -147,7 +138,6 @@ def activations_at_subject_of(modules: dict, model, tokenizer, requests: Sequenc
                 out[name].append(parts[name])
     finally:
         bar.close()
-        tokenizer.padding_side = side
     return {name: torch.stack(v) for name, v in out.items()}
 
 

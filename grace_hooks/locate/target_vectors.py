@@ -20,9 +20,8 @@ from ..bases.hooks import frozen_parameters
 from ..config import option
 from ..questions import edit_question
 from ..requests import EditRequest
-from ..tokens import EditBatch, build_pair_batch, chat_wrapping, score_targets, scored_positions, target_text
+from ..tokens import EditBatch, build_pair_batch, chat_wrapping, score_targets, scored_positions, target_text, text_tokens
 from .replay import LayerReplay
-from .subject_keys import lookup_positions
 
 
 @dataclass
@@ -71,9 +70,11 @@ def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest]
     once: every step replays the blocks above it. ``real_positions(mask)``: a context manager that
     tells hooks on the replayed blocks which positions are real (``EditRuntime.attention_mask``).
     ``cached_prefix``: replay only the columns from the key token on (exact: nothing before the key
-    depends on the delta; False replays every column, for comparison).
+    depends on the delta; False replays every column, for comparison). ``tokenizer``: a tokenizer or
+    the edit's :class:`~grace_hooks.tokens.TextTokens` (each text is then tokenised once per edit).
     """
     cfg = cfg or TargetVectorConfig()
+    tokenizer = text_tokens(tokenizer)
     n_blocks = len(model.get_submodule(arch_spec(model).layers))
     if not 0 <= layer < n_blocks - 1:
         raise ValueError(f"target vectors are optimised at the output of block {layer}: it must be below the last "
@@ -93,10 +94,9 @@ def target_vectors(model, tokenizer, layer: int, requests: Sequence[EditRequest]
 def replayed_columns(tokenizer, request: EditRequest) -> int:
     """Columns a cached-suffix replay of the bare prompt + target runs: from the key token on. Requests
     optimised together are padded to the longest, so like lengths go together."""
-    text = request.text
-    total = len(tokenizer(text)["input_ids"]) + len(tokenizer(target_text(text, request.target_new),
-                                                              add_special_tokens=False)["input_ids"])
-    return total - lookup_positions(tokenizer, [request], "")[0]
+    tokens, text = text_tokens(tokenizer), request.text
+    total = len(tokens.ids(text)) + len(tokens.target_ids(text, request.target_new))
+    return total - tokens.key_positions([request])[0]
 
 
 def target_vector(model, tokenizer, layer: int, request: EditRequest, prefixes: Sequence[str],
@@ -269,14 +269,15 @@ def rewrite_rows(tokenizer, request: EditRequest, contexts: Sequence[tuple[str, 
     optimised on: its prompt in each of ``contexts``, then, with ``asked_as`` (the (before, after) of a
     question in chat form), its relation's edit question (:func:`grace_hooks.questions.edit_question`)
     if it has one, answered by the target or (``answer="statement"``) by the prompt completed with it."""
-    rows = [(before + request.text + after, lookup_positions(tokenizer, [request], before)[0], request.target_new)
+    tokens = text_tokens(tokenizer)
+    rows = [(before + request.text + after, tokens.key_positions([request], before)[0], request.target_new)
             for before, after in contexts]
     question = edit_question(request) if asked_as is not None else None
     if question is not None:
         before, after = asked_as
         asked = EditRequest(prompt=question, subject=request.subject, target_new=request.target_new)
         said = request.target_new if answer == "target" else request.text.strip() + target_text(request.text, request.target_new)
-        rows.append((before + question + after, lookup_positions(tokenizer, [asked], before)[0], said))
+        rows.append((before + question + after, tokens.key_positions([asked], before)[0], said))
     return rows
 
 
@@ -288,7 +289,7 @@ class _KLTerm:
         n = len(requests)
         prompts = [EditRequest(prompt="{} is a", subject=r.subject, target_new="x") for r in requests]
         batch = build_pair_batch(tokenizer, [k.text for k in prompts], ["x"] * n,
-                                 [lookup_positions(tokenizer, [k], "")[0] for k in prompts], device).aligned_keys()
+                                 text_tokens(tokenizer).key_positions(prompts), device).aligned_keys()
         batch = batch.up_to_keys()  # the divergence is read at the subject token: the columns after it are wasted work
         self.rows = _Rows(model, layer, batch, torch.arange(n), real_positions, cached_prefix)
         self.device = device

@@ -21,6 +21,7 @@ from ..errors import ConfigError, EditError, PackError
 from ..requests import EditRequest
 from ..store.packs import EditPack, NoState
 from ..store.schema import TensorSpec, site_problems
+from ..tokens import TextTokens
 
 
 class EditContext:
@@ -28,13 +29,16 @@ class EditContext:
     (read-only), its tokenizer, read-only views of what is loaded (``loaded``), a hook owner for
     temporary hooks, the model's cache of what derives from its weights (``memo``), and explicit
     calls for what it may change for a while: an edit staged above the loaded packs, the loaded
-    packs off, the real positions of a replay, an effect layer's option. Made by
+    packs off, the real positions of a replay, an effect layer's option. ``tokens`` tokenises each
+    text the edit reads once (:class:`~grace_hooks.tokens.TextTokens`): pass it wherever a tokenizer
+    is asked for. Made by
     :meth:`EditableModel.edit_context`; it holds no runtime, site runtime or effect layer, only the
     views and the four calls (:mod:`grace_hooks.engine.loaded`)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, loaded: LoadedView, controls: EditControls, hooks: HookOwner,
                  memo: WeightMemo) -> None:
         self.model, self.tokenizer, self.hooks = model, tokenizer, hooks
+        self.tokens = TextTokens(tokenizer)  # one edit's texts, each tokenised once
         self.loaded = loaded
         self.memo = memo  # the model's results derived from its weights (prefixes, C0, ...): ``memo.get(key, make)``
         self._controls = controls

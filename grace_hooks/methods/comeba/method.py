@@ -23,7 +23,6 @@ from ...engine.loaded import LoadedSite
 from ...engine.runtime import SiteContribution
 from ...errors import PackError
 from ...locate.linalg import PreservationTerms
-from ...locate.subject_keys import lookup_positions
 from ...requests import EditRequest
 from ...store.packs import EditPack
 from ...store.schema import TensorSpec
@@ -82,13 +81,8 @@ class ComebaHK(DeltaMethod):
         subject token, where its key is (``"subject"``), never above the alpha before. The z-scores
         are taken as the deployed model will see them: the batch absorbed and the blocks below
         gated with their new alpha (the reference code uses the base model's site inputs)."""
-        tok = ctx.tokenizer
-        side, tok.padding_side = tok.padding_side, "right"
-        try:
-            enc = tok([r.text for r in requests], return_tensors="pt", padding=True).to(ctx.device)
-        finally:
-            tok.padding_side = side
-        rows, cols = torch.arange(len(requests)), torch.tensor(lookup_positions(tok, requests, ""))
+        enc = ctx.tokens.padded([r.text for r in requests], ctx.device)  # right-padded: positions stay
+        rows, cols = torch.arange(len(requests)), torch.tensor(ctx.tokens.key_positions(requests))
         pending = {n: replace(c, effect=replace(c.effect, alpha=math.inf)) for n, c in staged.items()}
         alphas: dict[str, float] = {}
         for site in sites:
@@ -100,7 +94,7 @@ class ComebaHK(DeltaMethod):
                 scope.forward(site.module(ctx.model), lambda m, a, o: captured.append(a[0].detach()))
                 forward_until(ctx.model, site.module(ctx.model), **enc)
                 change = ctx.loaded.site(site.name).view(HookLayerView).change(captured[0])
-            z = zscores(change.norm(dim=-1), enc.attention_mask.bool().to(change.device))[0]  # a split model: the site's device
+            z = zscores(change.norm(dim=-1), enc["attention_mask"].bool().to(change.device))[0]  # a split model: the site's device
             z = z.max(dim=1).values if cfg.alpha_from == "prompt_max" else z[rows, cols.to(z.device)]
             finite = z[torch.isfinite(z)]
             if len(finite) < len(z):

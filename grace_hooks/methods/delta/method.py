@@ -115,7 +115,7 @@ class DeltaMethod(EditMethod):
         return self.statistics(ctx).probe(sites, cfg.corpus_spec(), cfg.corpus_probe)
 
     def compute(self, ctx: EditContext, requests: list[EditRequest], cfg: DeltaConfig) -> ComputedEdit:
-        model, tok = ctx.model, ctx.tokenizer
+        model, tok = ctx.model, ctx.tokens  # each text tokenised once, shared by every step below
         sites = self.sites(model, cfg)
         clock = PhaseClock()
         with clock("context prefixes"):  # the base model's own writing, made once per weight version
@@ -204,14 +204,14 @@ class DeltaMethod(EditMethod):
         now (call inside the staged block): MEMIT's (z - the top block's output) / blocks left. The
         site's output joins the residual stream as is (``Site.written``)."""
         with clock("keys and residuals"):
-            now = activations_at_subject(ctx.model, ctx.tokenizer, top, requests, [""], which="output",
+            now = activations_at_subject(ctx.model, ctx.tokens, top, requests, [""], which="output",
                                          batch_size=KEY_FORWARD_ROWS)[0]
         return (z - now.to(torch.float64)) / blocks_left  # MEMIT eq. 14's residual spread over the blocks left
 
     def _landed(self, ctx: EditContext, requests: list[EditRequest], staged: dict[str, SiteContribution], cfg) -> list[bool]:
         """Whether each request's target is the greedy continuation of its own prompt (teacher-forced:
         every target token the argmax) with the whole update acting, as it will once applied."""
-        batch = build_edit_batch(ctx.tokenizer, requests, device=ctx.device)
+        batch = build_edit_batch(ctx.tokens, requests, device=ctx.device)
         index, scored = scored_positions(batch)  # the head runs on the scored positions only
         with ctx.staged(staged), self.solving(ctx, cfg), torch.inference_mode(), \
                 head_only_at(ctx.model, index) as narrowed:

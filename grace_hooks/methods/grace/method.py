@@ -56,7 +56,7 @@ class Grace(EditMethod):
         n_req = len(requests)
         rows_requests = list(requests) + (chat_form_requests(ctx.tokenizer, requests) if cfg.chat_form else [])
         owner = [i % n_req for i in range(len(rows_requests))]  # row -> the request it keys
-        batch = build_edit_batch(ctx.tokenizer, rows_requests, cfg.key, device=ctx.device)
+        batch = build_edit_batch(ctx.tokens, rows_requests, cfg.key, device=ctx.device)
         if cfg.end_answer:
             batch = batch.with_next_tokens(self._answer_ends(ctx, batch))
         captured = []  # the site's input and output, from the forward that sets up the replay
