@@ -269,7 +269,7 @@ class EditableModel:
 
     def squash_packs(self, names: list[str], into: str) -> PackInfo:
         """Replace the loaded chain ``names`` (oldest first, in load order) by one pack ``into`` with
-        the same outputs (methods with the "squash" capability, e.g. comeba_hk)."""
+        the same outputs (methods with the "squash" capability: comeba_hk and the routed weight deltas)."""
         packs = [self.pack(n) for n in names]
         order = [n for n in self._packs if n in set(names)]
         if order != list(names):

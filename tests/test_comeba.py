@@ -226,7 +226,7 @@ def test_squash_refuses_what_is_not_one_chain(make_model, tokenizer, tmp_path):
     with pytest.raises(PackError, match="order it was loaded"):
         em.squash_packs(["b1", "b0"], into="x")
     with pytest.raises(ConfigError, match="cannot squash"):
-        get_method("memit").squash([em.pack("m"), em.pack("m")], "x")
+        get_method("grace").squash([em.pack("m"), em.pack("m")], "x")  # weight deltas squash since issue 37
     with pytest.raises(PackError, match="comeba_hk packs only"):
         em.squash_packs(["z", "m"], into="x")
     with pytest.raises(PackError, match="at least two"):

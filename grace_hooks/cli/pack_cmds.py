@@ -145,7 +145,7 @@ def export_cmd(name: str, dest: Path, adapters: Path, fmt: str) -> None:
 @click.option("--adapters", default=DEFAULT_ADAPTERS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
 def squash_cmd(names: tuple[str, ...], into: str, adapters: Path) -> None:
     """Merge the chain of packs NAMES (oldest first) into one pack INTO with the same outputs, in
-    place of them (methods that can squash: comeba_hk)."""
+    place of them (methods that can squash: comeba_hk, and routed memit, encore and oedit)."""
     from .folder_ops import squash_in_folder
 
     done = squash_in_folder(list(names), into, adapters)

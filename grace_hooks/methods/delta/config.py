@@ -154,10 +154,11 @@ class EncoreConfig(DeltaConfig):
 @dataclass
 class DeltaState:
     """For a person reading the header (the code reads the typed config): the mode the delta acts in,
-    and the corpus of each site's C0."""
+    and the corpus of each site's C0; read by the code: the segments of a squashed chain."""
 
     mode: str | None = None  # 'routed' or 'global'
     corpus: dict[str, str] | None = None  # site -> its C0's corpus source
+    segments: list[int] | None = None  # a squashed chain: the requests of each of its packs, in order
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """The effect of a weight-delta pack at a site: dW = U V^T adds dW x to the site output, at every
-position (global) or where the router puts x in scope of the pack's keys (routed)."""
+position (global) or where the router puts x in scope of the pack's keys (routed). A squashed chain
+of routed packs keeps each pack's columns as a segment that acts where that pack's keys are in scope."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ...engine.effects import Effect, EffectLayer, Gate, Hits, NoLoraForm, Plan, stored
@@ -27,16 +29,37 @@ class DeltaLayer(EffectLayer):
     def plan(self, flat_x: torch.Tensor, hits: Hits | None, gate: Gate | None) -> Plan | None:
         if hits is None:
             return None
-        at = hits.in_scope_of(self.effects)
+        whole = [p for p, d in self.effects.items() if d.segments is None]
+        at = {pack_id: [(None, sel)] for pack_id, sel in hits.in_scope_of(whole)}
+        for pack_id, d in self.effects.items():
+            if d.segments is not None and pack_id in self.key_ids:
+                if found := self._segments_in_scope(pack_id, d, hits):
+                    at[pack_id] = found
         if not at:
             return None
+        in_order = [(pack_id, part, sel) for pack_id in self.effects for part, sel in at.get(pack_id, ())]
 
         def add(flat: torch.Tensor) -> None:
-            for pack_id, sel in at:
-                d = self.effects[pack_id]
-                flat[sel] = add_to(flat[sel], lowrank_change(flat_x[sel], d.U, d.V))  # as in everywhere()
+            for pack_id, part, sel in in_order:
+                U, V = self.effects[pack_id].factors_of(part)
+                flat[sel] = add_to(flat[sel], lowrank_change(flat_x[sel], U, V))  # as in everywhere()
 
         return add
+
+    def _segments_in_scope(self, pack_id: str, d: "LowRankDelta", hits: Hits) -> list[tuple[int, torch.Tensor]]:
+        """(segment, flat positions) of a squashed pack, in segment order: where a key of that segment
+        (one pack of the chain) is in scope, once per position, as the chain's packs acted."""
+        rows, router_ids = hits.pairs_of(pack_id)
+        if not len(router_ids):
+            return []
+        ids = self.key_ids[pack_id]
+        order = np.argsort(ids, kind="stable")
+        local = order[np.searchsorted(ids[order], router_ids)]
+        segment = torch.from_numpy(d.key_segments[local]).to(rows.device)
+        out = []
+        for part in sorted(set(segment.tolist())):
+            out.append((part, torch.unique(rows[segment == part])))
+        return out
 
     def factors(self, part: str) -> torch.Tensor | None:
         """The ``part`` ('V' or 'keys') of every loaded delta, as columns (d_in, total), float64."""
@@ -64,11 +87,25 @@ class LowRankDelta(Effect):
     V: torch.Tensor  # (d_in, r)
     routed: bool = False  # False: at every position; True: only where the router puts x in scope of the pack's keys
     keys: torch.Tensor | None = None  # (n, d_in) the edit keys it was solved for (later solves may build on them)
+    # a squashed chain (routed): columns of U and V per pack of the chain, and the pack of each router key
+    segments: tuple[int, ...] | None = None
+    key_segments: np.ndarray | None = field(default=None, compare=False)
 
     layer: ClassVar[type[EffectLayer]] = DeltaLayer
 
+    def __post_init__(self) -> None:
+        if self.segments is not None:
+            ends = np.cumsum((0, *self.segments))
+            # each pack's factors apart and contiguous: its change is computed as the chain computed it
+            self._parts = [(self.U[:, a:b].contiguous(), self.V[:, a:b].contiguous()) for a, b in zip(ends[:-1], ends[1:])]
+
+    def factors_of(self, segment: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) of the whole delta (``None``) or of one segment of a squashed chain."""
+        return (self.U, self.V) if segment is None else self._parts[segment]
+
     def stored(self) -> "LowRankDelta":
-        return LowRankDelta(stored(self.U), stored(self.V), self.routed, stored(self.keys))
+        return LowRankDelta(stored(self.U), stored(self.V), self.routed, stored(self.keys), self.segments,
+                            self.key_segments)
 
     @property
     def everywhere(self) -> bool:

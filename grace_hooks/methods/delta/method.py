@@ -12,6 +12,7 @@ model is never written; each block's update acts through the runtime while later
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from abc import abstractmethod
 
@@ -35,6 +36,7 @@ from ...tokens import build_edit_batch, score_targets, scored_positions
 from ..base import ComputedEdit, EditContext, EditMethod
 from .config import DeltaConfig, DeltaState
 from .effect import DeltaLayerView, LowRankDelta
+from .squash import key_segments, segments_without, squash_chain
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class DeltaMethod(EditMethod):
 
     config_class = DeltaConfig
     state_class = DeltaState
-    capabilities = frozenset({"weight_delta", "routed", "remove_request"})
+    capabilities = frozenset({"weight_delta", "routed", "remove_request", "squash"})
 
     # ------------------------------------------------------------------ what variants change
     @abstractmethod
@@ -99,7 +101,13 @@ class DeltaMethod(EditMethod):
                              "keys": parts["keys"].index_select(0, columns).contiguous(),
                              **{part: parts[part].index_select(0, rows).contiguous()
                                 for part in ("route_keys", "route_radii") if part in parts}}
-        return self.rebuilt_without(pack, index, named(by_site), routing)
+        state = dataclasses.replace(pack.state, segments=segments_without(pack.state.segments, index))
+        return self.rebuilt_without(pack, index, named(by_site), routing, state)
+
+    def squash(self, packs: list[EditPack], name: str) -> EditPack:
+        """One routed pack with the chain's outputs: factors and keys joined, each pack's columns acting
+        where its own keys are in scope (:mod:`.squash`)."""
+        return squash_chain(packs, name, self.routes)
 
     @staticmethod
     def statistics(ctx: EditContext) -> Statistics:
@@ -258,6 +266,11 @@ class DeltaMethod(EditMethod):
         return {"route_keys": TensorSpec(("k", "d_in")), "route_radii": TensorSpec(("k",))}
 
     def check_state(self, pack: EditPack, config) -> list[str]:
+        segments = pack.state.segments
+        if segments is not None and ("weight_delta" not in self.capabilities or not self.routes(config)
+                                     or sum(segments) != pack.n_edits or any(n < 1 for n in segments)):
+            return [f"state.segments {segments} must split the pack's {pack.n_edits} requests of a routed weight "
+                    "delta into runs of at least one; squash the chain again"]
         if not self.routes(config):
             return []
         keys = {site: len(pack.site_tensors(site).get("route_keys", ())) for site in pack.sites}
@@ -274,8 +287,14 @@ class DeltaMethod(EditMethod):
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
         routed = self.routes(pack.config)
-        return {site: self._contribution(pack.site_tensors(site), routed, pack.routing.spans(site) if routed else None)
-                for site in pack.sites}
+        out = {}
+        for site in pack.sites:
+            c = self._contribution(pack.site_tensors(site), routed, pack.routing.spans(site) if routed else None)
+            if pack.state.segments:  # a squashed chain: each of its packs' columns where that pack's keys fire
+                c = dataclasses.replace(c, effect=dataclasses.replace(c.effect, segments=tuple(pack.state.segments),
+                                                                      key_segments=key_segments(pack, site)))
+            out[site] = c
+        return out
 
 
 def loaded_factors(loaded: LoadedSite | None, part: str) -> torch.Tensor | None:
