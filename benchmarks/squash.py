@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Squashing a comeba_hk chain: bytes on disk and in memory, load time, and whether the squashed
-pack gives the chain's logits, on the packs a lifelong run saved.
+"""Squashing a chain of packs (comeba_hk, or routed weight deltas): bytes on disk and in memory, load
+time, and whether the squashed pack gives the chain's logits, on the packs a lifelong run saved.
 
     python benchmarks/squash.py benchmarks/results/comeba/cf150-b30-zscore/<run>/adapters
 
 Loads the base with the chain, scores every edit prompt, its rephrase and locality prompt and the
 shipped unrelated paragraphs, squashes the chain in memory, scores again, saves the squashed pack
-and loads it on a fresh copy. Writes ``squash.json`` beside the adapters folder and prints a line.
+and loads it on a fresh copy. Writes ``--out`` (default ``squash.json`` beside the adapters folder)
+and prints it.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def last_logits(model: EditableModel, texts: list[str]) -> list[torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("adapters", type=Path, help="a folder holding one comeba_hk chain")
+    ap.add_argument("adapters", type=Path, help="a folder holding one chain of packs of one method")
+    ap.add_argument("--out", type=Path, help="results file (default: squash.json beside the adapters folder)")
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -76,7 +78,7 @@ def main() -> None:
         "argmax_agreement": float(sum(int(a.argmax() == b.argmax()) for a, b in zip(chain, squashed)) / len(texts)),
         "reload_bit_identical_share": float(sum(torch.equal(a, b) for a, b in zip(squashed, reloaded)) / len(texts)),
     }
-    dest = args.adapters.parent / "squash.json"
+    dest = args.out or args.adapters.parent / "squash.json"
     dest.write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
