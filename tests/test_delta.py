@@ -18,6 +18,7 @@ from grace_hooks.eval.metrics import score_pairs
 from grace_hooks.locate.covariance import cached_sample_corpus, model_digest, second_moment
 from grace_hooks.methods import get_method
 from grace_hooks.methods.delta.config import EncoreConfig
+from grace_hooks.methods.delta.method import router_keys
 from grace_hooks.testing import DELTA_REQUESTS, DELTA_TINY
 
 MORE = [EditRequest(prompt="the city of {}", subject="gondor", target_new="paris"),
@@ -192,7 +193,9 @@ def test_routed_pack_keys_and_spans_follow_the_scope(make_model, tokenizer, scop
     pack = em.pack("p")
     keys_per_request = 1 if scope == "span" else 2 + DELTA_TINY["n_prefixes"]  # key: the mean, the bare prompt, each prefix
     for site in pack.sites:
-        assert len(pack.site_tensors(site)["route_keys"]) == keys_per_request * len(DELTA_REQUESTS)
+        t = pack.site_tensors(site)
+        assert len(router_keys(t)) == len(t["route_radii"]) == keys_per_request * len(DELTA_REQUESTS)
+        assert ("route_keys" in t) == (scope == "key")  # scope 'span' routes by the edit keys, stored once
     if scope == "key":
         assert pack.routing.subject_spans is None
         return

@@ -43,6 +43,27 @@ def test_cross_pack_split_shrinks_earlier_key_until_removed(make_model, tokenize
     assert torch.equal(last_logits(em, tokenizer, probe)[0], old_only)
 
 
+def test_the_same_prompt_edited_again_updates_the_fact_until_removed(make_model, tokenizer):
+    """A new answer for an earlier pack's key itself is an update, not a split into radii of about 0
+    (which would fire only on bit-equal activations): the newer pack answers, with a padded batch
+    around it too, and removing it brings the earlier answer back."""
+    em = _em(make_model, tokenizer)
+    em.edit([EditRequest(prompt=NARNIA, subject="narnia", target_new="tokyo")], method="grace", pack="old")
+    before = last_logits(em, tokenizer, ["the capital of narnia is"])[0]
+    em.edit([EditRequest(prompt=NARNIA, subject="narnia", target_new="london")], method="grace", pack="new")
+    book = em.pack("new").metrics["codebook"]
+    assert (book["updates"], book["splits"], book["shrunk_earlier_keys"]) == (1, 0, 0)
+    london = target_id(tokenizer, EditRequest(NARNIA, "x", "london"))
+    assert next_token(em, tokenizer, "the capital of narnia is") == london
+    batch = tokenizer(["the capital of narnia is", "a much longer unrelated text that pads the first row"],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = em(**batch).logits
+    assert int(logits[0, int(batch["attention_mask"][0].sum()) - 1].argmax()) == london
+    em.remove_pack("new")
+    assert torch.equal(last_logits(em, tokenizer, ["the capital of narnia is"])[0], before)
+
+
 def test_values_warm_and_cold(make_model, tokenizer):
     for init in ("cold", "warm"):
         em = _em(make_model, tokenizer)

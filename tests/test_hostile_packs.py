@@ -73,7 +73,7 @@ def test_global_delta_pack_claiming_routed_mode(em, tokenizer, tmp_path):
     header, _ = read(path)
     header["method_config"]["mode"] = "routed"
     write(path, header)
-    _rejects(em, tokenizer, path, r"missing tensors \['route_keys', 'route_radii'\]")
+    _rejects(em, tokenizer, path, r"missing tensors \['route_radii'\]")  # router keys may be the edit keys; radii never
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -120,12 +120,23 @@ def test_bad_tensors_in_a_grace_pack(em, tokenizer, tmp_path, tensor, change, ma
 
 
 def test_routed_pack_with_bad_route_keys_at_its_third_site_changes_nothing(em, tokenizer, tmp_path):
-    path = _save(em, tmp_path, "memit", "d", mode="routed", layers="0-2")
+    path = _save(em, tmp_path, "memit", "d", mode="routed", layers="0-2", scope="key")  # router keys of their own
     header, tensors = read(path)
     name = f"{header['sites'][2]}/route_keys"
     tensors[name] = tensors[name][:, :-3]
     write(path, header, tensors)
     _rejects(em, tokenizer, path, "route_keys has size 125 on axis 1")
+
+
+def test_span_pack_whose_radii_do_not_match_its_keys_changes_nothing(em, tokenizer, tmp_path):
+    """Scope 'span' routes by the edit keys (no route_keys stored): one radius per key, or refused."""
+    path = _save(em, tmp_path, "memit", "d", mode="routed", layers="0-2")
+    header, tensors = read(path)
+    assert f"{header['sites'][2]}/route_keys" not in tensors
+    name = f"{header['sites'][2]}/route_radii"
+    tensors[name] = tensors[name][:-1]
+    write(path, header, tensors)
+    _rejects(em, tokenizer, path, "route_radii has size")
 
 
 @pytest.mark.parametrize("method", ["memit", "grace"])

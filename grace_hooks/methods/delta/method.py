@@ -169,7 +169,10 @@ class DeltaMethod(EditMethod):
                                 "keys": keys.float().contiguous()}
                     if routed:  # a global pack needs no router keys
                         route_keys, route_radii = self.route_keys_and_radii(ctx, sites, site, samples, keys, cfg)
-                        parts[n].update(route_keys=route_keys.float().contiguous(), route_radii=route_radii.float().contiguous())
+                        parts[n]["route_radii"] = route_radii.float().contiguous()
+                        # scope 'span' routes by the edit keys themselves: kept once (a third less on disk than twice)
+                        if not torch.equal(route_keys.float(), parts[n]["keys"]) or "weight_delta" not in self.capabilities:
+                            parts[n]["route_keys"] = route_keys.float().contiguous()
                 else:  # V = M^-1 K depends on the keys alone: a later sweep's update R' V^T only adds R' to U
                     parts[n]["U"] = (parts[n]["U"].to(torch.float64) + residual.T).float().contiguous()
                 staged[n] = self._contribution(parts[n], routed, routing.spans(n) if routed else None)
@@ -257,9 +260,12 @@ class DeltaMethod(EditMethod):
         return route_keys, radii
 
     def site_layouts(self, config) -> list[dict[str, TensorSpec]]:
-        """U (d_out x r), V (d_in x r) and the edit keys; the router keys and radii when routed."""
+        """U (d_out x r), V (d_in x r) and the edit keys; the router keys and radii when routed, or the
+        radii alone where the router keys are the edit keys (scope 'span')."""
         layout = {"U": TensorSpec(("d_out", "r")), "V": TensorSpec(("d_in", "r")), "keys": TensorSpec(("m", "d_in"))}
-        return [layout | self.route_layout() if self.routes(config) else layout]
+        if not self.routes(config):
+            return [layout]
+        return [layout | {"route_radii": TensorSpec(("m",))}, layout | self.route_layout()]
 
     @staticmethod
     def route_layout() -> dict[str, TensorSpec]:
@@ -273,7 +279,7 @@ class DeltaMethod(EditMethod):
                     "delta into runs of at least one; squash the chain again"]
         if not self.routes(config):
             return []
-        keys = {site: len(pack.site_tensors(site).get("route_keys", ())) for site in pack.sites}
+        keys = {site: len(router_keys(pack.site_tensors(site))) for site in pack.sites}
         return pack.routing.problems(pack.n_edits, keys)
 
     @staticmethod
@@ -282,7 +288,7 @@ class DeltaMethod(EditMethod):
         ``spans``: per router key, its subject's token spans (None: the key alone decides)."""
         delta = LowRankDelta(t["U"], t["V"], routed=routed, keys=t["keys"])
         if routed:  # the router keys route the delta
-            return SiteContribution(delta, keys=t["route_keys"], radii=t["route_radii"], spans=spans)
+            return SiteContribution(delta, keys=router_keys(t), radii=t["route_radii"], spans=spans)
         return SiteContribution(delta)
 
     def contributions(self, pack: EditPack) -> dict[str, SiteContribution]:
@@ -295,6 +301,11 @@ class DeltaMethod(EditMethod):
                                                                       key_segments=key_segments(pack, site)))
             out[site] = c
         return out
+
+
+def router_keys(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A routed delta site's router keys: ``route_keys``, or the edit keys where they are the same."""
+    return t["route_keys"] if "route_keys" in t else t["keys"]
 
 
 def loaded_factors(loaded: LoadedSite | None, part: str) -> torch.Tensor | None:

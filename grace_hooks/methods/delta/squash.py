@@ -19,7 +19,6 @@ from ...errors import PackError
 from ...store.packs import EditPack
 from ...store.schema import named
 
-PARTS = ("U", "V", "keys", "route_keys", "route_radii")
 COLUMN_PARTS = ("U", "V")  # joined along dimension 1; the others along dimension 0
 
 
@@ -66,8 +65,7 @@ def squash_chain(packs: list[EditPack], name: str, routes) -> EditPack:
     """One pack with the outputs of the routed chain ``packs`` (oldest first)."""
     check_chain(packs, routes)
     last = packs[-1]
-    tensors = {site: {part: _joined([p.site_tensors(site)[part] for p in packs], part in COLUMN_PARTS)
-                      for part in PARTS} for site in last.sites}
+    tensors = {site: _joined_site([p.site_tensors(site) for p in packs]) for site in last.sites}
     offsets = list(accumulate([0] + [p.n_edits for p in packs]))
     key_requests = {site: [[i + off for i in serves] for p, off in zip(packs, offsets)
                            for serves in (p.routing.key_requests or {}).get(site, [])] for site in last.sites}
@@ -94,8 +92,14 @@ def segments_without(segments: list[int] | None, index: int) -> list[int] | None
     return [n for n in left if n]
 
 
-def _joined(tensors: list[torch.Tensor], columns: bool) -> torch.Tensor:
-    return torch.cat(tensors, dim=1 if columns else 0).contiguous()
+def _joined_site(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One site's tensors of the chain joined; router keys are kept apart from the edit keys only
+    where some pack kept them apart (scope 'span' stores the edit keys once)."""
+    out = {part: torch.cat([t[part] for t in parts], dim=1 if part in COLUMN_PARTS else 0).contiguous()
+           for part in ("U", "V", "keys", "route_radii")}
+    if any("route_keys" in t for t in parts):
+        out["route_keys"] = torch.cat([t.get("route_keys", t["keys"]) for t in parts]).contiguous()
+    return out
 
 
 __all__ = ["check_chain", "key_segments", "segments_of", "segments_without", "squash_chain"]

@@ -8,7 +8,10 @@ with d the distance to the nearest key,
   this prompt too.
 Across packs the earlier pack is immutable: a split stores a radius *shrink* of the earlier key in
 the new pack (undone when the new pack is removed), and a label match adds a new key whose value
-starts from the earlier key's value.
+starts from the earlier key's value. One departure: a new label for an earlier pack's key itself (the
+same prompt edited again, d within DUPLICATE of the key's norm) is an update of that fact, not a split,
+whose radii d/2 would be about 0 and fire only on bit-equal activations: the new key takes the earlier
+key's radius and the newer pack wins where both are in scope; removing it brings the earlier fact back.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from ...engine.router import NO_KEY
 from .effect import ReplacementsView
 
 SPLIT_MARGIN = 1e-5  # the paper's code keeps the nearest key just inside d/2
+DUPLICATE = 1e-3  # a new key this close to an earlier pack's key, relative to its norm, is that key again
 
 
 def _value(loaded: LoadedSite, key_id: int) -> torch.Tensor:
@@ -49,6 +53,7 @@ class Codebook:
     shrinks: dict[tuple[str, int], float] = field(default_factory=dict)  # (earlier pack id, key index) -> radius
     splits: int = 0
     expansions: int = 0
+    updates: int = 0  # earlier keys given a new answer (see DUPLICATE)
 
     def _nearest_own(self, q: torch.Tensor) -> tuple[float, int]:
         if not self.entries:
@@ -78,6 +83,9 @@ class Codebook:
     def _rule(self, q, label, request, d, radius, near_label, own: Entry | None = None, old=None) -> None:
         if d > self.eps_init + radius:
             self.entries.append(Entry(q, self.eps_init, label, [request]))
+        elif near_label != label and old is not None and d <= DUPLICATE * float(q.norm()):
+            self.updates += 1  # the same key with a new answer: the newer pack wins where both fire
+            self.entries.append(Entry(q, max(self.eps_init, radius), label, [request]))
         elif near_label != label:
             self.splits += 1
             self.entries.append(Entry(q, d / 2, label, [request]))

@@ -89,7 +89,7 @@ class Grace(EditMethod):
             **({"chat_form_success": float(correct[n_req:].float().mean())} if len(correct) > n_req else {}),
             "iterations": iters,
             "codebook": {"entries": len(book.entries), "splits": book.splits, "expansions": book.expansions,
-                         "shrunk_earlier_keys": len(book.shrinks)},
+                         "updates": book.updates, "shrunk_earlier_keys": len(book.shrinks)},
         }
         log.info("grace: %d requests, %d prompts, %d codebook entries, %d steps, %.0f%% teacher-forced success",
                  n_req, len(rows_requests), len(book.entries), iters, 100 * metrics["teacher_forced_success"])
