@@ -12,6 +12,8 @@ is valid: GRACE's split of two equal keys leaves one, and it never fires.)
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -71,25 +73,35 @@ def layout_problems(tensors: dict[str, torch.Tensor], layout: dict[str, TensorSp
             expected = want if isinstance(want, int) else bound.setdefault(want, size)
             if size != expected:
                 problems.append(f"{name} has size {size} on axis {axis} ({want}); expected {expected}")
-        values = t.float()  # as the runtime keeps it
-        if not bool(torch.isfinite(values).all()):
+    return problems
+
+
+def value_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """NaN, infinite or out-of-range values (in float32, as the runtime keeps them): one pass over each
+    tensor (the largest |x| is NaN where any value is: amax propagates NaN)."""
+    problems = []
+    for name in sorted(tensors):
+        t = tensors[name]
+        largest = float(t.detach().float().abs().amax()) if t.numel() else 0.0
+        if not math.isfinite(largest):
             problems.append(f"{name} holds NaN or infinite values (in float32)")
-        elif values.numel() and float(values.abs().max()) > MAX_ABS:
-            problems.append(f"{name} holds values beyond +-{MAX_ABS:g} (max |x| {float(values.abs().max()):g})")
+        elif largest > MAX_ABS:
+            problems.append(f"{name} holds values beyond +-{MAX_ABS:g} (max |x| {largest:g})")
     return problems
 
 
 def site_problems(tensors: dict[str, torch.Tensor], layouts: list[dict[str, TensorSpec]], dims: dict[str, int]) -> list[str]:
-    """[] when ``tensors`` fit one of ``layouts``; else the problems against the closest one."""
+    """[] when ``tensors`` fit one of ``layouts`` (names, shapes, dtypes) and hold sane values; else the
+    problems against the closest layout. The values are read once, for the layout that fits."""
     best: list[str] | None = None
     for layout in layouts:
         problems = layout_problems(tensors, layout, dims)
         if not problems:
-            return []
+            return value_problems(tensors)
         if best is None or len(problems) < len(best):
             best = problems
     return best or []
 
 
-__all__ = ["MAX_ABS", "SEPARATOR", "TensorSpec", "layout_problems", "named", "site_problems",
+__all__ = ["MAX_ABS", "SEPARATOR", "TensorSpec", "layout_problems", "named", "site_problems", "value_problems",
            "site_tensors", "split_tensor_name", "tensor_name"]
