@@ -102,6 +102,9 @@ def main(argv=None) -> int:
         (cache / "models").symlink_to(cache_dir() / "models")
     result = {"run": record, "before": args.before, "settings": {k: str(v) for k, v in vars(args).items()},
               "methods": {}}
+    if args.compare_only and args.out.is_file():  # the runs are the earlier invocation's: keep its record
+        earlier = json.loads(args.out.read_text(encoding="utf-8"))
+        result.update(run=earlier["run"], compared_by=record, after_commits=earlier.get("after_commits", {}))
     for method in args.methods.split(","):
         if not args.compare_only:
             run_side(tree, args.work / "before", method, args, cache)
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
         result["methods"][method] = compare(args.work / "before", args.work / "after", method)
         print(method, json.dumps(result["methods"][method]), flush=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
+    if tree.is_dir():
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
     return 0
 
 
