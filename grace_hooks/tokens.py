@@ -57,11 +57,9 @@ class TextTokens:
         self.tokenizer = tokenizer
         self._texts: dict[str, tuple[list[int], list[tuple[int, int]] | None]] = {}
         self._targets: dict[str, list[int]] = {}
-        self.tokenised = 0  # tokenizer calls made so far: each distinct text and target once
 
     def _encoded(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
         if text not in self._texts:
-            self.tokenised += 1
             try:
                 enc = self.tokenizer(text, return_offsets_mapping=True)
                 self._texts[text] = (list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]])
@@ -87,7 +85,6 @@ class TextTokens:
         """The target's ids as it continues ``prompt`` (:func:`target_text`), no special tokens."""
         text = target_text(prompt, target)
         if text not in self._targets:
-            self.tokenised += 1
             self._targets[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._targets[text]
 

@@ -136,11 +136,15 @@ class Hits:
         return (np.concatenate([rows[won], rows[self.pair_q[extra]]]),
                 np.concatenate([self.winners[won], self.pair_k[extra]]))
 
-    def pairs_of(self, pack_id: str) -> tuple[torch.Tensor, np.ndarray]:
-        """(flat positions, router ids) of every in-scope pair of one of ``pack_id``'s keys that adds its
-        effect (as :meth:`in_scope_of` counts them), for effects that act by key rather than by pack."""
-        mine = np.array([self.owner[k] == pack_id for k in self.pair_k.tolist()], dtype=bool) & self._adds()
-        return self.rows[torch.from_numpy(self.pair_q[mine]).to(self.rows.device)], self.pair_k[mine]
+    def pairs_of(self, key_ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """(flat positions, index into ``key_ids``) of every in-scope pair of one of ``key_ids`` (one
+        pack's router ids, ascending as ``KeyRouter.add`` gives them) that adds its effect (as
+        :meth:`in_scope_of` counts them), for effects that act by key rather than by pack."""
+        if not len(key_ids):
+            return self.rows[:0], np.zeros(0, dtype=np.int64)
+        at = np.minimum(np.searchsorted(key_ids, self.pair_k), len(key_ids) - 1)
+        mine = (key_ids[at] == self.pair_k) & self._adds()
+        return self.rows[torch.from_numpy(self.pair_q[mine]).to(self.rows.device)], at[mine]
 
     def in_scope_of(self, packs: Collection[str]) -> list[tuple[str, torch.Tensor]]:
         """(pack, flat positions) for each of ``packs`` (in their order) with a key in scope of some

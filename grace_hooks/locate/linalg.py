@@ -100,7 +100,8 @@ def fixed_part(terms: PreservationTerms, c0: torch.Tensor | None = None,
                rows: torch.Tensor | None = None) -> CholeskyPart | RowsPart:
     """F = lambda C0 + lambda_N I, made once per model, site and corpus, from C0 (``c0``, d x d) or from
     the rows it was measured on (``rows``, N x d, C0 = X^T X / N: see ``SecondMoment.thin``). Without
-    lambda_N a C0 of fewer tokens than dimensions is singular: a ridge of 1e-9 of its mean diagonal is added."""
+    lambda_N a C0 of fewer tokens than dimensions is singular: a ridge of 1e-9 of its mean diagonal is added,
+    grown by RIDGE_SCALES until the factor exists."""
     if rows is not None and terms.c0_weight > 0:
         return RowsPart(rows, terms.c0_weight / rows.shape[0], terms.identity_weight)
     d_in = rows.shape[1] if rows is not None else c0.shape[0]  # rows with no C0 weight: C0 plays no part

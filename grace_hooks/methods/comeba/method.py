@@ -43,6 +43,7 @@ class ComebaHK(DeltaMethod):
     name = "comeba_hk"
     config_class = ComebaConfig
     capabilities = frozenset({"hook_layer", "routed", "squash"})
+    router_keys_are_edit_keys = False  # its squash folds the edit keys into K^T K; the router keys stay per key
 
     def preservation(self, d_in: int, loaded: LoadedSite | None, cfg: ComebaConfig) -> PreservationTerms:
         layer = loaded.view(HookLayerView) if loaded is not None else None

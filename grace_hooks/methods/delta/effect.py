@@ -49,12 +49,9 @@ class DeltaLayer(EffectLayer):
     def _segments_in_scope(self, pack_id: str, d: "LowRankDelta", hits: Hits) -> list[tuple[int, torch.Tensor]]:
         """(segment, flat positions) of a squashed pack, in segment order: where a key of that segment
         (one pack of the chain) is in scope, once per position, as the chain's packs acted."""
-        rows, router_ids = hits.pairs_of(pack_id)
-        if not len(router_ids):
+        rows, local = hits.pairs_of(self.key_ids[pack_id])
+        if not len(local):
             return []
-        ids = self.key_ids[pack_id]
-        order = np.argsort(ids, kind="stable")
-        local = order[np.searchsorted(ids[order], router_ids)]
         segment = torch.from_numpy(d.key_segments[local]).to(rows.device)
         out = []
         for part in sorted(set(segment.tolist())):

@@ -52,6 +52,9 @@ class DeltaMethod(EditMethod):
     config_class = DeltaConfig
     state_class = DeltaState
     capabilities = frozenset({"weight_delta", "routed", "remove_request", "squash"})
+    # scope 'span' routes by the edit keys themselves: a pack keeps them once (a third less on disk than
+    # twice); a family whose squash merges its edit keys (comeba_hk) keeps its router keys apart
+    router_keys_are_edit_keys: bool = True
 
     # ------------------------------------------------------------------ what variants change
     @abstractmethod
@@ -170,8 +173,7 @@ class DeltaMethod(EditMethod):
                     if routed:  # a global pack needs no router keys
                         route_keys, route_radii = self.route_keys_and_radii(ctx, sites, site, samples, keys, cfg)
                         parts[n]["route_radii"] = route_radii.float().contiguous()
-                        # scope 'span' routes by the edit keys themselves: kept once (a third less on disk than twice)
-                        if not torch.equal(route_keys.float(), parts[n]["keys"]) or "weight_delta" not in self.capabilities:
+                        if not (self.router_keys_are_edit_keys and torch.equal(route_keys.float(), parts[n]["keys"])):
                             parts[n]["route_keys"] = route_keys.float().contiguous()
                 else:  # V = M^-1 K depends on the keys alone: a later sweep's update R' V^T only adds R' to U
                     parts[n]["U"] = (parts[n]["U"].to(torch.float64) + residual.T).float().contiguous()
