@@ -7,14 +7,17 @@ saved), each under its own name and pack id, so the sizes and the checks are tho
 without editing 100,000 facts first (their keys repeat, so this measures loading, not routing).
 
     python benchmarks/load_scale.py --template benchmarks/results/questions/val200-levers/encore/adapters/e00000 \\
-        --edits 10000,100000 --out benchmarks/results/load_scale.json
+        --edits 10000,100000 --out benchmarks/results/load_scale.json [--profile]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import dataclasses
 import gc
 import json
+import pstats
 import shutil
 import sys
 import time
@@ -22,6 +25,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -33,9 +37,17 @@ def folder_of_copies(template: Path, n_packs: int, dest: Path) -> int:
 
     pack = load_pack(template)
     have = len([p for p in dest.iterdir() if p.is_dir()]) if dest.is_dir() else 0
-    for i in range(have, n_packs):
+    for i in tqdm(range(have, n_packs), desc="pack copies", unit="pack"):
         save_pack(dataclasses.replace(pack, name=f"c{i:05d}", pack_id=uuid.uuid4().hex), dest)
     return sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+
+
+def top_functions(profiler: cProfile.Profile, n: int) -> dict[str, float]:
+    """The ``n`` functions with the most internal time, as 'file:line(name)' -> seconds."""
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(((tt, f"{Path(f).name}:{line}({name})") for (f, line, name), (_, _, tt, _, _) in stats.items()),
+                  reverse=True)[:n]
+    return {where: round(tt, 3) for tt, where in rows}
 
 
 def main(argv=None) -> int:
@@ -45,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--work", type=Path, default=Path("/tmp/load_scale"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="also record where each load's time went (cProfile, "
+                                                             "the library's functions by internal time)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load_scale.json")
     args = ap.parse_args(argv)
     import torch
@@ -65,13 +79,17 @@ def main(argv=None) -> int:
         gc.collect()
         base = EditableModel.from_pretrained(args.model)
         rss_base = proc.memory_info().rss
+        profiler = cProfile.Profile() if args.profile else None
         t0 = time.perf_counter()
-        base.load_adapters(folder)
+        with profiler or contextlib.nullcontext():
+            base.load_adapters(folder)
         seconds = time.perf_counter() - t0
         rss = proc.memory_info().rss
         row = {"edits": n_packs * per_pack, "packs": n_packs, "load_seconds": seconds,
                "bytes_on_disk_per_edit": disk / (n_packs * per_pack),
                "rss_growth_per_edit": (rss - rss_base) / (n_packs * per_pack), "rss_after_gib": rss / 2**30}
+        if profiler is not None:  # profiled seconds run slower than the plain load_seconds above
+            row["profile_seconds_by_function"] = top_functions(profiler, 12)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         base.close()
